@@ -1,0 +1,353 @@
+"""The core cache: real-model hits and misses, scopes, TTL, write-through, eviction, L1, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from semcache import (
+    CacheClosedError,
+    EmbedderMismatchError,
+    EntryNotFoundError,
+    FakeClock,
+    IndexCorruptError,
+    InvalidInputError,
+    InvalidPromptError,
+    InvalidScopeError,
+    InvalidVectorError,
+    Scope,
+    SemanticCache,
+    SemcacheError,
+    StoreError,
+)
+
+from .fakes import HashEmbedder
+
+FRANCE = "What is the capital of France?"
+FRANCE_PARAPHRASE = "What's France's capital city?"
+GERMANY = "What is the capital of Germany?"
+
+
+# -- the real model --------------------------------------------------------------------------
+def test_paraphrase_hits_and_near_miss_misses(cache: SemanticCache) -> None:
+    scope = Scope(namespace="acme", model="gpt-4o-mini", params={"temperature": 0})
+    entry_id = cache.store(FRANCE, "Paris.", scope=scope, ttl=3600, tags=["geo"])
+    hit = cache.lookup(FRANCE_PARAPHRASE, scope=scope)
+    assert hit is not None
+    assert (hit.response, hit.entry_id, hit.tier) == ("Paris.", entry_id, "semantic")
+    assert 0.9 < hit.similarity < 1.0
+    assert cache.lookup(GERMANY, scope=scope) is None
+    exact = cache.lookup("  What is the capital   of France? ", scope=scope)
+    assert exact is not None and exact.tier == "l1" and exact.similarity == 1.0
+
+
+def test_threshold_override_per_call(cache: SemanticCache) -> None:
+    cache.store(FRANCE, "Paris.")
+    assert cache.lookup(FRANCE_PARAPHRASE, threshold=0.99) is None
+    assert cache.lookup(GERMANY, threshold=0.6) is not None  # GPTCache's rule: a wrong answer
+    with pytest.raises(InvalidInputError):
+        cache.lookup(FRANCE_PARAPHRASE, threshold=1.5)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        Scope(namespace="globex", model="gpt-4o-mini", params={"temperature": 0}, system="s"),
+        Scope(namespace="acme", model="gpt-4o", params={"temperature": 0}, system="s"),
+        Scope(namespace="acme", model="gpt-4o-mini", params={"temperature": 0.7}, system="s"),
+        Scope(namespace="acme", model="gpt-4o-mini", params={"temperature": 0}, system="other"),
+        Scope(
+            namespace="acme",
+            model="gpt-4o-mini",
+            params={"temperature": 0},
+            system="s",
+            context=[{"role": "user", "content": "hi"}],
+        ),
+    ],
+    ids=["namespace", "model", "params", "system", "context"],
+)
+def test_scope_isolation(cache: SemanticCache, other: Scope) -> None:
+    scope = Scope(namespace="acme", model="gpt-4o-mini", params={"temperature": 0}, system="s")
+    cache.store(FRANCE, "Paris.", scope=scope)
+    assert cache.lookup(FRANCE, scope=other) is None
+    assert cache.lookup(FRANCE_PARAPHRASE, scope=other) is None
+    assert cache.lookup(FRANCE, scope=scope) is not None
+
+
+def test_scope_equivalences() -> None:
+    assert Scope(params={"temperature": 0}) == Scope(params={"temperature": 0.0})
+    assert Scope(params={"a": 1, "b": 2}).digest == Scope(params={"b": 2, "a": 1}).digest
+    assert Scope(params={"temperature": 0}) != Scope(params={"temperature": 1})
+    with pytest.raises(InvalidScopeError):
+        Scope(params={"x": float("nan")})
+    with pytest.raises(InvalidScopeError):
+        Scope(params={"x": object()})
+    with pytest.raises(InvalidScopeError):
+        Scope(namespace="")
+    with pytest.raises(InvalidScopeError):
+        Scope(context="a string, not a list of turns")
+
+
+# -- TTL --------------------------------------------------------------------------------------
+def test_ttl_with_injected_clock(fast_cache: SemanticCache, clock: FakeClock) -> None:
+    fast_cache.store("alpha beta gamma", "short", ttl=10)
+    fast_cache.store("delta epsilon", "forever", ttl=None)
+    fast_cache.store("zeta eta", "gone at once", ttl=0)
+    assert fast_cache.lookup("alpha beta gamma") is not None
+    assert fast_cache.lookup("zeta eta") is None
+    clock.advance(9.9)
+    assert fast_cache.lookup("alpha beta gamma") is not None
+    clock.advance(0.2)
+    assert fast_cache.lookup("alpha beta gamma") is None  # L1 held it; expiry still applies
+    assert fast_cache.lookup("gamma beta alpha") is None  # nor the semantic tier
+    assert fast_cache.lookup("delta epsilon") is not None
+    assert fast_cache.expire() == 1  # the ttl=0 entry was already culled by its own write
+    assert fast_cache.stats()["entries"] == 1
+
+
+def test_default_and_max_ttl(tmp_path: Path, clock: FakeClock) -> None:
+    c = SemanticCache(
+        tmp_path, embedder=HashEmbedder(), clock=clock, default_ttl=100, max_ttl=50, threshold=0.9
+    )
+    a = c.store("one two", "x")
+    b = c.store("three four", "y", ttl=None)  # None is capped by max_ttl: bounded staleness
+    assert c.get(a).expires_at == clock.now() + 50
+    assert c.get(b).expires_at == clock.now() + 50
+    with pytest.raises(InvalidInputError):
+        c.store("five", "z", ttl=-1)
+    with pytest.raises(InvalidInputError):
+        c.store("five", "z", ttl=float("nan"))
+    c.close()
+
+
+# -- write-through ----------------------------------------------------------------------------
+def test_delete_and_update(fast_cache: SemanticCache) -> None:
+    eid = fast_cache.store("red green blue", "colours", tags=["t1"], metadata={"k": 1})
+    assert fast_cache.lookup("red green blue").response == "colours"
+    fast_cache.update(eid, response="new colours", tags=["t2"], metadata={"k": 2})
+    entry = fast_cache.get(eid)
+    assert (entry.response, entry.tags, dict(entry.metadata)) == ("new colours", ("t2",), {"k": 2})
+    assert fast_cache.lookup("red green blue").response == "new colours"  # L1 refreshed
+    fast_cache.update(eid, prompt="cyan magenta yellow")
+    assert fast_cache.lookup("red green blue") is None
+    assert fast_cache.lookup("cyan magenta yellow").response == "new colours"
+    assert fast_cache.delete(eid) is True
+    assert fast_cache.delete(eid) is False
+    assert fast_cache.lookup("cyan magenta yellow") is None
+    with pytest.raises(EntryNotFoundError):
+        fast_cache.update(eid, response="x")
+    with pytest.raises(EntryNotFoundError):
+        fast_cache.get(eid)
+
+
+def test_delete_prompt_and_upsert(fast_cache: SemanticCache) -> None:
+    first = fast_cache.store("one two three", "a")
+    second = fast_cache.store("one  two three", "b")  # an exact repeat replaces the entry
+    assert first != second
+    assert fast_cache.stats()["entries"] == 1
+    assert fast_cache.lookup("one two three").response == "b"
+    assert fast_cache.delete_prompt("one two three") == 1
+    assert fast_cache.lookup("one two three") is None
+
+
+# -- L1 consistency: every write path ----------------------------------------------------------
+def test_l1_follows_every_write_path(fast_cache: SemanticCache, clock: FakeClock) -> None:
+    scope = Scope(namespace="n1")
+    paths = {
+        "delete": lambda eid: fast_cache.delete(eid),
+        "update": lambda eid: fast_cache.update(eid, response="changed"),
+        "tag": lambda eid: fast_cache.invalidate_tags("t"),
+        "bump": lambda eid: fast_cache.bump("n1"),
+        "similar": lambda eid: fast_cache.invalidate_similar("w1 w2 w3", 0.99, scope=scope),
+        "ttl": lambda eid: (fast_cache.update(eid, ttl=1), clock.advance(2)),
+        "prompt": lambda eid: fast_cache.delete_prompt("w1 w2 w3", scope=scope),
+    }
+    for name, action in paths.items():
+        eid = fast_cache.store("w1 w2 w3", "original", scope=scope, tags=["t"])
+        hit = fast_cache.lookup("w1 w2 w3", scope=scope)
+        assert hit is not None and hit.tier == "l1", name
+        action(eid)
+        hit = fast_cache.lookup("w1 w2 w3", scope=scope)
+        assert hit is None or hit.response == "changed", name
+        fast_cache.delete(eid)
+
+
+def test_another_process_invalidation_reaches_l1(tmp_path: Path, clock: FakeClock) -> None:
+    """Two caches on one folder stand for two processes: the change log keeps L1 honest."""
+    a = SemanticCache(tmp_path, embedder=HashEmbedder(), clock=clock, threshold=0.9)
+    b = SemanticCache(tmp_path, embedder=HashEmbedder(), clock=clock, threshold=0.9)
+    eid = a.store("shared words here", "v1", tags=["x"])
+    assert a.lookup("shared words here").tier == "l1"
+    assert b.lookup("shared words here").response == "v1"  # b picked the entry up
+    b.update(eid, response="v2")
+    assert a.lookup("shared words here").response == "v2"
+    b.invalidate_tags("x")
+    assert a.lookup("shared words here") is None
+    b.bump("default")
+    a.store("after bump words", "v3")
+    assert b.lookup("after bump words").response == "v3"
+    assert a.verify() == [] and b.verify() == []
+    b.close()
+    a.close()
+
+
+# -- eviction ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+def test_eviction(tmp_path: Path, clock: FakeClock, policy: str) -> None:
+    c = SemanticCache(
+        tmp_path, embedder=HashEmbedder(), clock=clock, max_entries=3, eviction=policy,
+        threshold=0.95,
+    )
+    for word in ("aa", "bb", "cc"):
+        c.store(f"{word} question", word)
+        clock.advance(1)
+    c.lookup("aa question")  # recently and frequently used
+    c.lookup("aa question")
+    clock.advance(1)
+    c.store("dd question", "dd")
+    assert c.stats()["entries"] == 3
+    kept = {w for w in ("aa", "bb", "cc", "dd") if c.lookup(f"{w} question") is not None}
+    if policy in ("lru", "lfu"):
+        assert kept == {"aa", "cc", "dd"}
+    else:
+        assert kept == {"bb", "cc", "dd"}
+    assert c.verify() == []
+    c.close()
+
+
+def test_max_bytes(tmp_path: Path, clock: FakeClock) -> None:
+    c = SemanticCache(tmp_path, embedder=HashEmbedder(dim=16), clock=clock, max_bytes=2000)
+    for i in range(20):
+        c.store(f"prompt number {i}", "x" * 200)
+        clock.advance(1)
+    stats = c.stats()
+    assert stats["bytes"] <= 2000 and stats["evictions"] > 0
+    assert c.lookup("prompt number 19") is not None
+    c.close()
+
+
+def test_bad_settings(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError):
+        SemanticCache(tmp_path, embedder=HashEmbedder(), eviction="random")
+    with pytest.raises(InvalidInputError):
+        SemanticCache(tmp_path, embedder=HashEmbedder(), max_entries=0)
+
+
+# -- errors and bad input ---------------------------------------------------------------------
+def test_bad_input_is_typed_and_harmless(fast_cache: SemanticCache) -> None:
+    eid = fast_cache.store("keep this one", "safe")
+    for bad in ("", "   ", None, 42, b"bytes"):
+        with pytest.raises(InvalidPromptError):
+            fast_cache.store(bad, "x")  # type: ignore[arg-type]
+        with pytest.raises(InvalidPromptError):
+            fast_cache.lookup(bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        fast_cache.store("ok prompt", 123)  # type: ignore[arg-type]
+    with pytest.raises(InvalidVectorError):
+        fast_cache.store("ok prompt", "x", vector=np.ones(3))
+    with pytest.raises(InvalidVectorError):
+        fast_cache.store("ok prompt", "x", vector=np.full(64, np.nan))
+    with pytest.raises(InvalidVectorError):
+        fast_cache.invalidate_similar(np.zeros(64), 0.5)
+    with pytest.raises(InvalidInputError):
+        fast_cache.store("ok prompt", "x", tags="one-string")
+    with pytest.raises(InvalidInputError):
+        fast_cache.store("ok prompt", "x", metadata={"x": object()})
+    with pytest.raises(InvalidInputError):
+        fast_cache.store("ok prompt", "x", scope="acme")  # type: ignore[arg-type]
+    assert all(issubclass(e, SemcacheError) for e in (InvalidPromptError, InvalidVectorError))
+    assert fast_cache.stats()["entries"] == 1
+    assert fast_cache.get(eid).response == "safe"
+
+
+def test_closed_cache_refuses(tmp_path: Path) -> None:
+    c = SemanticCache(tmp_path, embedder=HashEmbedder())
+    c.close()
+    c.close()  # idempotent
+    with pytest.raises(CacheClosedError):
+        c.lookup("anything")
+
+
+def test_embedder_mismatch_refused_then_rebuilt(tmp_path: Path) -> None:
+    with SemanticCache(tmp_path, embedder=HashEmbedder(dim=32, model_id="a"), threshold=0.9) as c:
+        c.store("some stored prompt", "answer")
+    with pytest.raises(EmbedderMismatchError, match="rebuild=True"):
+        SemanticCache(tmp_path, embedder=HashEmbedder(dim=48, model_id="b"))
+    with SemanticCache(
+        tmp_path, embedder=HashEmbedder(dim=48, model_id="b"), rebuild=True, threshold=0.9
+    ) as c:
+        assert c.lookup("some stored prompt").response == "answer"
+        assert c.lookup("prompt some stored").response == "answer"  # re-embedded, searchable
+        assert c.verify() == []
+
+
+def test_corrupt_and_foreign_index_files(tmp_path: Path) -> None:
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        c.store("persist me please", "ok")
+    files = list((tmp_path / "index").glob("*.idx"))
+    assert files
+    files[0].write_bytes(b"garbage")
+    with pytest.raises(IndexCorruptError, match="rebuild=True"):
+        SemanticCache(tmp_path, embedder=HashEmbedder())
+    manifest = tmp_path / "index" / "manifest.json"
+    body = json.loads(manifest.read_text())
+    body["model_id"] = "someone-else"
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(IndexCorruptError):
+        SemanticCache(tmp_path, embedder=HashEmbedder())
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), rebuild=True, threshold=0.9) as c:
+        assert c.lookup("persist me please").response == "ok"  # nothing stored was lost
+        assert c.verify() == []
+
+
+def test_not_a_store(tmp_path: Path) -> None:
+    (tmp_path / "semcache.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError):
+        SemanticCache(tmp_path, embedder=HashEmbedder())
+
+
+def test_missing_index_is_rebuilt(tmp_path: Path) -> None:
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        c.store("rebuild from store", "ok")
+    for path in (tmp_path / "index").iterdir():
+        path.unlink()
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        assert c.lookup("store from rebuild").response == "ok"
+        assert c.verify() == []
+
+
+def test_verify_detects_and_fixes_drift(fast_cache: SemanticCache) -> None:
+    eid = fast_cache.store("drift check words", "ok")
+    rowid = fast_cache._db.rowid_of(eid)
+    shard = next(s for s, _ in fast_cache.shards.items())
+    fast_cache.shards.get(shard).remove(np.array([rowid]))
+    problems = fast_cache.verify()
+    assert problems and "missing" in problems[0]
+    fast_cache.verify(fix=True)
+    assert fast_cache.verify() == []
+
+
+def test_versions_bump(fast_cache: SemanticCache) -> None:
+    a, b = Scope(namespace="a"), Scope(namespace="b")
+    fast_cache.store("versioned words", "old", scope=a)
+    fast_cache.store("versioned words", "other tenant", scope=b)
+    assert fast_cache.version("a") == 0
+    assert fast_cache.bump("a") == 1 and fast_cache.version("a") == 1
+    assert fast_cache.lookup("versioned words", scope=a) is None
+    assert fast_cache.lookup("versioned words", scope=b).response == "other tenant"
+    fast_cache.store("versioned words", "new", scope=a)
+    assert fast_cache.lookup("versioned words", scope=a).response == "new"
+    fast_cache.expire()  # the dead version's entry is reclaimed (the last write may have already)
+    assert fast_cache.stats()["entries"] == 2
+
+
+def test_store_many_and_stats(fast_cache: SemanticCache, hash_embedder: HashEmbedder) -> None:
+    ids = fast_cache.store_many([(f"bulk item {i}", str(i)) for i in range(300)])
+    assert len(set(ids)) == 300
+    assert hash_embedder.calls == 2  # batches of 256
+    assert fast_cache.lookup("bulk item 7").response == "7"
+    stats = fast_cache.stats()
+    assert stats["entries"] == 300 and stats["hits_l1"] == 1
