@@ -218,7 +218,7 @@ class FaissIndex:
             return self._remove_locked(np.asarray(ids, dtype=np.int64).reshape(-1))
 
     def _remove_locked(self, ids: np.ndarray) -> int:
-        present = [i for i in ids.tolist() if i in self._present]
+        present = [i for i in dict.fromkeys(ids.tolist()) if i in self._present]
         if not present:
             return 0
         arr = np.asarray(present, dtype=np.int64)

@@ -1,0 +1,116 @@
+"""One contract for every VectorIndex: FAISS (flat and HNSW) and the NumPy reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from semcache import FaissIndex, InvalidVectorError, NumpyIndex, VectorIndex
+from semcache.errors import IndexCorruptError
+from semcache.index import load_index
+
+DIM = 32
+FACTORIES: dict[str, Callable[[], VectorIndex]] = {
+    "numpy": lambda: NumpyIndex(DIM),
+    "faiss-flat": lambda: FaissIndex(DIM, hnsw_threshold=10_000),
+    "faiss-hnsw": lambda: FaissIndex(DIM, hnsw_threshold=50),
+}
+
+
+def unit(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(params=list(FACTORIES))
+def index(request: pytest.FixtureRequest) -> VectorIndex:
+    return FACTORIES[request.param]()
+
+
+def test_is_a_vector_index(index: VectorIndex) -> None:
+    assert isinstance(index, VectorIndex)
+
+
+def test_add_search_remove(index: VectorIndex) -> None:
+    x = unit(300)
+    ids = np.arange(1000, 1300)
+    index.add(ids, x)
+    assert len(index) == 300 and 1000 in index and 5 not in index
+    sims, found = index.search(x[10], 5)
+    assert found[0] == 1010 and sims[0] == pytest.approx(1.0, abs=1e-5)
+    assert list(sims) == sorted(sims, reverse=True)
+    assert index.remove(np.array([1010, 1010, 99999])) == 1
+    assert 1010 not in index and len(index) == 299
+    _, found = index.search(x[10], 5)
+    assert 1010 not in found
+    assert index.remove(np.array([1010])) == 0
+
+
+def test_add_replaces(index: VectorIndex) -> None:
+    x = unit(100)
+    index.add(np.arange(100), x)
+    index.add(np.array([7]), x[50:51])
+    assert len(index) == 100
+    sims, found = index.search(x[50], 2)
+    assert set(found.tolist()) == {7, 50}
+    np.testing.assert_allclose(index.vectors(np.array([7]))[0], x[50], atol=1e-6)
+
+
+def test_empty_and_small(index: VectorIndex) -> None:
+    sims, found = index.search(unit(1)[0], 3)
+    assert len(found) == 0
+    index.add(np.array([1]), unit(1))
+    _, found = index.search(unit(1)[0], 3)
+    assert found.tolist() == [1]
+
+
+def test_bad_vectors(index: VectorIndex) -> None:
+    with pytest.raises(InvalidVectorError):
+        index.add(np.array([1, 2]), unit(3))
+    with pytest.raises(InvalidVectorError):
+        index.add(np.array([1, 1]), unit(2))
+
+
+def test_range_search_is_exact(index: VectorIndex) -> None:
+    x = unit(500, seed=1)
+    index.add(np.arange(500), x)
+    index.remove(np.arange(0, 500, 7))
+    alive = np.setdiff1d(np.arange(500), np.arange(0, 500, 7))
+    for radius in (0.1, 0.2, 0.3, 0.5):
+        q = x[3]
+        found, sims = index.range_search(q, radius)
+        truth = alive[(x[alive] @ q) >= np.float32(radius)]
+        assert set(found.tolist()) == set(truth.tolist())
+        assert np.all(sims >= np.float32(radius))
+
+
+def test_round_trip(index: VectorIndex) -> None:
+    x = unit(200)
+    index.add(np.arange(200), x)
+    index.remove(np.arange(0, 200, 3))
+    copy = load_index(index.to_bytes())
+    assert sorted(copy.ids().tolist()) == sorted(index.ids().tolist())
+    for q in x[:20]:
+        assert copy.search(q, 3)[1].tolist() == index.search(q, 3)[1].tolist()
+    copy.add(np.array([5000]), x[:1])
+    assert 5000 in copy
+
+
+def test_hnsw_recall_and_tombstone_compaction() -> None:
+    index = FaissIndex(DIM, hnsw_threshold=100)
+    x = unit(2000, seed=3)
+    index.add(np.arange(2000), x)
+    assert index.kind == "hnsw"
+    index.remove(np.arange(0, 2000, 2))  # > 25% tombstones: the graph is rebuilt
+    assert index.kind == "hnsw" and len(index._tombs) == 0
+    hits = sum(index.search(x[i], 1)[1][0] == i for i in range(1, 2000, 2))
+    assert hits >= 990
+    index.remove(np.arange(1, 2000, 2)[:980])  # below half the threshold: back to flat
+    assert index.kind == "flat"
+
+
+def test_corrupt_bytes() -> None:
+    with pytest.raises(IndexCorruptError):
+        load_index(b"not an index")
