@@ -363,14 +363,21 @@ class SemanticCache:
 
     # ------------------------------------------------------------------------------- lookup
     def lookup(
-        self, prompt: str, *, scope: Scope | None = None, threshold: float | HitPolicy | None = None
+        self,
+        prompt: str,
+        *,
+        scope: Scope | None = None,
+        threshold: float | HitPolicy | None = None,
+        vector: Any = None,
     ) -> Hit | None:
         """The cached answer for ``prompt`` in ``scope``, or None.
 
         A hit is an exact repeat (tier ``"l1"``, similarity 1.0) or the most similar live entry
         of the same scope that the policy accepts (tier ``"semantic"``, its cosine similarity).
+        ``vector`` is the prompt's embedding when the caller already has it.
         """
-        hit, _, _ = self._lookup(prompt, _scope(scope), self._policy(threshold), None)
+        query = None if vector is None else as_unit_matrix(vector, self.dim)[0]
+        hit, _, _ = self._lookup(prompt, _scope(scope), self._policy(threshold), query)
         return hit
 
     def _lookup(
@@ -882,6 +889,19 @@ class SemanticCache:
                     break
         self._stats["invalidations_ttl"] += total
         return total
+
+    def invalidates(
+        self,
+        *,
+        tags: Any = None,
+        entries: Any = None,
+        namespaces: Any = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: after the wrapped write returns, invalidate the tags, entry ids and
+        namespaces it names (lists, or functions of the write's arguments); never if it raises."""
+        from .invalidation import invalidates
+
+        return invalidates(self, tags=tags, entries=entries, namespaces=namespaces)
 
     def _start_sweeper(self, interval: float) -> None:
         def sweep() -> None:

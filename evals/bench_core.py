@@ -1,0 +1,137 @@
+"""Core benchmark: lookup latency with and without embedding, store throughput, disk per entry.
+
+Run: ``.venv/bin/python evals/bench_core.py [--sizes 10000 100000]``. Prints figures; asserts
+nothing. Stored entries carry synthetic unit vectors (embedding 100k prompts would take minutes
+and does not change the index's work); lookups "with embedding" embed real prompts with the real
+model. A plain FAISS flat search over the same vectors runs in the same process for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from semcache import SemanticCache  # noqa: E402
+from semcache.embed import SentenceTransformerEmbedder  # noqa: E402
+
+
+def pct(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples) * 1000, q))
+
+
+def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def bench(size: int, embedder: SentenceTransformerEmbedder, queries: int) -> None:
+    rng = np.random.default_rng(size)
+    dim = embedder.dim
+    vectors = unit(rng, size, dim)
+    tmp = Path(tempfile.mkdtemp(prefix="semcache-bench-"))
+    try:
+        cache = SemanticCache(tmp, embedder=embedder, threshold=0.9, checkpoint_every=10**9)
+        t0 = time.perf_counter()
+        for i in range(size):
+            cache.store(f"synthetic prompt {i}", f"answer {i}", vector=vectors[i])
+        store_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cache.checkpoint()
+        checkpoint_s = time.perf_counter() - t0
+        disk = folder_bytes(tmp)
+
+        # queries: half near an entry (hits), half random (misses)
+        picks = rng.integers(0, size, queries)
+        noise = unit(rng, queries, dim) * 0.15
+        near = vectors[picks] + noise
+        near /= np.linalg.norm(near, axis=1, keepdims=True)
+        misses = unit(rng, queries, dim)
+        qs = np.concatenate([near, misses])
+        lat: list[float] = []
+        hits = 0
+        for j, q in enumerate(qs):
+            t = time.perf_counter()
+            hit = cache.lookup(f"query text {j}", vector=q)
+            lat.append(time.perf_counter() - t)
+            hits += hit is not None
+
+        flat = faiss.IndexFlatIP(dim)
+        flat.add(vectors)
+        flat_lat = []
+        for q in qs:
+            t = time.perf_counter()
+            flat.search(q[None], 4)
+            flat_lat.append(time.perf_counter() - t)
+
+        texts = [f"How do I reset the password of account {j} on device {j % 13}?" for j in range(200)]
+        embed_lat, full_lat = [], []
+        for text in texts:
+            t = time.perf_counter()
+            embedder.embed([text])
+            embed_lat.append(time.perf_counter() - t)
+        for text in texts:
+            t = time.perf_counter()
+            cache.lookup(text + " please")
+            full_lat.append(time.perf_counter() - t)
+
+        kind = next(index for _, index in cache.shards.items())
+        print(f"\n== {size:,} entries (index: {getattr(kind, 'kind', type(kind).__name__)})")
+        print(f"store (vector given, excl. embedding): {size / store_s:,.0f} stores/s "
+              f"({store_s:.1f} s); checkpoint {checkpoint_s:.2f} s")
+        print(f"disk: {disk / size:,.0f} bytes/entry ({disk / 2**20:.1f} MiB)")
+        print(f"lookup excl. embedding: p50 {pct(lat, 50):.3f} ms  p99 {pct(lat, 99):.3f} ms  "
+              f"({hits}/{len(qs)} hits)")
+        print(f"plain FAISS flat k=4:   p50 {pct(flat_lat, 50):.3f} ms  p99 {pct(flat_lat, 99):.3f} ms")
+        print(f"embedding alone:        p50 {pct(embed_lat, 50):.3f} ms  p99 {pct(embed_lat, 99):.3f} ms")
+        print(f"lookup incl. embedding: p50 {pct(full_lat, 50):.3f} ms  p99 {pct(full_lat, 99):.3f} ms")
+        print(f"lookup path added to embedding: p50 "
+              f"{statistics.median(full_lat) * 1000 - statistics.median(embed_lat) * 1000:.3f} ms")
+        cache.close()
+        t0 = time.perf_counter()
+        SemanticCache(tmp, embedder=embedder).close()
+        print(f"reopen (load persisted index): {time.perf_counter() - t0:.2f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_store_many(embedder: SentenceTransformerEmbedder, n: int = 2000) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="semcache-bench-"))
+    try:
+        with SemanticCache(tmp, embedder=embedder) as cache:
+            items = [(f"What is the best way to learn topic number {i}?", f"a{i}") for i in range(n)]
+            t0 = time.perf_counter()
+            cache.store_many(items)
+            dt = time.perf_counter() - t0
+        print(f"\nstore_many incl. real embedding: {n / dt:,.0f} stores/s ({n} prompts)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--queries", type=int, default=1000)
+    args = parser.parse_args()
+    embedder = SentenceTransformerEmbedder()
+    print(f"faiss threads: {faiss.omp_get_max_threads()}, cpu count: {os.cpu_count()}")
+    for size in args.sizes:
+        bench(size, embedder, args.queries)
+    bench_store_many(embedder)
+
+
+if __name__ == "__main__":
+    main()
