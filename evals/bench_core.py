@@ -21,8 +21,8 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from semcache import SemanticCache  # noqa: E402
-from semcache.embed import SentenceTransformerEmbedder  # noqa: E402
+from semcache import SemanticCache
+from semcache.embed import SentenceTransformerEmbedder
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -77,7 +77,9 @@ def bench(size: int, embedder: SentenceTransformerEmbedder, queries: int) -> Non
             flat.search(q[None], 4)
             flat_lat.append(time.perf_counter() - t)
 
-        texts = [f"How do I reset the password of account {j} on device {j % 13}?" for j in range(200)]
+        texts = [
+            f"How do I reset the password of account {j} on device {j % 13}?" for j in range(200)
+        ]
         embed_lat, full_lat = [], []
         for text in texts:
             t = time.perf_counter()
@@ -90,16 +92,25 @@ def bench(size: int, embedder: SentenceTransformerEmbedder, queries: int) -> Non
 
         kind = next(index for _, index in cache.shards.items())
         print(f"\n== {size:,} entries (index: {getattr(kind, 'kind', type(kind).__name__)})")
-        print(f"store (vector given, excl. embedding): {size / store_s:,.0f} stores/s "
-              f"({store_s:.1f} s); checkpoint {checkpoint_s:.2f} s")
+        print(
+            f"store (vector given, excl. embedding): {size / store_s:,.0f} stores/s "
+            f"({store_s:.1f} s); checkpoint {checkpoint_s:.2f} s"
+        )
         print(f"disk: {disk / size:,.0f} bytes/entry ({disk / 2**20:.1f} MiB)")
-        print(f"lookup excl. embedding: p50 {pct(lat, 50):.3f} ms  p99 {pct(lat, 99):.3f} ms  "
-              f"({hits}/{len(qs)} hits)")
-        print(f"plain FAISS flat k=4:   p50 {pct(flat_lat, 50):.3f} ms  p99 {pct(flat_lat, 99):.3f} ms")
-        print(f"embedding alone:        p50 {pct(embed_lat, 50):.3f} ms  p99 {pct(embed_lat, 99):.3f} ms")
-        print(f"lookup incl. embedding: p50 {pct(full_lat, 50):.3f} ms  p99 {pct(full_lat, 99):.3f} ms")
-        print(f"lookup path added to embedding: p50 "
-              f"{statistics.median(full_lat) * 1000 - statistics.median(embed_lat) * 1000:.3f} ms")
+        print(
+            f"lookup excl. embedding: p50 {pct(lat, 50):.3f} ms  p99 {pct(lat, 99):.3f} ms  "
+            f"({hits}/{len(qs)} hits)"
+        )
+        for label, samples in (
+            ("plain FAISS flat k=4:  ", flat_lat),
+            ("embedding alone:       ", embed_lat),
+            ("lookup incl. embedding:", full_lat),
+        ):
+            print(f"{label} p50 {pct(samples, 50):.3f} ms  p99 {pct(samples, 99):.3f} ms")
+        print(
+            f"lookup path added to embedding: p50 "
+            f"{statistics.median(full_lat) * 1000 - statistics.median(embed_lat) * 1000:.3f} ms"
+        )
         cache.close()
         t0 = time.perf_counter()
         SemanticCache(tmp, embedder=embedder).close()
@@ -112,7 +123,9 @@ def bench_store_many(embedder: SentenceTransformerEmbedder, n: int = 2000) -> No
     tmp = Path(tempfile.mkdtemp(prefix="semcache-bench-"))
     try:
         with SemanticCache(tmp, embedder=embedder) as cache:
-            items = [(f"What is the best way to learn topic number {i}?", f"a{i}") for i in range(n)]
+            items = [
+                (f"What is the best way to learn topic number {i}?", f"a{i}") for i in range(n)
+            ]
             t0 = time.perf_counter()
             cache.store_many(items)
             dt = time.perf_counter() - t0

@@ -169,7 +169,9 @@ class SemanticCache:
             raise InvalidInputError(f"unknown synchronous setting {synchronous!r}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.embedder: Embedder = embedder if embedder is not None else SentenceTransformerEmbedder()
+        self.embedder: Embedder = (
+            embedder if embedder is not None else SentenceTransformerEmbedder()
+        )
         if not isinstance(self.embedder, Embedder):
             raise InvalidInputError("embedder must have model_id, dim and embed(texts)")
         self.dim = int(self.embedder.dim)
@@ -318,7 +320,10 @@ class SemanticCache:
                     self.shards.add(shard, ids, np.stack([p[1] for p in pairs]))
                 self.shards.seq = changes[-1].seq
             self._data_version = self._db.data_version()
-            if self.shards.owner and self.shards.seq - self._checkpoint_seq >= self.checkpoint_every:
+            if (
+                self.shards.owner
+                and self.shards.seq - self._checkpoint_seq >= self.checkpoint_every
+            ):
                 self._checkpoint_locked()
 
     def _sync(self) -> None:
@@ -559,7 +564,9 @@ class SemanticCache:
                 "updated_at": now,
                 "accessed_at": now,
                 "expires_at": self._expiry(item["ttl"], now),
-                "size": len(norm.encode()) + len(item["response"].encode()) + 4 * self.dim
+                "size": len(norm.encode())
+                + len(item["response"].encode())
+                + 4 * self.dim
                 + len(item["metadata"] or ""),
                 "metadata": item["metadata"],
             }
@@ -844,8 +851,11 @@ class SemanticCache:
             return self._version(namespace)
 
     def invalidate_similar(
-        self, text_or_vector: str | Sequence[float] | np.ndarray, radius: float,
-        *, scope: Scope | None = None,
+        self,
+        text_or_vector: str | Sequence[float] | np.ndarray,
+        radius: float,
+        *,
+        scope: Scope | None = None,
     ) -> list[str]:
         """Delete every entry whose cosine similarity to the text (embedded) or vector is
         ``>= radius``, in ``scope`` only if given; returns the ids removed. Exact."""

@@ -12,7 +12,7 @@
     ├── IndexCorruptError                        a persisted index file is unreadable or foreign
     ├── StoreError                               the SQLite store failed or is not a semcache store
     ├── CacheClosedError                         the cache was used after close()
-    ├── UpstreamError                            the LLM call behind a miss failed (clients, sidecar)
+    ├── UpstreamError                            the LLM call behind a miss failed
     │   └── UpstreamTimeoutError
     └── ReplicationError                         the change-data-capture consumer cannot go on
 

@@ -110,7 +110,9 @@ class NumpyIndex:
             self._pos[id_] = start + offset
 
     def remove(self, ids: np.ndarray) -> int:
-        rows = [self._pos.pop(i) for i in np.asarray(ids, dtype=np.int64).tolist() if i in self._pos]
+        rows = [
+            self._pos.pop(i) for i in np.asarray(ids, dtype=np.int64).tolist() if i in self._pos
+        ]
         if rows:
             keep = np.ones(len(self._ids), dtype=bool)
             keep[rows] = False

@@ -123,7 +123,11 @@ class ShardSet:
                 continue
             data = index.to_bytes()
             _atomic_write(self.folder / name, data)
-            files[shard] = {"file": name, "count": len(index), "sha256": hashlib.sha256(data).hexdigest()}
+            files[shard] = {
+                "file": name,
+                "count": len(index),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
         body = {
             "format": FORMAT,
             "model_id": self.model_id,

@@ -47,9 +47,12 @@ class SingleFlight:
                     best, best_sim = flight, 1.0
                     break
                 sim = float(flight.vector @ vector)
-                if sim > best_sim and sim >= policy.min_similarity:
-                    if policy.accept(prompt, flight.prompt, sim):
-                        best, best_sim = flight, sim
+                if (
+                    sim > best_sim
+                    and sim >= policy.min_similarity
+                    and policy.accept(prompt, flight.prompt, sim)
+                ):
+                    best, best_sim = flight, sim
             if best is not None:
                 best.followers += 1
                 return best, False

@@ -218,7 +218,9 @@ class Store:
             conn.execute("DELETE FROM entries WHERE l1_key = ?", (values["l1_key"],))
             cols = ", ".join(values)
             marks = ", ".join("?" for _ in values)
-            cur = conn.execute(f"INSERT INTO entries({cols}) VALUES ({marks})", tuple(values.values()))
+            cur = conn.execute(
+                f"INSERT INTO entries({cols}) VALUES ({marks})", tuple(values.values())
+            )
             rowid = int(cur.lastrowid or 0)
             conn.executemany(
                 "INSERT OR IGNORE INTO tags(tag, entry_id) VALUES (?, ?)",
@@ -235,7 +237,7 @@ class Store:
         return _row(rows[0]) if rows else None
 
     def candidates(self, ids: Sequence[int], shard: str, now: float) -> dict[int, Row]:
-        """The live rows among ``ids`` that belong to ``shard`` (the index's answers, re-checked)."""
+        """The live rows among ``ids`` in ``shard``: the index's answers, re-checked."""
         if not ids:
             return {}
         marks = ", ".join("?" for _ in ids)
@@ -259,9 +261,10 @@ class Store:
         return int(rows[0][0]) if rows else None
 
     def tags_of(self, rowid: int) -> tuple[str, ...]:
-        return tuple(r[0] for r in self.execute(
-            "SELECT tag FROM tags WHERE entry_id = ? ORDER BY tag", (rowid,)
-        ))
+        return tuple(
+            r[0]
+            for r in self.execute("SELECT tag FROM tags WHERE entry_id = ? ORDER BY tag", (rowid,))
+        )
 
     def vectors_of(self, ids: Sequence[int]) -> dict[int, tuple[str, np.ndarray]]:
         """(shard, vector) of each of ``ids`` still present."""
@@ -275,7 +278,9 @@ class Store:
                 out[int(rowid)] = (shard, np.frombuffer(blob, dtype=np.float32))
         return out
 
-    def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
+    def iter_vectors(
+        self, batch: int = 10_000
+    ) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
         """Every entry's (ids, shards, vectors), in id order, in batches: for rebuilds."""
         last = -1
         while True:
@@ -337,7 +342,8 @@ class Store:
             return
         with self.transaction() as conn:
             conn.executemany(
-                "UPDATE entries SET hits = hits + ?, accessed_at = max(accessed_at, ?) WHERE id = ?",
+                "UPDATE entries SET hits = hits + ?, accessed_at = max(accessed_at, ?) "
+                "WHERE id = ?",
                 [(n, at, rowid) for rowid, (n, at) in accesses.items()],
             )
 
@@ -349,7 +355,9 @@ class Store:
     def recount(self) -> tuple[int, int]:
         """Recompute the counters from the table (``verify(fix=True)``)."""
         with self.transaction() as conn:
-            n, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM entries").fetchone()
+            n, size = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM entries"
+            ).fetchone()
             conn.execute("UPDATE counters SET entries = ?, bytes = ? WHERE id = 0", (n, size))
             return int(n), int(size)
 

@@ -12,10 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from semcache import FakeClock, SemanticCache  # noqa: E402
-from semcache.embed import SentenceTransformerEmbedder  # noqa: E402
+from semcache import FakeClock, SemanticCache
+from semcache.embed import SentenceTransformerEmbedder
 
-from .fakes import HashEmbedder  # noqa: E402
+from .fakes import HashEmbedder
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,9 @@ def hash_embedder() -> HashEmbedder:
 
 
 @pytest.fixture
-def cache(tmp_path: Path, embedder: SentenceTransformerEmbedder, clock: FakeClock) -> Iterator[SemanticCache]:
+def cache(
+    tmp_path: Path, embedder: SentenceTransformerEmbedder, clock: FakeClock
+) -> Iterator[SemanticCache]:
     """A cache on the real model with a fake clock; verify() must be clean when a test ends."""
     c = SemanticCache(tmp_path / "cache", embedder=embedder, clock=clock)
     yield c
@@ -45,7 +47,9 @@ def cache(tmp_path: Path, embedder: SentenceTransformerEmbedder, clock: FakeCloc
 
 
 @pytest.fixture
-def fast_cache(tmp_path: Path, hash_embedder: HashEmbedder, clock: FakeClock) -> Iterator[SemanticCache]:
+def fast_cache(
+    tmp_path: Path, hash_embedder: HashEmbedder, clock: FakeClock
+) -> Iterator[SemanticCache]:
     """A cache on the hash embedder, for mechanics that do not depend on meaning."""
     c = SemanticCache(tmp_path / "fast", embedder=hash_embedder, clock=clock, threshold=0.9)
     yield c

@@ -198,7 +198,11 @@ def test_another_process_invalidation_reaches_l1(tmp_path: Path, clock: FakeCloc
 @pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
 def test_eviction(tmp_path: Path, clock: FakeClock, policy: str) -> None:
     c = SemanticCache(
-        tmp_path, embedder=HashEmbedder(), clock=clock, max_entries=3, eviction=policy,
+        tmp_path,
+        embedder=HashEmbedder(),
+        clock=clock,
+        max_entries=3,
+        eviction=policy,
         threshold=0.95,
     )
     for word in ("aa", "bb", "cc"):

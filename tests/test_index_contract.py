@@ -53,13 +53,13 @@ def test_add_replaces(index: VectorIndex) -> None:
     index.add(np.arange(100), x)
     index.add(np.array([7]), x[50:51])
     assert len(index) == 100
-    sims, found = index.search(x[50], 2)
+    _, found = index.search(x[50], 2)
     assert set(found.tolist()) == {7, 50}
     np.testing.assert_allclose(index.vectors(np.array([7]))[0], x[50], atol=1e-6)
 
 
 def test_empty_and_small(index: VectorIndex) -> None:
-    sims, found = index.search(unit(1)[0], 3)
+    _, found = index.search(unit(1)[0], 3)
     assert len(found) == 0
     index.add(np.array([1]), unit(1))
     _, found = index.search(unit(1)[0], 3)

@@ -116,7 +116,10 @@ class InvalidationMachine(RuleBasedStateMachine):
 
     def _open(self) -> SemanticCache:
         return SemanticCache(
-            Path(self.tmp.name), embedder=self.embedder, clock=self.clock, threshold=0.95,
+            Path(self.tmp.name),
+            embedder=self.embedder,
+            clock=self.clock,
+            threshold=0.95,
             hnsw_threshold=8,
         )
 
@@ -193,6 +196,8 @@ class InvalidationMachine(RuleBasedStateMachine):
 
 TestInvalidationMachine = InvalidationMachine.TestCase
 TestInvalidationMachine.settings = settings(
-    max_examples=30, stateful_step_count=30, deadline=None,
+    max_examples=30,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -13,9 +13,13 @@ from semcache.keys import exact_key, normalise
 
 from .fakes import HashEmbedder
 
-json_scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(
-    allow_nan=False, allow_infinity=False
-) | st.text(max_size=10)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10)
+)
 params = st.dictionaries(st.text(min_size=1, max_size=8), json_scalars, max_size=4)
 scopes = st.builds(
     Scope,
@@ -59,23 +63,27 @@ prompt_text = st.text(min_size=1, max_size=60).filter(lambda s: s.strip())
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
-        st.tuples(prompt_text, st.text(max_size=80), st.lists(st.text(min_size=1, max_size=5), max_size=3)),
+        st.tuples(
+            prompt_text, st.text(max_size=80), st.lists(st.text(min_size=1, max_size=5), max_size=3)
+        ),
         min_size=1,
         max_size=8,
     ),
     scopes,
 )
 def test_store_round_trip(items: list[tuple[str, str, list[str]]], scope: Scope) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        with SemanticCache(Path(tmp), embedder=HashEmbedder(dim=16), threshold=0.99) as cache:
-            latest: dict[str, tuple[str, str, list[str]]] = {}
-            for prompt, response, tags in items:
-                eid = cache.store(prompt, response, scope=scope, tags=tags, metadata={"p": prompt})
-                latest[normalise(prompt)] = (eid, response, tags)
-            for norm, (eid, response, tags) in latest.items():
-                entry = cache.get(eid)
-                assert entry.response == response and entry.scope == scope
-                assert set(entry.tags) == set(tags) and entry.metadata == {"p": entry.metadata["p"]}
-                hit = cache.lookup(norm, scope=scope)
-                assert hit is not None and hit.entry_id == eid and hit.response == response
-            assert cache.verify() == []
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        SemanticCache(Path(tmp), embedder=HashEmbedder(dim=16), threshold=0.99) as cache,
+    ):
+        latest: dict[str, tuple[str, str, list[str]]] = {}
+        for prompt, response, tags in items:
+            eid = cache.store(prompt, response, scope=scope, tags=tags, metadata={"p": prompt})
+            latest[normalise(prompt)] = (eid, response, tags)
+        for norm, (eid, response, tags) in latest.items():
+            entry = cache.get(eid)
+            assert entry.response == response and entry.scope == scope
+            assert set(entry.tags) == set(tags) and entry.metadata == {"p": entry.metadata["p"]}
+            hit = cache.lookup(norm, scope=scope)
+            assert hit is not None and hit.entry_id == eid and hit.response == response
+        assert cache.verify() == []

@@ -18,7 +18,9 @@ from .fakes import HashEmbedder
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_thousand_entries_survive_reopen(tmp_path: Path, embedder: SentenceTransformerEmbedder) -> None:
+def test_thousand_entries_survive_reopen(
+    tmp_path: Path, embedder: SentenceTransformerEmbedder
+) -> None:
     prompts = [f"How do I configure service number {i} for region {i % 7}?" for i in range(1000)]
     with SemanticCache(tmp_path, embedder=embedder, hnsw_threshold=500) as cache:
         ids = cache.store_many([(p, f"answer {i}") for i, p in enumerate(prompts)])
@@ -33,7 +35,7 @@ def test_thousand_entries_survive_reopen(tmp_path: Path, embedder: SentenceTrans
             assert hit is not None and hit.entry_id == ids[i] and hit.response == f"answer {i}"
         # and by meaning, not only by exact key: the semantic tier after restart
         reopened.l1.clear()
-        sims, found = reopened.shards.get(next(s for s, _ in reopened.shards.items())).search(
+        _, found = reopened.shards.get(next(s for s, _ in reopened.shards.items())).search(
             vectors[123], 1
         )
         assert found[0] == reopened._db.rowid_of(ids[123])
@@ -41,7 +43,7 @@ def test_thousand_entries_survive_reopen(tmp_path: Path, embedder: SentenceTrans
         reopened.close()
 
 
-def reopened_scope():  # noqa: ANN201 - tiny helper
+def reopened_scope():
     from semcache.types import DEFAULT_SCOPE
 
     return DEFAULT_SCOPE
@@ -56,7 +58,8 @@ WRITER = textwrap.dedent(
     cache = SemanticCache({path!r}, embedder=HashEmbedder(), checkpoint_every=150)
     i = 0
     while True:
-        eid = cache.store(f"crash test prompt {{i}} words {{i * 7}}", f"answer {{i}}", tags=[f"t{{i % 5}}"])
+        prompt = f"crash test prompt {{i}} words {{i * 7}}"
+        eid = cache.store(prompt, f"answer {{i}}", tags=[f"t{{i % 5}}"])
         print(eid, i, flush=True)
         if i % 40 == 0:
             cache.delete(eid)  # deletions interleaved: acknowledged deletes must hold too
@@ -71,7 +74,10 @@ def test_sigkill_mid_stream_loses_no_acknowledged_write(tmp_path: Path) -> None:
     data = tmp_path / "data"
     script.write_text(WRITER.format(root=str(ROOT), path=str(data)))
     proc = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     acked: dict[str, int] = {}
