@@ -132,6 +132,9 @@ class SemanticCache:
         checkpoint_every: persist the index after this many changes (and always on close).
         synchronous: SQLite's synchronous setting; NORMAL survives a killed process, FULL
             also a power cut.
+        max_stale: stale-while-revalidate window in seconds: ``get_or_compute`` may serve an
+            answer expired less than this long ago while one caller refreshes it. ``lookup``
+            never serves expired answers. None: off.
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class SemanticCache:
         checkpoint_every: int = 20_000,
         cull_limit: int = 16,
         synchronous: str = "NORMAL",
+        max_stale: float | None = None,
     ) -> None:
         if eviction not in EVICTION_POLICIES:
             raise InvalidInputError(
@@ -178,6 +182,7 @@ class SemanticCache:
         self.policy: HitPolicy = as_policy(threshold)
         self.default_ttl = _check_ttl(default_ttl)
         self.max_ttl = _check_ttl(max_ttl)
+        self.max_stale = _check_ttl(max_stale) or 0.0
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.eviction = eviction
@@ -586,7 +591,7 @@ class SemanticCache:
         if self.cull_limit <= 0:
             return
         n = self._db.delete_where(
-            "SELECT id FROM entries WHERE expires_at <= ?", (now,), self.cull_limit
+            "SELECT id FROM entries WHERE expires_at <= ?", (now - self.max_stale,), self.cull_limit
         )
         n += self._db.delete_where(_DEAD_VERSIONS, (), self.cull_limit)
         self._stats["culled"] += n
@@ -635,8 +640,12 @@ class SemanticCache:
         if hit is not None:
             return hit.response
         assert vector is not None
+        stale = self._stale(item["norm"], vector, shard, policy)
         flight, leader = self._flights.join_or_lead(shard, item["norm"], vector, policy)
         if not leader:
+            if stale is not None:  # someone is refreshing it: serve the stale answer meanwhile
+                self._stats["stale_served"] += 1
+                return stale.response
             self._stats["singleflight_waits"] += 1
             return flight.future.result()
         try:
@@ -675,8 +684,12 @@ class SemanticCache:
         if hit is not None:
             return hit.response
         assert vector is not None
+        stale = await asyncio.to_thread(self._stale, item["norm"], vector, shard, policy)
         flight, leader = self._flights.join_or_lead(shard, item["norm"], vector, policy)
         if not leader:
+            if stale is not None:
+                self._stats["stale_served"] += 1
+                return stale.response
             self._stats["singleflight_waits"] += 1
             return await asyncio.wrap_future(flight.future)
         try:
@@ -696,6 +709,16 @@ class SemanticCache:
             raise
         finally:
             self._flights.land(flight)
+
+    def _stale(self, norm: str, vector: np.ndarray, shard: str, policy: HitPolicy) -> Hit | None:
+        """An answer expired less than ``max_stale`` ago (stale-while-revalidate), or None."""
+        if not self.max_stale:
+            return None
+        with self._lock:
+            horizon = self.clock.now() - self.max_stale
+            return self._exact(norm, shard, horizon) or self._semantic(
+                norm, vector, shard, policy, horizon
+            )
 
     async def alookup(
         self, prompt: str, *, scope: Scope | None = None, threshold: float | HitPolicy | None = None
@@ -887,7 +910,7 @@ class SemanticCache:
         self._check_open()
         total = 0
         for sql, params in (
-            ("SELECT id FROM entries WHERE expires_at <= ?", (self.clock.now(),)),
+            ("SELECT id FROM entries WHERE expires_at <= ?", (self.clock.now() - self.max_stale,)),
             (_DEAD_VERSIONS, ()),
         ):
             while True:

@@ -201,3 +201,40 @@ TestInvalidationMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_stale_while_revalidate(tmp_path: Path, clock: FakeClock) -> None:
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = SemanticCache(
+        tmp_path, embedder=HashEmbedder(), clock=clock, threshold=0.9, max_stale=30
+    )
+    cache.store("exchange rate today", "1.10", ttl=60)
+    clock.advance(70)  # expired 10 s ago: inside the stale window
+    assert cache.lookup("exchange rate today") is None  # lookup never serves stale answers
+    started = threading.Event()
+    calls = 0
+
+    def refresh(prompt: str) -> str:
+        nonlocal calls
+        calls += 1
+        started.set()
+        time.sleep(0.3)
+        return "1.12"
+
+    with ThreadPoolExecutor(4) as pool:
+        leader = pool.submit(cache.get_or_compute, "exchange rate today", refresh, ttl=60)
+        started.wait(5)
+        others = [
+            pool.submit(cache.get_or_compute, "exchange rate today", refresh) for _ in range(3)
+        ]
+        assert [f.result() for f in others] == ["1.10"] * 3  # served stale meanwhile
+        assert leader.result() == "1.12"
+    assert calls == 1
+    assert cache.lookup("exchange rate today").response == "1.12"
+    clock.advance(100)  # now expired 40 s ago: beyond the window, never served
+    assert cache.get_or_compute("exchange rate today", lambda p: "1.20") == "1.20"
+    assert cache.verify() == []
+    cache.close()

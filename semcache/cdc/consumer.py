@@ -21,6 +21,7 @@ not). The loop waits on the connection's socket with ``select`` (and on a wake-u
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -47,6 +48,12 @@ log = logging.getLogger("semcache.cdc")
 SlotLostPolicy = Literal["raise", "flush"] | Callable[[Any], None]
 
 
+class StreamInterruptedError(ReplicationError):
+    """The replication connection failed or the slot is busy: :meth:`ChangeConsumer.run`
+    retries with backoff; :meth:`ChangeConsumer.run_once` raises it (call it again to
+    reconnect). Nothing unconfirmed is lost: PostgreSQL resends from the confirmed position."""
+
+
 @dataclass
 class _Transaction:
     """The invalidations of the transaction being received, applied at its Commit."""
@@ -68,6 +75,27 @@ class ConsumerStats:
     last_commit_lsn: int | None = None
     last_commit_time: float | None = None  # the transaction's COMMIT time, epoch seconds
     last_applied_at: float | None = None  # when its invalidations were committed, epoch seconds
+
+
+def _sql_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """For methods on the ordinary SQL connection: a dropped connection (server restart) is
+    reopened and the method retried once (they are all idempotent); other database errors
+    become :class:`ReplicationError`."""
+
+    @functools.wraps(method)
+    def wrapper(self: ChangeConsumer, *args: Any, **kwargs: Any) -> Any:
+        for attempt in (1, 2):
+            try:
+                return method(self, *args, **kwargs)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                self._reset_sql()
+                if attempt == 2:
+                    raise ReplicationError(f"PostgreSQL connection failed: {exc}".strip()) from exc
+            except psycopg2.Error as exc:
+                raise ReplicationError(f"{method.__name__}: {exc}".strip()) from exc
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 def default_state_folder(cache: Any) -> Path:
@@ -176,6 +204,7 @@ class ChangeConsumer:
         """The file that records this slot's position."""
         return self._positions.path
 
+    @_sql_errors
     def setup(self) -> None:
         """Create the publication (FOR TABLE the rules' tables) and the pgoutput slot, if
         missing. Idempotent: an existing publication gains the tables it lacks, an existing
@@ -195,9 +224,10 @@ class ChangeConsumer:
                     "(ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL)"
                 )
         self._ensure_publication(conn)
+        recorded = self._recorded()  # (completes an interrupted lost-slot recovery first)
         slot = self._slot_row()
         if slot is None:
-            if self._recorded() is not None:
+            if recorded is not None:
                 self._slot_lost("it no longer exists")
             else:
                 self._create_slot()
@@ -205,7 +235,7 @@ class ChangeConsumer:
             self._check_slot(slot)
             if slot["wal_status"] == "lost":
                 self._slot_lost("PostgreSQL invalidated it (wal_status 'lost')")
-            elif self._recorded() is None:
+            elif recorded is None:
                 # A slot someone else created, or ours from before the position file was lost:
                 # start recording from where it stands.
                 self._record(self._slot_start(slot), transactions=0)
@@ -219,6 +249,7 @@ class ChangeConsumer:
         on first use and keeps the connection for the next call. Errors propagate.
         """
         deadline = time.monotonic() + max(0.0, timeout)
+        self._stop.clear()
         self._ensure_stream()
         return self._pump(deadline, min_changes)
 
@@ -240,7 +271,7 @@ class ChangeConsumer:
                     self._ensure_stream()
                     delay = self.reconnect_initial
                     self._pump(None, None)
-                except _Retryable as exc:
+                except StreamInterruptedError as exc:
                     self._close_stream()
                     self.stats.reconnects += 1
                     log.warning("CDC stream interrupted (%s); retrying in %.1f s", exc, delay)
@@ -254,8 +285,9 @@ class ChangeConsumer:
     def stop(self) -> None:
         """Ask :meth:`run` to return (safe from another thread or a signal handler)."""
         self._stop.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        if not self._closed:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
 
     def lag_bytes(self) -> int | None:
         """How far the slot's confirmed position is behind the server's current WAL position,
@@ -265,6 +297,7 @@ class ChangeConsumer:
         status = self.slot_status()
         return None if status is None else status["lag_bytes"]
 
+    @_sql_errors
     def slot_status(self) -> dict[str, Any] | None:
         """The slot as ``pg_replication_slots`` sees it, with lag and retained WAL in bytes."""
         with self._sql().cursor() as cur:
@@ -302,6 +335,7 @@ class ChangeConsumer:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    @_sql_errors
     def drop(self) -> None:
         """Drop the slot and the publication and forget the recorded position.
 
@@ -348,6 +382,12 @@ class ChangeConsumer:
                 raise ReplicationError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
             self._sql_conn.autocommit = True
         return self._sql_conn
+
+    def _reset_sql(self) -> None:
+        conn, self._sql_conn = self._sql_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _identity_now(self) -> tuple[str, str]:
         if self._identity is None:
@@ -430,6 +470,11 @@ class ChangeConsumer:
         return pgoutput.lsn_from_str(text) if text else 0
 
     def _create_slot(self) -> None:
+        # Record the creation point at once: from now on a vanished slot is detected.
+        self._record(self._create_slot_at(), transactions=0)
+
+    def _create_slot_at(self) -> int:
+        """Create the slot (or adopt one created concurrently); returns its start LSN."""
         with self._sql().cursor() as cur:
             try:
                 cur.execute(
@@ -448,8 +493,7 @@ class ChangeConsumer:
                 raise ReplicationError(
                     f"cannot create replication slot {self.slot!r}: {exc}".strip()
                 ) from exc
-        # Record the creation point at once: from now on a vanished slot is detected.
-        self._record(pgoutput.lsn_from_str(lsn_text), transactions=0)
+        return pgoutput.lsn_from_str(lsn_text)
 
     def _recorded(self) -> Position | None:
         """The recorded position if it belongs to this cluster and database."""
@@ -465,9 +509,15 @@ class ChangeConsumer:
                 f"{position.database!r} on cluster {position.system_id}, not {database!r} on "
                 f"{system_id}; use another slot name or remove the file (and flush the cache)"
             )
+        if position.flush_pending:
+            log.warning("completing the interrupted recovery of lost slot %s", self.slot)
+            self._replace_slot_and_flush()
+            return self._position
         return position
 
-    def _record(self, lsn: int, *, transactions: int | None = None) -> None:
+    def _record(
+        self, lsn: int, *, transactions: int | None = None, flush_pending: bool = False
+    ) -> None:
         system_id, database = self._identity_now()
         previous = self._position
         count = (
@@ -482,10 +532,12 @@ class ChangeConsumer:
             lsn=lsn,
             transactions=count,
             updated_at=time.time(),
+            flush_pending=flush_pending,
         )
         self._positions.save(position)
         self._position = position
 
+    @_sql_errors
     def _slot_lost(self, why: str) -> None:
         """The slot we were reading is gone: changes since our position may be lost."""
         recorded = self._position
@@ -499,6 +551,17 @@ class ChangeConsumer:
         log.error(
             "replication slot %s was lost (%s)%s; recreating it and flushing", self.slot, why, where
         )
+        # Durably note the recovery first: if the process dies before the flush is done, the
+        # next start completes it instead of trusting a slot that missed changes.
+        recorded_lsn = recorded.lsn if recorded else 0
+        self._record(recorded_lsn, transactions=0, flush_pending=True)
+        self._replace_slot_and_flush()
+
+    def _replace_slot_and_flush(self) -> None:
+        """Drop what is left of the slot, create a new one, flush, then record the new start.
+
+        New slot first, flush second: whatever changes after the flush is in the new slot.
+        """
         self._close_stream()
         with self._sql().cursor() as cur:
             cur.execute(
@@ -506,10 +569,7 @@ class ChangeConsumer:
                 "WHERE slot_name = %s",
                 (self.slot,),
             )
-        self._positions.remove()
-        self._position = None
-        # New slot first, flush second: whatever changes after the flush is in the new slot.
-        self._create_slot()
+        start = self._create_slot_at()
         if callable(self.on_slot_lost):
             self.on_slot_lost(self.cache)
         else:
@@ -517,6 +577,7 @@ class ChangeConsumer:
             for rule in self.rules:
                 flush = flush | rule.for_truncate()
             flush.apply(self.cache)
+        self._record(start, transactions=0)
 
     # ------------------------------------------------------------------ streaming
 
@@ -531,7 +592,7 @@ class ChangeConsumer:
                 self.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection
             )
         except psycopg2.OperationalError as exc:
-            raise _Retryable(f"cannot connect: {exc}".strip()) from exc
+            raise StreamInterruptedError(f"cannot connect: {exc}".strip()) from exc
         cursor = conn.cursor()
         try:
             cursor.start_replication(
@@ -571,9 +632,10 @@ class ChangeConsumer:
             self._slot_lost(message)
             self._ensure_stream()
         elif isinstance(exc, psycopg2.errors.ObjectInUse):
-            raise _Retryable(f"slot {self.slot!r} is in use by another consumer") from exc
+            busy = f"slot {self.slot!r} is in use by another consumer"
+            raise StreamInterruptedError(busy) from exc
         elif isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
-            raise _Retryable(message) from exc
+            raise StreamInterruptedError(message) from exc
         else:
             raise ReplicationError(
                 f"cannot start replication from {self.slot!r}: {message}"
@@ -587,7 +649,18 @@ class ChangeConsumer:
                 conn.close()
 
     def _pump(self, deadline: float | None, min_changes: int | None) -> int:
-        """Read and apply messages until the deadline, ``min_changes``, or stop()."""
+        """Read and apply messages until the deadline, ``min_changes``, or stop().
+
+        Any failure closes the stream: a transaction that was half received when a rule or
+        the cache failed must be received again from its Begin, never resumed mid-way.
+        """
+        try:
+            return self._pump_open(deadline, min_changes)
+        except BaseException:
+            self._close_stream()
+            raise
+
+    def _pump_open(self, deadline: float | None, min_changes: int | None) -> int:
         applied = 0
         cursor = self._cursor
         while not self._stop.is_set():
@@ -604,7 +677,7 @@ class ChangeConsumer:
                 psycopg2.InterfaceError,
                 psycopg2.DatabaseError,
             ) as exc:
-                raise _Retryable(str(exc).strip() or type(exc).__name__) from exc
+                raise StreamInterruptedError(str(exc).strip() or type(exc).__name__) from exc
             if msg is not None:
                 applied += self._handle(msg)
                 if min_changes is not None and applied >= min_changes and self._txn is None:
@@ -730,7 +803,7 @@ class ChangeConsumer:
         try:
             self._cursor.send_feedback(flush_lsn=lsn, force=True)
         except (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.DatabaseError) as exc:
-            raise _Retryable(f"cannot confirm position: {exc}".strip()) from exc
+            raise StreamInterruptedError(f"cannot confirm position: {exc}".strip()) from exc
 
     def _wait(self, seconds: float) -> None:
         """Sleep, but wake up at once on stop()."""
@@ -740,10 +813,6 @@ class ChangeConsumer:
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.info("signal %d: stopping the CDC consumer", signum)
         self.stop()
-
-
-class _Retryable(Exception):
-    """A connection-level failure that run() retries with backoff."""
 
 
 def _row(

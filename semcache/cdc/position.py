@@ -32,6 +32,7 @@ class Position:
     lsn: int  # end LSN of the last applied transaction (or the slot's creation point)
     transactions: int = 0  # applied transactions so far, for diagnostics
     updated_at: float = 0.0
+    flush_pending: bool = False  # a lost slot's recovery (new slot + flush) is under way
 
     @property
     def lsn_text(self) -> str:
@@ -63,6 +64,7 @@ class PositionStore:
                 lsn=int(data["lsn"]),
                 transactions=int(data.get("transactions", 0)),
                 updated_at=float(data.get("updated_at", 0.0)),
+                flush_pending=bool(data.get("flush_pending", False)),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ReplicationError(

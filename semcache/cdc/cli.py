@@ -1,0 +1,172 @@
+"""``semcache cdc``: run the change-data-capture consumer against a cache's data folder.
+
+Only typer is imported here; psycopg2, the cache and the rules module load when the command
+runs, so ``semcache --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def load_object(spec: str, what: str) -> Any:
+    """Import ``module:ATTR`` (the current directory is importable, as with ``python -m``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise typer.BadParameter(f"{what} must look like module:NAME, got {spec!r}")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise typer.BadParameter(f"cannot import {module_name!r} for {what}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise typer.BadParameter(f"{module_name!r} has no {attr!r} ({what})") from None
+    return obj
+
+
+class InvalidationOnlyEmbedder:
+    """Stands in for the cache's model in a process that only invalidates: it carries the
+    model id and dimension the data folder records (so the cache opens) and refuses to embed.
+    Invalidation by tags, ids and namespace versions never embeds, so the consumer need not
+    load the model."""
+
+    def __init__(self, model_id: str, dim: int) -> None:
+        self.model_id = model_id
+        self.dim = dim
+
+    def embed(self, texts: Any) -> Any:
+        from ..errors import SemcacheError
+
+        raise SemcacheError("the CDC consumer's cache does not embed (invalidation only)")
+
+
+def recorded_model(data: Path) -> tuple[str, int] | None:
+    """The (model_id, dim) a data folder's store records, or None for a new folder."""
+    from ..cache import DB_FILE
+
+    db = data / DB_FILE
+    if not db.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+        try:
+            rows = dict(
+                conn.execute("SELECT key, value FROM meta WHERE key IN ('model_id', 'dim')")
+            )
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    if "model_id" not in rows or "dim" not in rows:
+        return None
+    return str(rows["model_id"]), int(rows["dim"])
+
+
+def open_cache(data: Path, embedder_spec: str | None) -> Any:
+    """Open the cache for invalidation: ``synchronous=FULL`` so each invalidation is on disk
+    before the consumer records its position (a power cut cannot lose one it confirmed)."""
+    from ..cache import SemanticCache
+
+    if embedder_spec:
+        embedder = load_object(embedder_spec, "--embedder")
+        if callable(embedder) and not hasattr(embedder, "embed"):
+            embedder = embedder()
+    else:
+        recorded = recorded_model(data)
+        embedder = InvalidationOnlyEmbedder(*recorded) if recorded else None
+    return SemanticCache(data, embedder=embedder, synchronous="FULL")
+
+
+def cdc(
+    dsn: str = typer.Option(
+        ..., "--dsn", envvar="SEMCACHE_CDC_DSN", help="PostgreSQL connection string or URL."
+    ),
+    rules: str = typer.Option(
+        ..., "--rules", help="The rules, as module:NAME (a list of semcache.cdc.Rule)."
+    ),
+    data: Path = typer.Option(  # noqa: B008 (typer declares options in defaults)
+        "indexes/default", "--data", help="The cache's data folder."
+    ),
+    slot: str = typer.Option("semcache", "--slot", help="Logical replication slot name."),
+    publication: str = typer.Option("semcache", "--publication", help="Publication name."),
+    setup: bool = typer.Option(
+        True, "--setup/--no-setup", help="Create the publication and slot if missing."
+    ),
+    on_slot_lost: str = typer.Option(
+        "raise",
+        "--on-slot-lost",
+        help="When the slot is gone: 'raise' (stop; flush the cache yourself) or 'flush' "
+        "(recreate it and invalidate what the rules cover).",
+    ),
+    embedder: str | None = typer.Option(
+        None,
+        "--embedder",
+        help="module:NAME of the cache's embedder (default: none is loaded when the data "
+        "folder already records its model).",
+    ),
+    log_level: str = typer.Option("INFO", "--log-level", help="Logging level."),
+) -> None:
+    """Invalidate cache entries from PostgreSQL changes (logical replication, pgoutput).
+
+    Runs until SIGTERM or Ctrl-C. The position goes to DATA/cdc/SLOT.json once the
+    invalidations are committed, and only then is it confirmed to PostgreSQL.
+    """
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    if on_slot_lost not in ("raise", "flush"):
+        raise typer.BadParameter("--on-slot-lost must be 'raise' or 'flush'")
+    from ..errors import SemcacheError
+    from .consumer import ChangeConsumer
+    from .rules import Rule
+
+    rule_list = load_object(rules, "--rules")
+    if isinstance(rule_list, Rule):
+        rule_list = [rule_list]
+    try:
+        rule_list = list(rule_list)
+    except TypeError:
+        raise typer.BadParameter(f"{rules} is not a list of Rule") from None
+    log = logging.getLogger("semcache.cdc")
+    try:
+        cache = open_cache(data, embedder)
+        try:
+            consumer = ChangeConsumer(
+                dsn,
+                cache,
+                rule_list,
+                slot=slot,
+                publication=publication,
+                on_slot_lost=on_slot_lost,  # type: ignore[arg-type]
+            )
+            try:
+                if setup:
+                    consumer.setup()
+                log.info(
+                    "consuming slot %s (publication %s) into %s; position file %s",
+                    slot,
+                    publication,
+                    data,
+                    consumer.state_file,
+                )
+                consumer.run()
+                log.info("stopped; %s", consumer.stats)
+            finally:
+                consumer.close()
+        finally:
+            cache.close()
+    except SemcacheError as exc:
+        typer.echo(f"semcache cdc: {exc}", err=True)
+        raise typer.Exit(code=1) from None
