@@ -1072,7 +1072,8 @@ class SemanticCache:
         return f"SemanticCache({str(self.path)!r}, policy={self.policy!r})"
 
 
+# Driven by the (few) namespaces, then the (namespace, version) index: never a table scan.
 _DEAD_VERSIONS = (
-    "SELECT e.id FROM entries e JOIN namespaces n ON n.namespace = e.namespace "
-    "WHERE e.version < n.version"
+    "SELECT e.id FROM namespaces n CROSS JOIN entries e "
+    "ON e.namespace = n.namespace AND e.version < n.version"
 )
