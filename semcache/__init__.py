@@ -9,6 +9,7 @@ rates.
 from __future__ import annotations
 
 from .cache import MISSING, SemanticCache
+from .clients import wrap
 from .clock import Clock, FakeClock, SystemClock
 from .embed import Embedder, SentenceTransformerEmbedder
 from .errors import (
@@ -62,4 +63,5 @@ __all__ = [
     "UpstreamTimeoutError",
     "VectorIndex",
     "__version__",
+    "wrap",
 ]

@@ -65,10 +65,10 @@ class BatchingEmbedder:
     """An :class:`~semcache.embed.Embedder` that merges concurrent ``embed()`` calls.
 
     ``embed(texts)`` blocks until the worker thread has embedded the texts (together with those
-    of other callers) and returns exactly what ``inner.embed(texts)`` would: same model id,
-    dimension and unit rows (remembered texts are not embedded again). If a merged batch fails, each request is retried alone so one bad
-    caller cannot fail the others. ``close()`` stops the worker; later calls raise
-    :class:`~semcache.errors.CacheClosedError`.
+    of other callers) and returns what ``inner.embed(texts)`` would: same model id, dimension
+    and unit rows (remembered texts are not embedded again). If a merged batch fails, each
+    request is retried alone so one bad caller cannot fail the others. ``close()`` stops the
+    worker; later calls raise :class:`~semcache.errors.CacheClosedError`.
     """
 
     def __init__(

@@ -923,6 +923,13 @@ class SemanticCache:
         self._stats["invalidations_ttl"] += total
         return total
 
+    def cached(self, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: answer a function of a prompt (sync or async) from the cache, with
+        single-flight; see :func:`semcache.decorators.cached` for the options."""
+        from .decorators import cached
+
+        return cached(self, **options)
+
     def invalidates(
         self,
         *,

@@ -55,9 +55,9 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from .errors import InvalidInputError, SemcacheError
 from .types import Hit, Scope
@@ -113,14 +113,14 @@ class CallOptions(BaseModel):
     ``threshold``: the similarity threshold for this lookup.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    skip: bool = False
-    refresh: bool = False
-    ttl: float | None = Field(default=None, ge=0)
-    tags: tuple[str, ...] = ()
-    namespace: str | None = Field(default=None, min_length=1, max_length=256)
-    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    skip: StrictBool = False
+    refresh: StrictBool = False
+    ttl: Annotated[float, Field(strict=True, ge=0)] | None = None
+    tags: tuple[Annotated[StrictStr, Field(min_length=1)], ...] = ()
+    namespace: StrictStr | None = Field(default=None, min_length=1, max_length=256)
+    threshold: Annotated[float, Field(strict=True, ge=-1.0, le=1.0)] | None = None
 
     @property
     def ttl_given(self) -> bool:
@@ -132,7 +132,7 @@ class CallOptions(BaseModel):
         data = defaults.model_dump(include=defaults.model_fields_set)
         data.update(self.model_dump(include=self.model_fields_set))
         data["tags"] = tuple(dict.fromkeys((*defaults.tags, *self.tags)))
-        return CallOptions.model_validate(data, strict=False)
+        return CallOptions.model_validate(data)
 
 
 def parse_options(raw: Any) -> CallOptions:
@@ -144,12 +144,8 @@ def parse_options(raw: Any) -> CallOptions:
     if not isinstance(raw, Mapping):
         raise InvalidInputError("semcache options must be an object")
     data = dict(raw)
-    if isinstance(data.get("tags"), list):
-        data["tags"] = tuple(data["tags"])
-    if isinstance(data.get("ttl"), int) and not isinstance(data.get("ttl"), bool):
-        data["ttl"] = float(data["ttl"])
-    if isinstance(data.get("threshold"), int) and not isinstance(data.get("threshold"), bool):
-        data["threshold"] = float(data["threshold"])
+    if isinstance(data.get("tags"), str):
+        raise InvalidInputError("invalid semcache options: tags must be a list, not one string")
     try:
         return CallOptions.model_validate(data)
     except ValidationError as exc:

@@ -1,4 +1,4 @@
-"""The ``semcache`` command line. Each command imports its machinery lazily, so ``--help`` is fast."""
+"""The ``semcache`` command line; each command imports its machinery lazily (fast --help)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,20 @@ def main() -> None:
 
 
 # Commands register below, one function each (serve, cdc, eval, demo, ...).
+
+
+# cdc: change data capture from PostgreSQL (semcache/cdc/cli.py; psycopg2 loads when it runs).
+from .cdc.cli import cdc as _cdc  # noqa: E402
+
+app.command("cdc")(_cdc)
+
+# serve: the sidecar (semcache/server/cli.py; FastAPI, uvicorn and the model load when it runs).
+from .server.cli import serve as _serve  # noqa: E402
+
+app.command("serve")(_serve)
+
+# eval: measure hit policies on labelled pairs (semcache/eval/cli.py; numpy, the model and
+# matplotlib load when it runs).
+from .eval.cli import eval_command as _eval  # noqa: E402
+
+app.command("eval")(_eval)

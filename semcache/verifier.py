@@ -55,31 +55,127 @@ _STOP = _words(
 _WH = frozenset(["what", "how", "why", "when", "where", "who", "whom", "whose", "which"])
 _NEGATION = _words("not no never none nothing nobody neither nor without cannot cant")
 _NUMWORDS = {
-    "zero": "0", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
-    "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "fifteen": "15",
-    "twenty": "20", "thirty": "30", "fifty": "50", "hundred": "100", "thousand": "1000",
-    "first": "1st", "second": "2nd", "third": "3rd", "sixteenth": "16th", "tenth": "10th",
-}  # fmt: skip
+    "zero": "0",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+    "eleven": "11",
+    "twelve": "12",
+    "fifteen": "15",
+    "twenty": "20",
+    "thirty": "30",
+    "fifty": "50",
+    "hundred": "100",
+    "thousand": "1000",
+    "first": "1st",
+    "second": "2nd",
+    "third": "3rd",
+    "sixteenth": "16th",
+    "tenth": "10th",
+}
 _UNITS = {
-    "km": "km", "kms": "km", "kilometer": "km", "kilometers": "km", "kilometre": "km",
-    "kilometres": "km", "mi": "mile", "mile": "mile", "miles": "mile", "m": "m", "meter": "m",
-    "meters": "m", "metre": "m", "metres": "m", "cm": "cm", "centimeter": "cm",
-    "centimeters": "cm", "mm": "mm", "millimeter": "mm", "millimeters": "mm", "in": "inch",
-    "inch": "inch", "inches": "inch", "ft": "foot", "foot": "foot", "feet": "foot",
-    "yard": "yard", "yards": "yard", "kg": "kg", "kgs": "kg", "kilo": "kg", "kilos": "kg",
-    "kilogram": "kg", "kilograms": "kg", "g": "g", "gram": "g", "grams": "g", "lb": "lb",
-    "lbs": "lb", "pound": "lb", "pounds": "lb", "oz": "oz", "ounce": "oz", "ounces": "oz",
-    "c": "celsius", "celsius": "celsius", "centigrade": "celsius", "f": "fahrenheit",
-    "fahrenheit": "fahrenheit", "kelvin": "kelvin", "l": "liter", "liter": "liter",
-    "liters": "liter", "litre": "liter", "litres": "liter", "ml": "ml", "gallon": "gallon",
-    "gallons": "gallon", "cup": "cup", "cups": "cup", "usd": "usd", "dollar": "usd",
-    "dollars": "usd", "eur": "eur", "euro": "eur", "euros": "eur", "gbp": "gbp",
-    "yen": "jpy", "jpy": "jpy", "mph": "mph", "kmh": "kmh", "kph": "kmh", "percent": "pct",
-    "kb": "kb", "mb": "mb", "gb": "gb", "tb": "tb", "byte": "byte", "bytes": "byte",
-    "second": "sec", "seconds": "sec", "minute": "min", "minutes": "min", "hour": "hour",
-    "hours": "hour", "day": "day", "days": "day", "week": "week", "weeks": "week",
-    "month": "month", "months": "month", "year": "year", "years": "year", "am": "am", "pm": "pm",
-}  # fmt: skip
+    "km": "km",
+    "kms": "km",
+    "kilometer": "km",
+    "kilometers": "km",
+    "kilometre": "km",
+    "kilometres": "km",
+    "mi": "mile",
+    "mile": "mile",
+    "miles": "mile",
+    "m": "m",
+    "meter": "m",
+    "meters": "m",
+    "metre": "m",
+    "metres": "m",
+    "cm": "cm",
+    "centimeter": "cm",
+    "centimeters": "cm",
+    "mm": "mm",
+    "millimeter": "mm",
+    "millimeters": "mm",
+    "in": "inch",
+    "inch": "inch",
+    "inches": "inch",
+    "ft": "foot",
+    "foot": "foot",
+    "feet": "foot",
+    "yard": "yard",
+    "yards": "yard",
+    "kg": "kg",
+    "kgs": "kg",
+    "kilo": "kg",
+    "kilos": "kg",
+    "kilogram": "kg",
+    "kilograms": "kg",
+    "g": "g",
+    "gram": "g",
+    "grams": "g",
+    "lb": "lb",
+    "lbs": "lb",
+    "pound": "lb",
+    "pounds": "lb",
+    "oz": "oz",
+    "ounce": "oz",
+    "ounces": "oz",
+    "c": "celsius",
+    "celsius": "celsius",
+    "centigrade": "celsius",
+    "f": "fahrenheit",
+    "fahrenheit": "fahrenheit",
+    "kelvin": "kelvin",
+    "l": "liter",
+    "liter": "liter",
+    "liters": "liter",
+    "litre": "liter",
+    "litres": "liter",
+    "ml": "ml",
+    "gallon": "gallon",
+    "gallons": "gallon",
+    "cup": "cup",
+    "cups": "cup",
+    "usd": "usd",
+    "dollar": "usd",
+    "dollars": "usd",
+    "eur": "eur",
+    "euro": "eur",
+    "euros": "eur",
+    "gbp": "gbp",
+    "yen": "jpy",
+    "jpy": "jpy",
+    "mph": "mph",
+    "kmh": "kmh",
+    "kph": "kmh",
+    "percent": "pct",
+    "kb": "kb",
+    "mb": "mb",
+    "gb": "gb",
+    "tb": "tb",
+    "byte": "byte",
+    "bytes": "byte",
+    "second": "sec",
+    "seconds": "sec",
+    "minute": "min",
+    "minutes": "min",
+    "hour": "hour",
+    "hours": "hour",
+    "day": "day",
+    "days": "day",
+    "week": "week",
+    "weeks": "week",
+    "month": "month",
+    "months": "month",
+    "year": "year",
+    "years": "year",
+    "am": "am",
+    "pm": "pm",
+}
 _ANTONYMS_RAW = """ascending descending|asc desc|increase decrease|increasing decreasing|
     increase reduce|max min|maximum minimum|largest smallest|biggest smallest|highest lowest|
     most least|more less|before after|above below|up down|upload download|import export|
@@ -101,8 +197,21 @@ _ANTONYMS_RAW = """ascending descending|asc desc|increase decrease|increasing de
     get post|read write|encrypted decrypted|parent child|before since|begin end|head tail"""
 
 # A light stemmer: enough to treat "sorting"/"sorted"/"sorts" as one word.
-_SUFFIXES = ("ational", "ization", "ations", "ation", "ingly", "ings", "ing", "edly", "ed",
-             "ies", "es", "ly", "s")  # fmt: skip
+_SUFFIXES = (
+    "ational",
+    "ization",
+    "ations",
+    "ation",
+    "ingly",
+    "ings",
+    "ing",
+    "edly",
+    "ed",
+    "ies",
+    "es",
+    "ly",
+    "s",
+)
 
 
 def _stem(word: str) -> str:
@@ -204,7 +313,13 @@ def _typo_pairs(only_a: set[str], only_b: set[str]) -> int:
     n = 0
     for x in only_a:
         for y in only_b:
-            if len(x) >= 4 and len(y) >= 4 and SequenceMatcher(None, x, y).ratio() >= 0.8:
+            if (
+                len(x) >= 4
+                and len(y) >= 4
+                and abs(len(x) - len(y)) <= 2
+                and (x[0] == y[0] or x[-1] == y[-1])
+                and SequenceMatcher(None, x, y).ratio() >= 0.8
+            ):
                 n += 1
                 break
     return n
@@ -342,8 +457,9 @@ class VerifierModel:
     """
 
     def __init__(self, trees: list[list[list[float]]], base: float, meta: dict[str, Any]) -> None:
-        self.trees = [[(int(n[0]), float(n[1]), int(n[2]), int(n[3]), float(n[4])) for n in t]
-                      for t in trees]  # fmt: skip
+        self.trees = [
+            [(int(n[0]), float(n[1]), int(n[2]), int(n[3]), float(n[4])) for n in t] for t in trees
+        ]
         self.base = float(base)
         self.meta = dict(meta)
         features = tuple(self.meta.get("features", FEATURES))

@@ -157,10 +157,21 @@ def split_pairs(
     if not 0.0 < test_fraction < 1.0:
         raise InvalidInputError("test_fraction must be in (0, 1)")
     group = pairs_to_groups(pairs)
-    ids = sorted(set(group.values()))
+    weight: dict[int, int] = {}
+    for p in pairs:  # how many pairs touch each group: big intents weigh more
+        weight[group[p.a]] = weight.get(group[p.a], 0) + 1
+        weight[group[p.b]] = weight.get(group[p.b], 0) + 1
+    ids = sorted(weight)
     rng = random.Random(seed)
     rng.shuffle(ids)
-    test_ids = set(ids[: max(1, round(len(ids) * test_fraction))])
+    goal = test_fraction * sum(weight.values())
+    test_ids: set[int] = set()
+    filled = 0
+    for gid in ids:  # fill the test side to its share of pair ends, in random group order
+        if filled >= goal:
+            break
+        test_ids.add(gid)
+        filled += weight[gid]
     train: list[Pair] = []
     test: list[Pair] = []
     for p in pairs:

@@ -63,6 +63,8 @@ class EmbeddingCache:
     def preload(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` (unique, in order) via the disk cache; returns their matrix."""
         texts = list(dict.fromkeys(texts))
+        if all(t in self._vectors for t in texts):
+            return self.embed(texts)
         name = f"{self.model_id.replace('/', '__')}-{_digest(self.model_id, texts)}.npz"
         path = self.cache_dir / name
         if path.is_file():
@@ -93,9 +95,10 @@ class EmbeddingCache:
         return np.stack([self._vectors[t] for t in texts]).astype(np.float32, copy=False)
 
     def pair_similarities(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
-        """Cosine similarity of each (a[i], b[i]) (rows are unit vectors)."""
-        # Same text order as ``data.texts_of(pairs)``, so a dataset preloaded by file hits
-        # the same on-disk entry.
-        self.preload([t for pair in zip(a, b, strict=True) for t in pair])
+        """Cosine similarity of each (a[i], b[i]) (rows are unit vectors).
+
+        Texts not seen this run are embedded here; call :meth:`preload` with a whole dataset
+        first to use the on-disk cache.
+        """
         va, vb = self.embed(a), self.embed(b)
         return np.einsum("ij,ij->i", va, vb).astype(np.float64)

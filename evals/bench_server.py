@@ -1,0 +1,229 @@
+"""Sidecar throughput and latency under concurrency, with and without dynamic batching.
+
+Starts the fake OpenAI upstream (tests/fake_upstream.py) and, for each embedding mode, a fresh
+``semcache serve`` process on 127.0.0.1; seeds it with questions through the chat endpoint, then
+drives ``POST /v1/chat/completions`` from 1, 8 and 32 concurrent clients for a fixed time each on
+a mixed workload: about half paraphrases of seeded questions (semantic hits), half new prompts
+(misses: forwarded to the fake upstream and stored). Prints requests/s, p50/p99 latency and the
+hit ratio per mode and concurrency, and the 32-client throughput ratio.
+
+Modes:
+  batching      the default: concurrent prompts embedded together (max batch 64, wait <= 5 ms)
+  one-at-a-time the same embedder path with batches of one: each prompt embedded on its own
+  unbatched     no batcher at all: each request's thread calls the model itself (concurrently)
+
+Usage: python evals/bench_server.py [--seconds 10] [--clients 1,8,32] [--modes ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.fake_upstream import start_sidecar, start_upstream, stop  # noqa: E402
+
+MODES: dict[str, dict[str, str]] = {
+    "batching": {"SEMCACHE_BATCHING": "true"},
+    "one-at-a-time": {"SEMCACHE_BATCHING": "true", "SEMCACHE_BATCH_MAX_SIZE": "1"},
+    "unbatched": {"SEMCACHE_BATCHING": "false"},
+}
+
+SUBJECTS = [
+    "reset my password",
+    "cancel my subscription",
+    "change my billing address",
+    "export my data to CSV",
+    "enable two-factor authentication",
+    "delete my account",
+    "invite a colleague to my workspace",
+    "upgrade to the annual plan",
+    "get a refund",
+    "connect the Slack integration",
+    "change the language of the interface",
+    "recover a deleted file",
+    "set up single sign-on",
+    "download an invoice",
+    "increase my storage quota",
+    "change my email address",
+    "report a security issue",
+    "use the mobile app offline",
+    "transfer ownership of a project",
+    "rotate my API key",
+    "schedule a weekly report",
+    "merge two customer records",
+    "restore a previous version",
+    "limit access for guest users",
+    "find my order history",
+    "track a shipment",
+    "update my payment card",
+    "turn off email notifications",
+    "import contacts from Gmail",
+    "pause my subscription for a month",
+]
+PARAPHRASES = [
+    "How do I {s}?",
+    "How can I {s}?",
+    "What are the steps to {s}?",
+    "Can you tell me how to {s}?",
+    "I need to {s}, how?",
+    "Please explain how to {s}.",
+]
+_WORDS = (
+    "amber basalt cobalt delta ember fjord glacier harbor iris jasper kelp lagoon meadow nectar "
+    "orchid prairie quartz reef savanna tundra umber valley willow xenon yarrow zephyr anchor "
+    "beacon canyon dune estuary forge grotto hollow inlet jungle knoll lantern mesa nimbus oasis "
+    "pebble quarry ridge summit thicket upland vortex wharf yonder zenith atlas bramble cinder "
+    "drift echo falcon garnet heron ivory juniper kestrel lichen marble nova onyx pylon quill "
+    "raven sable tidal usher velvet walnut"
+)
+WORDS = _WORDS.split(" ")
+
+
+def seed_prompt(i: int) -> str:
+    return PARAPHRASES[0].format(s=SUBJECTS[i % len(SUBJECTS)])
+
+
+def workload_prompt(rng: random.Random) -> tuple[str, str]:
+    """(prompt, expected) where expected is "hit" (a paraphrase) or "miss" (a new prompt)."""
+    if rng.random() < 0.5:
+        s = rng.choice(SUBJECTS)
+        return rng.choice(PARAPHRASES[1:]).format(s=s), "hit"
+    words = " ".join(rng.sample(WORDS, 7))
+    return f"Write a short note mentioning {words} (#{rng.randrange(10**9)})", "miss"
+
+
+def body(prompt: str) -> dict[str, Any]:
+    return {
+        "model": "gpt-4o-mini",
+        "temperature": 0,
+        "messages": [
+            {"role": "system", "content": "You are a helpful support agent."},
+            {"role": "user", "content": prompt},
+        ],
+    }
+
+
+async def seed(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        for i in range(len(SUBJECTS)):
+            r = await client.post("/chat/completions", json=body(seed_prompt(i)))
+            r.raise_for_status()
+
+
+async def run_level(base: str, clients: int, seconds: float, seed_value: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    outcomes: dict[str, int] = {}
+    errors = 0
+    warmup = min(1.0, seconds / 5)
+    start = time.perf_counter()
+    measure_from = start + warmup
+    deadline = measure_from + seconds
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+
+        async def worker(n: int) -> None:
+            nonlocal errors
+            rng = random.Random(seed_value * 1000 + n)
+            while time.perf_counter() < deadline:
+                prompt, _ = workload_prompt(rng)
+                t0 = time.perf_counter()
+                try:
+                    r = await http.post("/chat/completions", json=body(prompt))
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                t1 = time.perf_counter()
+                if t0 >= measure_from and t1 <= deadline:
+                    if ok:
+                        latencies.append(t1 - t0)
+                        kind = r.headers.get("x-semcache", "?")
+                        outcomes[kind] = outcomes.get(kind, 0) + 1
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker(n) for n in range(clients)))
+    latencies.sort()
+    done = len(latencies)
+    q = statistics.quantiles(latencies, n=100) if done >= 2 else [float("nan")] * 99
+    return {
+        "clients": clients,
+        "requests": done,
+        "rps": done / seconds,
+        "p50_ms": 1000 * (statistics.median(latencies) if done else float("nan")),
+        "p99_ms": 1000 * q[98],
+        "hit_ratio": outcomes.get("hit", 0) / done if done else 0.0,
+        "errors": errors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--modes", default="batching,one-at-a-time,unbatched")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.clients.split(",")]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+
+    up_proc, upstream = start_upstream()
+    results: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for mode in modes:
+            with tempfile.TemporaryDirectory(prefix="semcache-bench-") as tmp:
+                env = {**MODES[mode], "SEMCACHE_LOG_LEVEL": "warning"}
+                proc, base = start_sidecar(Path(tmp) / "data", upstream, env)
+                try:
+                    asyncio.run(seed(base))
+                    results[mode] = []
+                    for i, clients in enumerate(levels):
+                        row = asyncio.run(run_level(base, clients, args.seconds, i))
+                        results[mode].append(row)
+                        print(
+                            f"{mode:>14}  clients={clients:>3}  {row['rps']:7.1f} req/s  "
+                            f"p50={row['p50_ms']:7.1f} ms  p99={row['p99_ms']:7.1f} ms  "
+                            f"hits={row['hit_ratio']:.0%}  n={row['requests']}  "
+                            f"errors={row['errors']}",
+                            flush=True,
+                        )
+                    stats = httpx.get(base.removesuffix("/v1") + "/v1/cache/stats").json()
+                    print(f"{'':>14}  embedding: {stats.get('embedding_batches')}", flush=True)
+                finally:
+                    stop(proc)
+    finally:
+        stop(up_proc)
+
+    print("\nmode            " + "".join(f"{c:>5} clients       " for c in levels))
+    for mode, rows in results.items():
+        cells = "".join(f"{r['rps']:7.1f}/s p99 {r['p99_ms']:5.0f}ms " for r in rows)
+        print(f"{mode:<16}{cells}")
+    if "batching" in results and "one-at-a-time" in results:
+        top = levels[-1]
+        b = next(r for r in results["batching"] if r["clients"] == top)["rps"]
+        one = next(r for r in results["one-at-a-time"] if r["clients"] == top)["rps"]
+        print(
+            f"\nat {top} clients: batching {b:.1f} req/s vs one-at-a-time {one:.1f} req/s "
+            f"= {b / one:.2f}x (target >= 3x)"
+        )
+        if "unbatched" in results:
+            un = next(r for r in results["unbatched"] if r["clients"] == top)["rps"]
+            print(
+                f"at {top} clients: batching vs unbatched (concurrent single embeds) "
+                f"= {b / un:.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Train the shipped hard-negative verifier and calibrate its operating point.
+
+Data (all shippable, see semcache/data/PROVENANCE.md): BANKING77 pairs, GPTCache mock data
+(with mined retrieval negatives), PAWS-Wiki dev, and the hand-written near-miss intents.
+Each set is split by answer group (70/30): the model is fit on the 70%, and the operating
+point (``min_score`` at a fixed cosine floor) is calibrated on the held-out 30% of BANKING77 and
+GPTCache mock with an exact Clopper-Pearson bound. PAWS is not used for calibration (its
+README: never fit a threshold on it). QQP, MRPC and STS-B are never read here.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python evals/train_verifier.py [--out FILE] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from semcache.embed import SentenceTransformerEmbedder
+from semcache.eval.data import Pair, split_pairs, texts_of
+from semcache.eval.embcache import EmbeddingCache
+from semcache.eval.metrics import Confusion
+from semcache.eval.sources import load_named, mine_retrieval_negatives
+from semcache.threshold import calibrate
+from semcache.verifier import SHIPPED_MODEL, VerifierModel, featurize, train_verifier
+
+
+def sims_of(cache: EmbeddingCache, pairs: list[Pair]) -> np.ndarray:
+    return cache.pair_similarities([p.a for p in pairs], [p.b for p in pairs])
+
+
+def build_sets(cache: EmbeddingCache, seed: int) -> dict[str, tuple[list[Pair], list[Pair]]]:
+    """name -> (train, held-out) pairs."""
+    sets: dict[str, tuple[list[Pair], list[Pair]]] = {}
+    bank = load_named("banking77_pairs")
+    cache.preload(texts_of(bank))
+    sets["banking77"] = split_pairs(bank, test_fraction=0.3, seed=seed)
+    mock = load_named("gptcache_mock")
+    cache.preload(texts_of(mock))
+    cache.pair_similarities([p.a for p in mock], [p.b for p in mock])
+    negs = mine_retrieval_negatives(
+        mock,
+        cache.embed([p.a for p in mock]),
+        cache.embed([p.b for p in mock]),
+        source="gptcache_mock:mined_neg",
+    )
+    sets["gptcache_mock"] = split_pairs(mock + negs, test_fraction=0.3, seed=seed)
+    paws = load_named("paws_wiki")
+    cache.preload(texts_of(paws))
+    sets["paws_wiki"] = split_pairs(paws, test_fraction=0.3, seed=seed)
+    hand = load_named("near_miss_intents")
+    sets["near_miss_intents"] = split_pairs(hand, test_fraction=0.3, seed=seed)
+    return sets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(SHIPPED_MODEL))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--paws-weight", type=float, default=0.3)
+    ap.add_argument("--hand-weight", type=float, default=5.0)
+    ap.add_argument("--floor", type=float, default=0.7, help="cosine floor (min_similarity)")
+    ap.add_argument("--target-fhr", type=float, default=0.01)
+    ap.add_argument("--confidence", type=float, default=0.95)
+    ap.add_argument("--dry-run", action="store_true", help="do not write the model")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    cache = EmbeddingCache(SentenceTransformerEmbedder())
+    sets = build_sets(cache, args.seed)
+    weights = {"paws_wiki": args.paws_weight, "near_miss_intents": args.hand_weight}
+    train: list[Pair] = []
+    w: list[float] = []
+    for name, (tr, _) in sets.items():
+        train += tr
+        w += [weights.get(name, 1.0)] * len(tr)
+    # Hand-written near misses are few; use all of them for training (the test examples in
+    # tests/test_verifier.py are different prompts).
+    _, hand_held = sets["near_miss_intents"]
+    train += hand_held
+    w += [args.hand_weight] * len(hand_held)
+    train_sims = sims_of(cache, train)
+    model = train_verifier(train, train_sims.tolist(), sample_weight=w, seed=args.seed)
+    print(f"trained on {len(train)} pairs in {time.time() - t0:.1f}s")
+
+    # Calibrate min_score on held-out BANKING77 + GPTCache mock (not PAWS).
+    calib = sets["banking77"][1] + sets["gptcache_mock"][1]
+    csims = sims_of(cache, calib)
+    scores = np.array(
+        [
+            model.score(p.a, p.b, s) if s >= args.floor else 0.0
+            for p, s in zip(calib, csims, strict=False)
+        ]
+    )
+    labels = np.array([p.label for p in calib])
+    cal = calibrate(
+        scores,
+        labels,
+        target_false_hit_rate=args.target_fhr,
+        confidence=args.confidence,
+        fit_on="held-out banking77_pairs + gptcache_mock (verifier score)",
+    )
+    min_score = max(cal.threshold, 1e-6)
+    print(f"operating point: floor {args.floor}, min_score {min_score:.4f}: {cal!r}")
+    model.meta["policy"] = {
+        "min_similarity": args.floor,
+        "min_score": round(min_score, 6),
+        "info": {
+            "target_false_hit_rate": args.target_fhr,
+            "confidence": args.confidence,
+            "calibration_fhr": cal.false_hit_rate,
+            "calibration_fhr_upper": cal.false_hit_rate_upper,
+            "calibration_hit_rate": cal.expected_hit_rate,
+            "calibrated_on": cal.fit_on,
+            "n_negative": cal.n_negative,
+            "n_positive": cal.n_positive,
+        },
+    }
+    model.meta["trained_on"] = {
+        name: len(tr) + (len(held) if name == "near_miss_intents" else 0)
+        for name, (tr, held) in sets.items()
+    }
+    model.meta["weights"] = weights
+
+    for name, (_, held) in sets.items():
+        hs = sims_of(cache, held)
+        acc = [
+            s >= args.floor and model.score(p.a, p.b, s) >= min_score
+            for p, s in zip(held, hs, strict=False)
+        ]
+        c = Confusion.from_decisions(acc, [p.label for p in held])
+        print(
+            f"  held-out {name:18s} n={len(held):5d} precision {c.precision.fmt()} "
+            f"recall {c.recall.fmt()} FHR {c.false_hit_rate.fmt(2)}"
+        )
+    if not args.dry_run:
+        model.save(args.out)
+        size = Path(args.out).stat().st_size
+        print(f"wrote {args.out} ({size / 1024:.0f} KiB, {len(model.trees)} trees)")
+    # Speed of one verifier call (features + trees).
+    x = featurize(calib[:1], [0.9])
+    assert x
+    t = time.perf_counter()
+    n = 0
+    for p, s in zip(calib[:2000], csims[:2000], strict=False):
+        VerifierModel.score(model, p.a, p.b + " ", float(s))  # defeat the parse cache on b
+        n += 1
+    print(f"verifier call: {1e6 * (time.perf_counter() - t) / n:.0f} us per pair (uncached b)")
+
+
+if __name__ == "__main__":
+    main()

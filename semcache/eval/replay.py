@@ -1,0 +1,126 @@
+"""Workload replay: prompts in order through the real ``SemanticCache``, as a user sees them.
+
+Each prompt carries an answer id (texts that share an answer share the id). On a lookup:
+a hit whose stored answer has the prompt's id is a *correct hit*, any other hit a *wrong hit*
+(a wrong answer served), and no hit is a *miss*, after which the prompt and its answer are
+stored. A prompt is *repeatable* when an entry with its answer id was stored before it: only
+those can be answered correctly, so the hit rate is reported over them.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..embed import Embedder
+from ..threshold import HitPolicy
+from .data import IntentGroup, Pair, pairs_to_groups
+from .metrics import Rate
+
+Workload = list[tuple[str, int]]
+
+
+@dataclass
+class ReplayResult:
+    """Counts from one replay, and the rates a user would see."""
+
+    policy: str
+    lookups: int = 0
+    correct_hits: int = 0
+    wrong_hits: int = 0
+    misses: int = 0
+    repeatable: int = 0
+    repeatable_answered: int = 0
+    seconds: float = 0.0
+    wrong_examples: list[tuple[str, str, float]] = field(default_factory=list)
+
+    @property
+    def wrong_per_lookup(self) -> Rate:
+        """Share of all lookups that were served a wrong answer."""
+        return Rate.of(self.wrong_hits, self.lookups)
+
+    @property
+    def answered_repeatable(self) -> Rate:
+        """Share of repeatable prompts answered correctly from the cache."""
+        return Rate.of(self.repeatable_answered, self.repeatable)
+
+    @property
+    def hit_precision(self) -> Rate:
+        """Share of served hits that were correct."""
+        return Rate.of(self.correct_hits, self.correct_hits + self.wrong_hits)
+
+
+def workload_from_pairs(
+    pairs: Sequence[Pair], *, shuffle: bool = False, seed: int = 0, limit: int | None = None
+) -> Workload:
+    """Texts in pair order (``a`` then ``b``), each once, with answer ids from the positives.
+
+    Pair order puts each ``b`` right after its partner, the hardest order for near misses;
+    ``shuffle`` gives a random arrival order instead.
+    """
+    groups = pairs_to_groups(pairs)
+    texts = list(dict.fromkeys(t for p in pairs for t in (p.a, p.b)))
+    if shuffle:
+        random.Random(seed).shuffle(texts)
+    if limit is not None:
+        texts = texts[:limit]
+    return [(t, groups[t]) for t in texts]
+
+
+def workload_from_groups(
+    groups: Sequence[IntentGroup], *, seed: int = 0, limit: int | None = None
+) -> Workload:
+    """All prompts of all intent groups in a seeded random order; the id is the group."""
+    items = [(p, i) for i, g in enumerate(groups) for p in dict.fromkeys(g.prompts)]
+    random.Random(seed).shuffle(items)
+    return items[:limit] if limit is not None else items
+
+
+def replay(
+    workload: Workload,
+    policy: HitPolicy | float,
+    *,
+    embedder: Embedder,
+    name: str | None = None,
+    path: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    keep_examples: int = 20,
+) -> ReplayResult:
+    """Replay ``workload`` through a fresh ``SemanticCache`` using ``policy``.
+
+    Only the public API is used: ``lookup(prompt, threshold=policy)`` then, on a miss,
+    ``store(prompt, answer)``. Pass an :class:`~.embcache.EmbeddingCache` as ``embedder`` so
+    texts are embedded once per run however many policies replay the same workload.
+    """
+    from .. import SemanticCache
+
+    result = ReplayResult(name or repr(policy))
+    stored_ids: set[int] = set()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="semcache-replay-") as tmp:
+        folder = Path(path) if path is not None else Path(tmp) / "cache"
+        with SemanticCache(folder, embedder=embedder, threshold=policy, l1_size=0) as cache:
+            for i, (prompt, answer) in enumerate(workload):
+                repeatable = answer in stored_ids
+                result.lookups += 1
+                result.repeatable += repeatable
+                hit = cache.lookup(prompt, threshold=policy)
+                if hit is None:
+                    result.misses += 1
+                    cache.store(prompt, f"answer:{answer}")
+                    stored_ids.add(answer)
+                elif hit.response == f"answer:{answer}":
+                    result.correct_hits += 1
+                    result.repeatable_answered += 1
+                else:
+                    result.wrong_hits += 1
+                    if len(result.wrong_examples) < keep_examples:
+                        result.wrong_examples.append((prompt, hit.prompt, hit.similarity))
+                if progress is not None and (i % 200 == 0 or i == len(workload) - 1):
+                    progress(i + 1, len(workload))
+    result.seconds = time.perf_counter() - t0
+    return result

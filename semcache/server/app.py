@@ -1,0 +1,211 @@
+"""The sidecar: a FastAPI app that puts a :class:`~semcache.SemanticCache` in front of an
+OpenAI-compatible API, and exposes the cache itself over JSON.
+
+``create_app(settings, cache=None)`` builds the app. The cache, the embedder and the upstream
+HTTP client are opened in the app's lifespan (so the model loads before the first request, not
+during it) and closed at shutdown; a ``cache`` passed in is used as is and left open.
+
+The cache API is blocking (SQLite, FAISS, the embedding model), so every call runs in the
+threadpool; the embedder is wrapped in a :class:`~semcache.batching.BatchingEmbedder`, so the
+prompts of concurrent requests are embedded together instead of one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..chat import ChatPolicy
+from . import errors
+from .auth import ANONYMOUS_ADMIN, PUBLIC_PATHS, Principal, authenticate
+from .errors import ApiError, error_response
+from .metrics import Metrics
+from .schemas import known_chat_params
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from ..batching import BatchingEmbedder
+    from ..cache import SemanticCache
+
+log = logging.getLogger("semcache.server")
+
+
+@dataclass
+class ServerState:
+    """Everything a request handler needs, kept on ``app.state.semcache``."""
+
+    settings: Settings
+    metrics: Metrics
+    policy: ChatPolicy
+    known_params: frozenset[str]
+    cache: SemanticCache | None = None
+    upstream: httpx.AsyncClient | None = None
+    batcher: BatchingEmbedder | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def require_cache(self) -> SemanticCache:
+        if self.cache is None:
+            raise ApiError(
+                503,
+                "the cache is not open (the app is starting or stopping)",
+                "service_unavailable",
+            )
+        return self.cache
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.semcache  # type: ignore[no-any-return]
+
+
+def principal_of(request: Request) -> Principal:
+    principal = request.scope.get("state", {}).get("principal")
+    return principal if isinstance(principal, Principal) else ANONYMOUS_ADMIN
+
+
+class AuthMiddleware:
+    """Checks ``Authorization: Bearer`` on every path but ``/healthz`` (pure ASGI, so streaming
+    responses pass through untouched) and records the caller for the handlers."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        principal = ANONYMOUS_ADMIN
+        if scope["path"] not in PUBLIC_PATHS:
+            try:
+                principal = authenticate(self.settings, Headers(scope=scope).get("authorization"))
+            except ApiError as exc:
+                await error_response(exc.status, exc.message, exc.kind)(scope, receive, send)
+                return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+
+def _open_cache(settings: Settings) -> tuple[SemanticCache, BatchingEmbedder | None]:
+    from ..batching import BatchingEmbedder
+    from ..cache import SemanticCache
+    from ..embed import SentenceTransformerEmbedder
+
+    inner = SentenceTransformerEmbedder()
+    batcher = None
+    embedder: Any = inner
+    if settings.batching:
+        batcher = BatchingEmbedder(
+            inner,
+            max_batch=settings.batch_max_size,
+            max_wait=settings.batch_max_wait_ms / 1000.0,
+        )
+        embedder = batcher
+    kwargs: dict[str, Any] = {"embedder": embedder, "threshold": settings.threshold}
+    if settings.default_ttl is not None:
+        kwargs["default_ttl"] = settings.default_ttl
+    if settings.max_entries is not None:
+        kwargs["max_entries"] = settings.max_entries
+    try:
+        cache = SemanticCache(settings.data, **kwargs)
+    except BaseException:
+        if batcher is not None:
+            batcher.close()
+        raise
+    return cache, batcher
+
+
+def create_app(
+    settings: Settings | None = None,
+    cache: SemanticCache | None = None,
+    *,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """Build the sidecar app.
+
+    ``settings`` default to the environment (``SEMCACHE_*``). ``cache``: use this cache instead
+    of opening ``settings.data`` (it is not closed at shutdown). ``upstream_transport``: an httpx
+    transport for the upstream client (tests route it to an in-process fake).
+    """
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = ServerState(
+        settings=settings,
+        metrics=metrics,
+        policy=ChatPolicy(
+            max_temperature=settings.max_temperature,
+            cache_seeded=settings.cache_seeded,
+            cache_tools=settings.cache_tools,
+        ),
+        known_params=known_chat_params(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = cache is None
+        if owned:
+            state.cache, state.batcher = await run_in_threadpool(_open_cache, settings)
+        else:
+            state.cache = cache
+            embedder = getattr(cache, "embedder", None)
+            state.batcher = embedder if hasattr(embedder, "stats") else None  # type: ignore[assignment]
+        if settings.upstream:
+            timeout = httpx.Timeout(
+                settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout)
+            )
+            state.upstream = httpx.AsyncClient(
+                base_url=settings.upstream.rstrip("/") + "/",
+                timeout=timeout,
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                transport=upstream_transport,
+            )
+        log.info(
+            "semcache sidecar ready: data=%s upstream=%s auth=%s",
+            settings.data,
+            settings.upstream,
+            "on" if settings.auth_enabled else "off",
+        )
+        try:
+            yield
+        finally:
+            if state.upstream is not None:
+                await state.upstream.aclose()
+                state.upstream = None
+            if owned and state.cache is not None:
+                opened, state.cache = state.cache, None
+                await run_in_threadpool(opened.close)
+                if state.batcher is not None:
+                    state.batcher.close()
+
+    from .. import __version__
+
+    app = FastAPI(
+        title="semcache",
+        version=__version__,
+        description=(
+            "A semantic cache for LLM calls. `POST /v1/chat/completions` is OpenAI-compatible "
+            "(point any OpenAI client's base_url here); `/v1/cache/...` is the cache itself."
+        ),
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.semcache = state
+    errors.install(app)
+    app.add_middleware(AuthMiddleware, settings=settings)
+
+    from .routes import cache as cache_routes
+    from .routes import chat as chat_routes
+    from .routes import ops as ops_routes
+
+    app.include_router(ops_routes.router)
+    app.include_router(chat_routes.router)
+    app.include_router(cache_routes.router)
+    return app

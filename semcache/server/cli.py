@@ -1,0 +1,73 @@
+"""``semcache serve``: run the sidecar under uvicorn.
+
+Every flag is also an environment variable (``SEMCACHE_DATA``, ``SEMCACHE_HOST``,
+``SEMCACHE_PORT``, ``SEMCACHE_UPSTREAM``, ...; see :mod:`semcache.server.settings`); a flag given
+on the command line wins. FastAPI, uvicorn and the model load only when the command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def serve(
+    data: Annotated[
+        Path | None, typer.Option(help="data folder of the cache (env SEMCACHE_DATA)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="interface (env SEMCACHE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (env SEMCACHE_PORT)")] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="OpenAI-compatible base URL for misses (env SEMCACHE_UPSTREAM)"),
+    ] = None,
+    batching: Annotated[
+        bool | None,
+        typer.Option(
+            "--batching/--no-batching",
+            help="batch concurrent embeddings (env SEMCACHE_BATCHING)",
+            show_default=False,
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="uvicorn log level (env SEMCACHE_LOG_LEVEL)")
+    ] = None,
+    access_log: Annotated[bool, typer.Option(help="log every request")] = False,
+) -> None:
+    """Run the sidecar: an OpenAI-compatible /v1/chat/completions with the cache in front."""
+    from pydantic import ValidationError
+
+    from .settings import Settings
+
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in {
+            "data": data,
+            "host": host,
+            "port": port,
+            "upstream": upstream,
+            "batching": batching,
+            "log_level": log_level,
+        }.items()
+        if value is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        typer.echo(f"invalid settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=access_log,
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,1 @@
+"""The sidecar's routers: ``ops`` (health, metrics), ``chat`` (OpenAI-compatible), ``cache``."""

@@ -1,0 +1,131 @@
+"""The sidecar in process (httpx ASGITransport): settings, the serve command, routing to the
+fake upstream, and embedding batched across concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from semcache import SemanticCache
+from semcache.batching import BatchingEmbedder
+from semcache.server.app import create_app
+from semcache.server.settings import Settings, parse_tokens
+
+from . import fake_upstream
+from .fakes import HashEmbedder
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEMCACHE_DATA", "/tmp/x")
+    monkeypatch.setenv("SEMCACHE_PORT", "9999")
+    monkeypatch.setenv("SEMCACHE_UPSTREAM", "http://127.0.0.1:1/v1")
+    monkeypatch.setenv("SEMCACHE_UPSTREAM_API_KEY", "sk-secret")
+    monkeypatch.setenv("SEMCACHE_TOKENS", '{"token-aaaa": "acme", "token-bbbb": null}')
+    s = Settings()
+    assert s.data == Path("/tmp/x") and s.port == 9999
+    assert s.upstream == "http://127.0.0.1:1/v1"
+    assert s.upstream_api_key is not None and "sk-secret" not in repr(s)
+    assert s.tokens == {"token-aaaa": "acme", "token-bbbb": None} and s.auth_enabled
+    assert parse_tokens("token-aaaa=acme, token-bbbb") == {"token-aaaa": "acme", "token-bbbb": None}
+    with pytest.raises(ValueError):
+        parse_tokens("short=acme")
+
+
+def test_serve_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from semcache.cli import app as cli
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setenv("SEMCACHE_PORT", "9001")
+    monkeypatch.setenv("SEMCACHE_HOST", "127.0.0.1")
+    result = CliRunner().invoke(cli, ["serve", "--port", "9002", "--upstream", "http://u/v1"])
+    assert result.exit_code == 0, result.output
+    assert seen["port"] == 9002 and seen["host"] == "127.0.0.1"
+    assert seen["app"].state.semcache.settings.upstream == "http://u/v1"
+    bad = CliRunner().invoke(cli, ["serve", "--port", "70000"])
+    assert bad.exit_code == 2
+
+
+@pytest.fixture
+async def asgi(tmp_path: Path, embedder: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """The app on a cache with a batching real embedder, upstream = the fake app in process."""
+    batcher = BatchingEmbedder(embedder)
+    cache = SemanticCache(tmp_path / "c", embedder=batcher)
+    settings = Settings(upstream="http://fake/v1", tokens={})
+    app = create_app(settings, cache, upstream_transport=httpx.ASGITransport(app=fake_upstream.app))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
+            yield client, app
+    cache.close()
+    batcher.close()
+
+
+def chat(text: str, **kw: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": text}], **kw}
+
+
+async def test_in_process_miss_hit_stream_and_bypass(asgi: tuple[httpx.AsyncClient, Any]) -> None:
+    client, _app = asgi
+    r = await client.post("/v1/chat/completions", json=chat("How do I bake sourdough bread?"))
+    assert r.status_code == 200 and r.headers["x-semcache"] == "miss"
+    assert r.json()["semcache"]["stored"] is True
+    r = await client.post(
+        "/v1/chat/completions", json=chat("how to bake sourdough bread", stream=True)
+    )
+    assert r.headers["x-semcache"] == "hit" and r.headers["content-type"].startswith(
+        "text/event-stream"
+    )
+    assert r.text.rstrip().endswith("data: [DONE]")
+    r = await client.post("/v1/chat/completions", json=chat("How do I bake sourdough bread?", n=3))
+    assert r.headers["x-semcache"] == "bypass" and "n > 1" in r.headers["x-semcache-reason"]
+    r = await client.post(
+        "/v1/chat/completions",
+        json=chat("How do I bake sourdough bread?", semcache={"refresh": True, "ttl": 30}),
+    )
+    assert r.headers["x-semcache"] == "miss"
+    assert "semcache" not in fake_upstream.STATE["last_body"]
+    r = await client.get("/healthz")
+    assert r.json() == {"status": "ok", "ready": True}
+
+
+async def test_no_upstream_and_disconnected_upstream(tmp_path: Path) -> None:
+    cache = SemanticCache(tmp_path / "c", embedder=HashEmbedder())
+    for upstream, status in (
+        (None, 502),
+        (f"http://127.0.0.1:{fake_upstream.free_port()}/v1", 502),
+    ):
+        app = create_app(Settings(upstream=upstream), cache)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as c,
+        ):
+            r = await c.post("/v1/chat/completions", json=chat("anything at all"))
+            assert r.status_code == status and r.json()["error"]["type"] == "upstream_error"
+    assert cache.stats()["entries"] == 0
+    cache.close()
+
+
+async def test_concurrent_requests_share_embedding_batches(
+    asgi: tuple[httpx.AsyncClient, Any],
+) -> None:
+    client, app = asgi
+    batcher = app.state.semcache.batcher
+    before = (batcher.stats.batches, batcher.stats.texts)
+    prompts = [f"Question {i}: what is the capital of country number {i}?" for i in range(24)]
+    responses = await asyncio.gather(
+        *[client.post("/v1/cache/lookup", json={"prompt": p}) for p in prompts]
+    )
+    assert all(r.status_code == 200 and r.json()["hit"] is False for r in responses)
+    batches = batcher.stats.batches - before[0]
+    texts = batcher.stats.texts - before[1]
+    assert texts == 24
+    assert batches < 24  # several prompts per model call

@@ -1,0 +1,401 @@
+"""The sidecar as a process over real HTTP: the official openai client with base_url pointed at it,
+a fake upstream process behind it, auth and tenants, bad input, upstream failures.
+
+One sidecar and one upstream serve the whole module (the model loads once per process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from .fake_upstream import start_sidecar, start_upstream, stop
+
+ADMIN = "admin-token-0001"
+ACME = "acme-token-0001"
+GLOBEX = "globex-token-0001"
+MODEL = "gpt-4o-mini"
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    up_proc, upstream = start_upstream()
+    data: Path = tmp_path_factory.mktemp("sidecar") / "data"
+    env = {
+        "SEMCACHE_TOKENS": f"{ADMIN},{ACME}=acme,{GLOBEX}=globex",
+        "SEMCACHE_UPSTREAM_TIMEOUT": "2",
+        "SEMCACHE_MAX_PROMPT_CHARS": "2000",
+        "SEMCACHE_UPSTREAM_API_KEY": "sk-upstream-key",
+        "SEMCACHE_LOG_LEVEL": "warning",
+    }
+    try:
+        side_proc, sidecar = start_sidecar(data, upstream, env)
+    except BaseException:
+        stop(up_proc)
+        raise
+    try:
+        yield sidecar, upstream
+    finally:
+        stop(side_proc)
+        stop(up_proc)
+
+
+@pytest.fixture(scope="module")
+def sidecar(servers: tuple[str, str]) -> str:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def upstream(servers: tuple[str, str]) -> str:
+    return servers[1]
+
+
+def client(sidecar: str, token: str = ADMIN) -> openai.OpenAI:
+    return openai.OpenAI(base_url=sidecar, api_key=token, max_retries=0, timeout=30)
+
+
+def http(sidecar: str, token: str | None = ADMIN) -> httpx.Client:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=sidecar.removesuffix("/v1"), headers=headers, timeout=30)
+
+
+def calls(upstream: str, prompt: str) -> int:
+    got = httpx.get(upstream.removesuffix("/v1") + "/_stats", timeout=5).json()
+    return int(got["calls"].get(prompt, 0))
+
+
+def msgs(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}]
+
+
+def test_miss_then_hit_on_a_paraphrase(sidecar: str, upstream: str) -> None:
+    c = client(sidecar)
+    q = "How do I cancel my subscription?"
+    raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=msgs(q))
+    assert raw.headers["x-semcache"] == "miss"
+    first = raw.parse()
+    assert not first.id.startswith("semcache-")
+    raw = c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=msgs("how can I cancel my subscription")
+    )
+    assert raw.headers["x-semcache"] == "hit"
+    assert raw.headers["x-semcache-tier"] == "semantic"
+    assert float(raw.headers["x-semcache-similarity"]) >= 0.85
+    second = raw.parse()
+    assert second.id.startswith("semcache-")
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert second.semcache["hit"] is True  # type: ignore[attr-defined]
+    assert calls(upstream, q) == 1
+    assert calls(upstream, "how can I cancel my subscription") == 0
+    # the upstream got the configured key, not the caller's token
+    stats = httpx.get(upstream.removesuffix("/v1") + "/_stats").json()
+    assert stats["auth"][-1] == "Bearer sk-upstream-key"
+
+
+def test_streaming_miss_and_hit(sidecar: str, upstream: str) -> None:
+    c = client(sidecar)
+    q = "Why is the sky blue during the day?"
+    live = c.chat.completions.create(model=MODEL, messages=msgs(q), stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in live if ch.choices)
+    assert text.startswith("Answer #")
+    replay = c.chat.completions.create(model=MODEL, messages=msgs(q), stream=True)
+    chunks = list(replay)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert chunks[0].id.startswith("semcache-")
+    plain = c.chat.completions.create(model=MODEL, messages=msgs("why is the sky blue"))
+    assert plain.id.startswith("semcache-") and plain.choices[0].message.content == text
+    assert calls(upstream, q) == 1
+
+
+def test_different_model_or_temperature_misses(sidecar: str, upstream: str) -> None:
+    c = client(sidecar)
+    q = "What is the largest ocean on Earth?"
+    c.chat.completions.create(model=MODEL, messages=msgs(q), temperature=0)
+    assert not c.chat.completions.create(
+        model="gpt-4o", messages=msgs(q), temperature=0
+    ).id.startswith("semcache-")
+    assert not c.chat.completions.create(
+        model=MODEL, messages=msgs(q), temperature=0.5
+    ).id.startswith("semcache-")
+    assert c.chat.completions.create(model=MODEL, messages=msgs(q), temperature=0).id.startswith(
+        "semcache-"
+    )
+    assert calls(upstream, q) == 3
+
+
+def test_auth(sidecar: str) -> None:
+    with http(sidecar, None) as h:
+        assert h.get("/healthz").status_code == 200
+        for path in ("/metrics", "/docs", "/v1/cache/stats"):
+            r = h.get(path)
+            assert r.status_code == 401, path
+            assert r.headers["www-authenticate"] == "Bearer"
+    with pytest.raises(openai.AuthenticationError):
+        client(sidecar, "wrong-token-123").chat.completions.create(model=MODEL, messages=msgs("hi"))
+    with http(sidecar, ACME) as h:
+        assert h.get("/v1/cache/stats").status_code == 403  # global: admin only
+        assert h.get("/metrics").status_code == 403
+    with http(sidecar) as h:
+        assert h.get("/docs").status_code == 200
+        assert "/v1/chat/completions" in h.get("/openapi.json").json()["paths"]
+
+
+def test_tenant_isolation(sidecar: str, upstream: str) -> None:
+    q = "What is our refund policy for annual plans?"
+    acme, globex = client(sidecar, ACME), client(sidecar, GLOBEX)
+    a = acme.chat.completions.create(
+        model=MODEL, messages=msgs(q), extra_body={"semcache": {"tags": ["policy"]}}
+    )
+    entry_id = a.semcache["entry_id"]  # type: ignore[attr-defined]
+    assert acme.chat.completions.create(model=MODEL, messages=msgs(q)).id.startswith("semcache-")
+    g = globex.chat.completions.create(model=MODEL, messages=msgs(q))
+    assert not g.id.startswith("semcache-")  # globex never sees acme's answer
+    assert calls(upstream, q) == 2
+    with pytest.raises(openai.PermissionDeniedError):
+        globex.chat.completions.create(
+            model=MODEL, messages=msgs(q), extra_body={"semcache": {"namespace": "acme"}}
+        )
+    with http(sidecar, GLOBEX) as h:
+        assert h.get(f"/v1/cache/entries/{entry_id}").status_code == 404
+        assert h.delete(f"/v1/cache/entries/{entry_id}").json() == {"deleted": False}
+        assert h.post("/v1/cache/invalidate/tags", json={"tags": ["policy"]}).json() == {
+            "removed": 0
+        }
+        r = h.post("/v1/cache/lookup", json={"prompt": q, "scope": {"namespace": "acme"}})
+        assert r.status_code == 403
+        assert h.post("/v1/cache/bump", json={"namespace": "acme"}).status_code == 403
+        assert (
+            h.post("/v1/cache/invalidate/similar", json={"text": q, "radius": 0.5}).status_code
+            == 403
+        )
+    with http(sidecar, ACME) as h:
+        entry = h.get(f"/v1/cache/entries/{entry_id}").json()
+        assert entry["tags"] == ["policy"] and entry["scope"]["namespace"] == "acme"
+        assert h.post("/v1/cache/invalidate/tags", json={"tags": ["policy"]}).json() == {
+            "removed": 1
+        }
+    assert (
+        acme.chat.completions.create(model=MODEL, messages=msgs(q)).id.startswith("semcache-")
+        is False
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "kwargs", "status", "needle"),
+    [
+        (b"{not json", {"headers": {"content-type": "application/json"}}, 400, "JSON"),
+        (None, {"json": {"model": MODEL, "messages": "hello"}}, 422, "messages"),
+        (
+            None,
+            {"json": {"model": 5, "messages": [{"role": "user", "content": "x"}]}},
+            422,
+            "model",
+        ),
+        (
+            None,
+            {"json": {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}},
+            422,
+            "role",
+        ),
+        (
+            None,
+            {
+                "json": {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "x"}],
+                    "temperature": "hot",
+                }
+            },
+            422,
+            "temperature",
+        ),
+        (
+            None,
+            {
+                "json": {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "x"}],
+                    "frobnicate": 1,
+                }
+            },
+            422,
+            "frobnicate",
+        ),
+        (
+            None,
+            {
+                "json": {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "x"}],
+                    "semcache": {"ttl": "soon"},
+                }
+            },
+            422,
+            "ttl",
+        ),
+        (
+            None,
+            {"json": {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}},
+            413,
+            "2000",
+        ),
+        (None, {"json": []}, 422, ""),
+    ],
+)
+def test_bad_input_is_a_4xx_with_a_reason(
+    sidecar: str, content: bytes | None, kwargs: dict[str, Any], status: int, needle: str
+) -> None:
+    with http(sidecar) as h:
+        r = h.post("/v1/chat/completions", content=content, **kwargs)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_bad_input_on_the_cache_api(sidecar: str) -> None:
+    with http(sidecar) as h:
+        assert (
+            h.post("/v1/cache/store", json={"prompt": "p", "response": "r", "x": 1}).status_code
+            == 422
+        )
+        assert h.post("/v1/cache/store", json={"prompt": "", "response": "r"}).status_code == 422
+        assert h.post("/v1/cache/lookup", json={"prompt": "p", "threshold": 3}).status_code == 422
+        assert h.post("/v1/cache/lookup", json={"prompt": "p" * 3000}).status_code == 413
+        assert h.post("/v1/cache/invalidate/similar", json={"radius": 0.9}).status_code == 422
+        assert h.patch("/v1/cache/entries/nope", json={"response": "x"}).status_code == 404
+        assert h.patch("/v1/cache/entries/nope", json={}).status_code == 422
+        assert h.get("/v1/cache/entries/nope").status_code == 404
+        big = b'{"prompt": "' + b"x" * (5 * 1024 * 1024) + b'", "response": "r"}'
+        r = h.post("/v1/cache/store", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413
+
+
+def test_upstream_failures_become_502_504_and_are_not_cached(sidecar: str, upstream: str) -> None:
+    c = client(sidecar)
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as err:
+            c.chat.completions.create(model=MODEL, messages=msgs("Compute the answer #fail500"))
+        assert err.value.status_code == 502
+        with pytest.raises(openai.APIStatusError) as err:
+            c.chat.completions.create(model=MODEL, messages=msgs("Compute the answer #garbage"))
+        assert err.value.status_code == 502
+        with pytest.raises(openai.BadRequestError):  # an upstream 4xx is the caller's: relayed
+            c.chat.completions.create(model=MODEL, messages=msgs("Compute the answer #fail400"))
+    assert calls(upstream, "Compute the answer #fail500") == 2
+    assert calls(upstream, "Compute the answer #garbage") == 2
+    with pytest.raises(openai.APIStatusError) as err:
+        c.chat.completions.create(model=MODEL, messages=msgs("Slow answer please #delay=4"))
+    assert err.value.status_code == 504
+    with pytest.raises(openai.APIStatusError) as err:
+        list(
+            c.chat.completions.create(
+                model=MODEL, messages=msgs("Slow stream please #delay=4"), stream=True
+            )
+        )
+    assert err.value.status_code == 504
+
+
+def test_truncated_and_aborted_answers_are_not_cached(sidecar: str, upstream: str) -> None:
+    c = client(sidecar)
+    truncated, aborted = "Write an essay on bridges #truncate", "Write a poem on rivers #abort"
+    for _ in range(2):
+        r = c.chat.completions.create(model=MODEL, messages=msgs(truncated))
+        assert r.choices[0].finish_reason == "length"
+        with pytest.raises(openai.APIError):
+            list(c.chat.completions.create(model=MODEL, messages=msgs(aborted), stream=True))
+    assert calls(upstream, truncated) == 2 and calls(upstream, aborted) == 2
+
+
+def test_cache_api_round_trip(sidecar: str) -> None:
+    scope = {"namespace": "api-test", "model": "m"}
+    with http(sidecar) as h:
+        r = h.post(
+            "/v1/cache/store",
+            json={
+                "prompt": "What is the speed of light?",
+                "response": "About 300,000 km/s.",
+                "scope": scope,
+                "tags": ["physics"],
+                "ttl": 3600,
+                "metadata": {"source": "test"},
+            },
+        )
+        assert r.status_code == 201
+        entry_id = r.json()["entry_id"]
+        hit = h.post(
+            "/v1/cache/lookup",
+            json={"prompt": "how fast is light", "scope": scope, "threshold": 0.6},
+        ).json()
+        assert hit["hit"] and hit["entry_id"] == entry_id and hit["response"].startswith("About")
+        miss = h.post("/v1/cache/lookup", json={"prompt": "What is the speed of light?"}).json()
+        assert miss == {
+            "hit": False,
+            "response": None,
+            "similarity": None,
+            "entry_id": None,
+            "tier": None,
+            "prompt": None,
+            "metadata": None,
+        }
+        got = h.patch(f"/v1/cache/entries/{entry_id}", json={"response": "299,792 km/s."}).json()
+        assert got["response"] == "299,792 km/s." and got["tags"] == ["physics"]
+        assert h.post("/v1/cache/invalidate/tags", json={"tags": ["physics"]}).json() == {
+            "removed": 1
+        }
+        ids = [
+            h.post("/v1/cache/store", json={"prompt": p, "response": "r", "scope": scope}).json()[
+                "entry_id"
+            ]
+            for p in ("How do magnets work?", "Explain how magnets work")
+        ]
+        removed = h.post(
+            "/v1/cache/invalidate/similar",
+            json={"text": "how do magnets work", "radius": 0.8, "scope": scope},
+        ).json()
+        assert sorted(removed["removed"]) == sorted(ids)
+        h.post(
+            "/v1/cache/store", json={"prompt": "Define entropy", "response": "r", "scope": scope}
+        )
+        assert h.post("/v1/cache/bump", json={"namespace": "api-test"}).json() == {
+            "namespace": "api-test",
+            "version": 1,
+        }
+        assert h.get("/v1/cache/namespaces/api-test/version").json()["version"] == 1
+        assert not h.post(
+            "/v1/cache/lookup", json={"prompt": "Define entropy", "scope": scope}
+        ).json()["hit"]
+        eid = h.post(
+            "/v1/cache/store", json={"prompt": "Gone soon", "response": "r", "ttl": 0}
+        ).json()["entry_id"]
+        assert h.post("/v1/cache/expire").json()["removed"] >= 0  # writes may have culled it
+        assert not h.post("/v1/cache/lookup", json={"prompt": "Gone soon"}).json()["hit"]
+        assert h.delete(f"/v1/cache/entries/{eid}").json() == {"deleted": False}
+        stats = h.get("/v1/cache/stats").json()
+        assert stats["entries"] >= 1 and "embedding_batches" in stats
+
+
+def test_metrics(sidecar: str) -> None:
+    c = client(sidecar)
+    q = "Metrics: how many moons does Mars have?"
+    c.chat.completions.create(model=MODEL, messages=msgs(q))
+    c.chat.completions.create(model=MODEL, messages=msgs(q))
+    with http(sidecar) as h:
+        text = h.get("/metrics").text
+    for name in (
+        "semcache_lookups_total",
+        'semcache_hits_total{tier="l1"}',
+        "semcache_misses_total",
+        "semcache_lookup_seconds_bucket",
+        'semcache_best_similarity_bucket{le="1.0",outcome="accepted"}',
+        "semcache_entries",
+        "semcache_upstream_requests_total",
+        "semcache_upstream_seconds_bucket",
+        "semcache_tokens_saved_total",
+        "semcache_invalidations_total",
+        'semcache_upstream_errors_total{kind="timeout"}',
+    ):
+        assert name in text, name
