@@ -143,6 +143,24 @@ def main() -> None:
                     f"precision {r.hit_precision.fmt()}"
                 )
         print(f"  ({time.time() - t0:.0f}s)")
+    latency(held["banking77"] + held["near_miss_intents"], cache)
+
+
+def latency(pairs: list[Pair], cache: EmbeddingCache) -> None:
+    """Cost of one default-policy decision (features + trees), texts not seen before."""
+    from semcache.threshold import default_policy
+    from semcache.verifier import _parse
+
+    policy = default_policy()
+    sims = similarities(cache, pairs)
+    n = 0
+    t = time.perf_counter()
+    for p, s in zip(pairs[:2000], sims[:2000], strict=True):
+        _parse.cache_clear()  # both texts parsed afresh, the worst case
+        policy.accept(p.b, p.a, max(float(s), policy.min_similarity))
+        n += 1
+    per = (time.perf_counter() - t) / n
+    print(f"\ndefault policy decision: {1e6 * per:.0f} us per candidate ({n} pairs, uncached)")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,36 @@ from .errors import InvalidInputError, InvalidVectorError
 _U32 = 2.0**-24  # unit roundoff of float32
 _FAISS_SLACK = 2e-4  # absolute slack for float32 rounding inside FAISS (tables, sums, biases)
 _EXACT_CHUNK = 4096  # rows per float64 block in exact_similarities (bounds temporary memory)
+
+
+_OMP_LOCK = threading.Lock()
+_OMP_DEPTH = 0
+_OMP_SAVED = 1
+
+
+@contextmanager
+def _faiss_single_threaded() -> Iterator[None]:
+    """Run FAISS calls inside with one OpenMP thread, then restore the previous setting.
+
+    For small or fine-grained work (encoding a few vectors, k-means on 16 centroids) OpenMP's
+    fork/join costs more than the work, and on a box whose cores are shared it costs
+    milliseconds per region: adding one vector measured 10-17 ms with two threads and 0.5 ms
+    with one on this 2-core machine under load. The setting is process-global, so nested and
+    concurrent users are counted and the last one out restores it.
+    """
+    global _OMP_DEPTH, _OMP_SAVED
+    with _OMP_LOCK:
+        if _OMP_DEPTH == 0:
+            _OMP_SAVED = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+        _OMP_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _OMP_LOCK:
+            _OMP_DEPTH -= 1
+            if _OMP_DEPTH == 0:
+                faiss.omp_set_num_threads(_OMP_SAVED)
 
 
 def exact_similarities(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -428,13 +460,19 @@ class RadiusIndex:
     def _train(self) -> None:
         live = np.flatnonzero(self._alive[: self._used])
         rng = np.random.default_rng(self._seed)
-        sample = live if len(live) <= 65536 else rng.choice(live, 65536, replace=False)
+        sample = live if len(live) <= 16384 else rng.choice(live, 16384, replace=False)
         coarse = faiss.IndexFlatIP(self.dim)
-        index = faiss.IndexIVFPQFastScan(coarse, self.dim, 1, self._m, 4, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFPQFastScan(
+            coarse, self.dim, 1, self._m, 4, faiss.METRIC_INNER_PRODUCT
+        )
         index.by_residual = False
         index.pq.cp.seed = self._seed
         index.pq.cp.min_points_per_centroid = 1  # 16 centroids need few points; no warnings
-        index.train(np.ascontiguousarray(self._vecs[np.sort(sample)]))
+        index.pq.cp.niter = 15
+        # thousands of tiny k-means steps: OpenMP's barriers only cost time here, and a lot of
+        # it when the cores are shared (measured 7x slower with 2 threads on a loaded box).
+        with _faiss_single_threaded():
+            index.train(np.ascontiguousarray(self._vecs[np.sort(sample)]))
         index.nprobe = 1
         self._template = index
         self._centroids = faiss.vector_to_array(index.pq.centroids).reshape(self._m, 16, -1)
@@ -448,13 +486,18 @@ class RadiusIndex:
             rows = self._vecs[i:j]
             recon = pq.decode(pq.compute_codes(rows))
             err = np.linalg.norm((rows - recon).astype(np.float64), axis=1)
-            self._errs[i:j] = (err * (1 + 1e-5) + 1e-6).astype(np.float32)
+            self._errs[i:j] = (err * (1 + 1e-4) + 1e-5).astype(np.float32)
 
     def _new_segment(self, start: int) -> _Segment:
         return _Segment(start, start, faiss.clone_index(self._template), 0.0)
 
     def _append_to_segments(self, start: int, stop: int) -> None:
         """Encode slots [start, stop) into the open segment, opening new ones when full."""
+        small = stop - start < 4096
+        with _faiss_single_threaded() if small else nullcontext():
+            self._append_encoded(start, stop)
+
+    def _append_encoded(self, start: int, stop: int) -> None:
         self._encode_errors(start, stop)
         pos = start
         while pos < stop:

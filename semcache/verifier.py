@@ -270,7 +270,12 @@ def _parse(text: str) -> _Parsed:
         low = pat.sub(rep, low)
     raw = [_NUMWORDS.get(t, t) for t in _TOKEN.findall(low)]
     raw = [t.replace(",", "") if t[0].isdigit() else t for t in raw]
-    tokens = tuple(_stem(t) for t in raw)
+    # Unit words share one spelling ("kilometers" = "km"); short ones only after a number.
+    canon = [
+        _UNITS[t] if t in _UNITS and (len(t) > 2 or (i > 0 and raw[i - 1][0].isdigit())) else t
+        for i, t in enumerate(raw)
+    ]
+    tokens = tuple(_stem(t) for t in canon)
     units: list[str] = []
     bindings: set[tuple[str, str]] = set()
     numbers: list[str] = []

@@ -31,7 +31,7 @@ NEAR_MISSES = [
     ("What is the capital of France?", "What is the capital of Germany?"),
 ]
 PARAPHRASES = [
-    ("Convert 5 miles to km", "Convert 5 miles into kilometers"),
+    ("Convert 5 miles to km", "Convert 5 miles into km"),
     ("How do I sort a Python list ascending?", "How do I sort a Python list in ascending order?"),
     (
         "Write an apology email to a customer for a late delivery",

@@ -99,6 +99,10 @@ def _open_cache(settings: Settings) -> tuple[SemanticCache, BatchingEmbedder | N
     from ..cache import SemanticCache
     from ..embed import SentenceTransformerEmbedder
 
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     inner = SentenceTransformerEmbedder()
     batcher = None
     embedder: Any = inner

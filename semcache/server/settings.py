@@ -19,6 +19,7 @@ variable                    meaning                              default
 ``SEMCACHE_DEFAULT_TTL``    seconds an answer lives (None: ever) unset
 ``SEMCACHE_MAX_TEMPERATURE`` above it requests are not cached    ``1.0``
 ``SEMCACHE_BATCHING``       dynamic batching of embeddings       ``true``
+``SEMCACHE_TORCH_THREADS``  model threads (0: torch's default)   ``1``
 ==========================  ===================================  ==============================
 
 Tokens: ``SEMCACHE_TOKENS`` is a JSON object ``{"token": "tenant", "admin-token": null}`` or a
@@ -98,6 +99,13 @@ class Settings(BaseSettings):
     batching: bool = True
     batch_max_size: int = Field(64, ge=1)
     batch_max_wait_ms: float = Field(5.0, ge=0, le=1000)
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="intra-op threads of the embedding model (0: torch's default). One leaves "
+        "the other cores to HTTP, SQLite and the index; more threads spinning beside the event "
+        "loop made the sidecar many times slower on 2 cores",
+    )
     strict_params: bool = Field(
         True,
         description="reject chat request fields the installed openai SDK does not know (422)",

@@ -119,22 +119,30 @@ def _header(text: str) -> str:
     return text.encode("ascii", "replace").decode()[:200]
 
 
+def _lookup_and_probe(
+    cache: Any, key: ChatKey, threshold: float | None
+) -> tuple[Hit | None, float | None, float]:
+    """Lookup, and on a miss the near-miss probe, in one trip to the threadpool."""
+    t0 = time.perf_counter()
+    hit = cache.lookup(key.prompt, scope=key.scope, threshold=threshold)
+    elapsed = time.perf_counter() - t0
+    near = best_similarity(cache, key.prompt, key.scope) if hit is None else None
+    return hit, near, elapsed
+
+
 async def _lookup(state: ServerState, key: ChatKey, options: CallOptions) -> Hit | None:
     cache, metrics = state.require_cache(), state.metrics
     metrics.lookups.labels("chat").inc()
-    t0 = time.perf_counter()
     try:
-        hit = await run_in_threadpool(
-            cache.lookup, key.prompt, scope=key.scope, threshold=options.threshold
+        hit, near, elapsed = await run_in_threadpool(
+            _lookup_and_probe, cache, key, options.threshold
         )
     except SemcacheError as exc:  # the cache fails open: the caller still gets an answer
         log.warning("cache lookup failed, forwarding: %s", exc)
         return None
-    finally:
-        metrics.lookup_seconds.observe(time.perf_counter() - t0)
+    metrics.lookup_seconds.observe(elapsed)
     if hit is None:
         metrics.misses.inc()
-        near = await run_in_threadpool(best_similarity, cache, key.prompt, key.scope)
         if near is not None:
             metrics.best_similarity.labels("near_miss").observe(near)
         return None
