@@ -102,14 +102,8 @@ def median_ms(fn, queries: np.ndarray, repeat: int = 1) -> tuple[float, list]:
 
 
 def index_bytes(index: RadiusIndex) -> int:
-    """Bytes held by the index: arrays at their capacity, FAISS codes + ids, the id dict."""
-    total = sum(
-        getattr(index, name).nbytes for name in ("_vecs", "_ids", "_norms", "_errs", "_alive")
-    )
-    for seg in index._segments:
-        total += seg.index.ntotal * (seg.index.code_size + 8)
-    total += sys.getsizeof(index._slot) + 2 * 32 * len(index._slot)  # dict + int objects
-    return total
+    """Bytes held by the index: its arrays and FAISS codes, plus the id dict and its ints."""
+    return index.nbytes() + sys.getsizeof(index._where) + 2 * 32 * len(index._where)
 
 
 def bench(kind: str, n: int, radii: list[float], nq: int) -> None:

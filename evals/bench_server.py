@@ -1,18 +1,19 @@
 """Sidecar throughput and latency under concurrency, with and without dynamic batching.
 
-Starts the fake OpenAI upstream (tests/fake_upstream.py) and, for each embedding mode, a fresh
-``semcache serve`` process on 127.0.0.1; seeds it with questions through the chat endpoint, then
-drives ``POST /v1/chat/completions`` from 1, 8 and 32 concurrent clients for a fixed time each on
-a mixed workload: about half paraphrases of seeded questions (semantic hits), half new prompts
-(misses: forwarded to the fake upstream and stored). Prints requests/s, p50/p99 latency and the
-hit ratio per mode and concurrency, and the 32-client throughput ratio.
+Starts the fake OpenAI upstream (tests/fake_upstream.py) and one ``semcache serve`` process on
+127.0.0.1 per embedding mode; seeds each with questions through the chat endpoint, then drives
+``POST /v1/chat/completions`` from 1, 8 and 32 concurrent closed-loop clients on a mixed
+workload: about half paraphrases of seeded questions (semantic hits), half new prompts (misses:
+forwarded to the fake upstream and stored). The modes take turns in short slices, so load from
+anything else on the machine falls on all of them alike. Prints requests/s, p50/p99 latency and
+the hit ratio per mode and concurrency, and the 32-client throughput ratios.
 
 Modes:
   batching      the default: concurrent prompts embedded together (max batch 64, wait <= 5 ms)
   one-at-a-time the same embedder path with batches of one: each prompt embedded on its own
   unbatched     no batcher at all: each request's thread calls the model itself (concurrently)
 
-Usage: python evals/bench_server.py [--seconds 10] [--clients 1,8,32] [--modes ...]
+Usage: python evals/bench_server.py [--seconds 12] [--rounds 4] [--clients 1,8,32] [--modes ...]
 """
 
 from __future__ import annotations
@@ -122,13 +123,13 @@ async def seed(base: str) -> None:
             r.raise_for_status()
 
 
-async def run_level(base: str, clients: int, seconds: float, seed_value: int) -> dict[str, Any]:
+async def run_slice(base: str, clients: int, seconds: float, seed_value: int) -> dict[str, Any]:
+    """Drive ``clients`` closed-loop clients for ``seconds``; raw latencies and outcomes."""
     latencies: list[float] = []
     outcomes: dict[str, int] = {}
     errors = 0
-    warmup = min(1.0, seconds / 5)
     start = time.perf_counter()
-    measure_from = start + warmup
+    measure_from = start + min(0.5, seconds / 5)  # let the clients ramp up
     deadline = measure_from + seconds
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
 
@@ -155,7 +156,13 @@ async def run_level(base: str, clients: int, seconds: float, seed_value: int) ->
                         errors += 1
 
         await asyncio.gather(*(worker(n) for n in range(clients)))
-    latencies.sort()
+    return {"latencies": latencies, "outcomes": outcomes, "errors": errors, "seconds": seconds}
+
+
+def summarise(clients: int, slices: list[dict[str, Any]]) -> dict[str, Any]:
+    latencies = sorted(x for s in slices for x in s["latencies"])
+    seconds = sum(s["seconds"] for s in slices)
+    hits = sum(s["outcomes"].get("hit", 0) for s in slices)
     done = len(latencies)
     q = statistics.quantiles(latencies, n=100) if done >= 2 else [float("nan")] * 99
     return {
@@ -164,65 +171,87 @@ async def run_level(base: str, clients: int, seconds: float, seed_value: int) ->
         "rps": done / seconds,
         "p50_ms": 1000 * (statistics.median(latencies) if done else float("nan")),
         "p99_ms": 1000 * q[98],
-        "hit_ratio": outcomes.get("hit", 0) / done if done else 0.0,
-        "errors": errors,
+        "hit_ratio": hits / done if done else 0.0,
+        "errors": sum(s["errors"] for s in slices),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
+    parser.add_argument("--seconds", type=float, default=12.0, help="measured seconds per level")
+    parser.add_argument("--rounds", type=int, default=4, help="slices per level and mode")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--modes", default="batching,one-at-a-time,unbatched")
+    parser.add_argument("--wait-ms", type=float, default=None, help="batching: max wait (5)")
     args = parser.parse_args()
+    if args.wait_ms is not None:
+        MODES["batching"] = {**MODES["batching"], "SEMCACHE_BATCH_MAX_WAIT_MS": str(args.wait_ms)}
     levels = [int(x) for x in args.clients.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    per_slice = args.seconds / args.rounds
 
     up_proc, upstream = start_upstream()
-    results: dict[str, list[dict[str, Any]]] = {}
-    try:
-        for mode in modes:
-            with tempfile.TemporaryDirectory(prefix="semcache-bench-") as tmp:
+    procs: list[Any] = []
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory(prefix="semcache-bench-") as tmp:
+        try:
+            bases: dict[str, str] = {}
+            for mode in modes:
                 env = {**MODES[mode], "SEMCACHE_LOG_LEVEL": "warning"}
-                proc, base = start_sidecar(Path(tmp) / "data", upstream, env)
-                try:
-                    asyncio.run(seed(base))
-                    results[mode] = []
-                    for i, clients in enumerate(levels):
-                        row = asyncio.run(run_level(base, clients, args.seconds, i))
-                        results[mode].append(row)
-                        print(
-                            f"{mode:>14}  clients={clients:>3}  {row['rps']:7.1f} req/s  "
-                            f"p50={row['p50_ms']:7.1f} ms  p99={row['p99_ms']:7.1f} ms  "
-                            f"hits={row['hit_ratio']:.0%}  n={row['requests']}  "
-                            f"errors={row['errors']}",
-                            flush=True,
+                proc, base = start_sidecar(Path(tmp) / mode, upstream, env)
+                procs.append(proc)
+                bases[mode] = base
+                asyncio.run(seed(base))
+            print(
+                f"{len(modes)} sidecars up; each level runs {args.rounds} interleaved slices of "
+                f"{per_slice:.1f}s per mode, so background load hits every mode alike",
+                flush=True,
+            )
+            for i, clients in enumerate(levels):
+                slices: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+                for r in range(args.rounds):
+                    for mode in modes:
+                        slices[mode].append(
+                            asyncio.run(run_slice(bases[mode], clients, per_slice, i * 100 + r))
                         )
-                    stats = httpx.get(base.removesuffix("/v1") + "/v1/cache/stats").json()
-                    print(f"{'':>14}  embedding: {stats.get('embedding_batches')}", flush=True)
-                finally:
-                    stop(proc)
-    finally:
-        stop(up_proc)
+                for mode in modes:
+                    row = summarise(clients, slices[mode])
+                    results[mode].append(row)
+                    print(
+                        f"{mode:>14}  clients={clients:>3}  {row['rps']:7.1f} req/s  "
+                        f"p50={row['p50_ms']:7.1f} ms  p99={row['p99_ms']:7.1f} ms  "
+                        f"hits={row['hit_ratio']:.0%}  n={row['requests']}  "
+                        f"errors={row['errors']}",
+                        flush=True,
+                    )
+            for mode in modes:
+                stats = httpx.get(bases[mode].removesuffix("/v1") + "/v1/cache/stats").json()
+                print(f"{mode:>14}  embedding: {stats.get('embedding_batches')}", flush=True)
+        finally:
+            for proc in procs:
+                stop(proc)
+            stop(up_proc)
 
-    print("\nmode            " + "".join(f"{c:>5} clients       " for c in levels))
+    print("\nmode            " + "".join(f"{c:>5} clients        " for c in levels))
     for mode, rows in results.items():
-        cells = "".join(f"{r['rps']:7.1f}/s p99 {r['p99_ms']:5.0f}ms " for r in rows)
+        cells = "".join(f"{r['rps']:7.1f}/s p99 {r['p99_ms']:5.0f}ms  " for r in rows)
         print(f"{mode:<16}{cells}")
+    top = levels[-1]
+
+    def rps(mode: str) -> float:
+        return next(r for r in results[mode] if r["clients"] == top)["rps"]
+
     if "batching" in results and "one-at-a-time" in results:
-        top = levels[-1]
-        b = next(r for r in results["batching"] if r["clients"] == top)["rps"]
-        one = next(r for r in results["one-at-a-time"] if r["clients"] == top)["rps"]
+        b, one = rps("batching"), rps("one-at-a-time")
         print(
             f"\nat {top} clients: batching {b:.1f} req/s vs one-at-a-time {one:.1f} req/s "
             f"= {b / one:.2f}x (target >= 3x)"
         )
-        if "unbatched" in results:
-            un = next(r for r in results["unbatched"] if r["clients"] == top)["rps"]
-            print(
-                f"at {top} clients: batching vs unbatched (concurrent single embeds) "
-                f"= {b / un:.2f}x"
-            )
+    if "batching" in results and "unbatched" in results:
+        print(
+            f"at {top} clients: batching vs unbatched (concurrent single embeds) "
+            f"= {rps('batching') / rps('unbatched'):.2f}x"
+        )
 
 
 if __name__ == "__main__":

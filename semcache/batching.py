@@ -17,6 +17,7 @@ This module is part of the backends layer: it knows embedders, not the server th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -104,29 +105,53 @@ class BatchingEmbedder:
     # -- the Embedder protocol -------------------------------------------------------------
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        items, known, todo, request = self._submit(texts)
+        if request is not None:
+            self._absorb(known, todo, request.future.result())
+        return self._rows(items, known)
+
+    async def aembed(self, texts: Sequence[str]) -> np.ndarray:
+        """``embed`` for asyncio: the caller waits on the event loop, holding no thread.
+
+        A server can embed a request's prompt this way before it calls the (blocking) cache,
+        whose own ``embed`` then finds the vector remembered.
+        """
+        items, known, todo, request = self._submit(texts)
+        if request is not None:
+            self._absorb(known, todo, await asyncio.wrap_future(request.future))
+        return self._rows(items, known)
+
+    def _submit(
+        self, texts: Sequence[str]
+    ) -> tuple[list[str], dict[str, np.ndarray], list[str], _Request | None]:
         if isinstance(texts, str | bytes):
             raise InvalidInputError("embed() takes a sequence of texts, not one string")
         items = list(texts)
         for text in items:
             if not isinstance(text, str):
                 raise InvalidInputError(f"texts must be str, not {type(text).__name__}")
-        if not items:
-            return np.zeros((0, self.dim), dtype=np.float32)
         known = self._recall(items)
         todo = [t for t in dict.fromkeys(items) if t not in known]
-        if todo:
-            request = _Request(todo)
-            with self._lock:
-                if self._closed:
-                    raise CacheClosedError("the batching embedder is closed")
-                self.stats.calls += 1
-                self._queue.put(request)
-            fresh = request.future.result()
-            for text, vector in zip(todo, fresh, strict=True):
-                known[text] = vector
-            self._remember(todo, fresh)
-        else:
-            self.stats.memo_hits += 1
+        if not todo:
+            if items:
+                self.stats.memo_hits += 1
+            return items, known, todo, None
+        request = _Request(todo)
+        with self._lock:
+            if self._closed:
+                raise CacheClosedError("the batching embedder is closed")
+            self.stats.calls += 1
+            self._queue.put(request)
+        return items, known, todo, request
+
+    def _absorb(self, known: dict[str, np.ndarray], todo: list[str], fresh: np.ndarray) -> None:
+        for text, vector in zip(todo, fresh, strict=True):
+            known[text] = vector
+        self._remember(todo, fresh)
+
+    def _rows(self, items: list[str], known: dict[str, np.ndarray]) -> np.ndarray:
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([known[t] for t in items]).astype(np.float32, copy=False)
 
     def _recall(self, items: list[str]) -> dict[str, np.ndarray]:

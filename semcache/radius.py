@@ -18,9 +18,11 @@ brute-force scan, by pairing compressed codes with a proof that nothing is misse
    absolute slack for float32 rounding, and lower the threshold by it too.
 2. **Exact re-check** of the candidates against the stored float32 vectors (below).
 
-Codes live in segments of at most ``segment_size`` slots; the segments are scanned in parallel
-threads (FAISS releases the GIL; a one-query fast-scan search is single-threaded), each with the
-threshold of its own largest ``e_x``; candidates are then filtered with their own ``e_x``.
+Vectors live in segments of at most ``segment_size`` rows, each with its own float32 rows,
+its own quantiser (fitted to its first ``train_size`` rows, refitted when it is compacted) and
+its own codes. Segments are searched in parallel threads (FAISS releases the GIL; a one-query
+fast-scan search is single-threaded), each with the threshold of its own largest ``e_x``;
+candidates are then filtered with their own ``e_x`` and re-checked in the same thread.
 
 **What "exact" means (the tie rule).** A float32 BLAS dot product rounds differently depending
 on where the row sits in the matrix (OpenBLAS's kernels block rows), so ``(X @ q)[i]`` and
@@ -36,19 +38,20 @@ the brute-force reference of the contract test, uses the same function, so both 
 set bit for bit. Against a plain float32 ``X @ q >= radius`` scan the sets can only differ for
 vectors whose similarity is within ~1e-6 of ``radius``.
 
-**Mutation.** ``add`` appends (re-adding an id replaces it); ``remove`` only marks slots dead
-and the scans skip them; when dead slots exceed a quarter of all slots the storage is compacted
-in place and the segments are rebuilt (amortised O(1) per removal). Until ``train_size`` live
-vectors exist there are no codes and searches scan the float32 vectors directly (at that size a
-scan is already fast); the quantiser is trained once then, and retrained at a compaction when
-the live set has grown eight-fold since, because a quantiser fitted to a different distribution
-makes the bound looser (more candidates), never wrong.
+**Mutation.** ``add`` appends to the open segment (re-adding an id replaces it); a segment
+holding fewer than ``train_size`` rows has no codes yet and is scanned directly (cheap at that
+size). ``remove`` only marks rows dead and the scans skip them; a segment more than half dead
+is rewritten with its live rows, its quantiser refitted and its rows re-encoded (so a removal
+stalls for at most one segment's re-encode, and the cost is amortised O(1) per removal); an
+empty segment is dropped; half-empty segments receive the next adds. A quantiser fitted to a
+different distribution only loosens the bound (more candidates), never the exactness.
 
-Memory per vector: the float32 copy (``4·dim`` bytes, needed for the exact re-check) plus the
-code (``dim/4`` bytes), the FAISS list id (8), id, norm and ``e_x`` (16) and the id map (a
-Python dict, about 100 bytes): about 1.9 kB at dim 384, 1.2x the bare float32 matrix.
+Memory per vector: the float32 copy (``4·dim`` bytes, needed for the exact re-check), the code
+(``dim/4`` bytes), the FAISS list id (8), id, norm and ``e_x`` (16), plus the id map (a Python
+dict, about 100 bytes): about 1.8 kB at dim 384, 1.15-1.2x the bare float32 matrix; the arrays
+of the open segment grow by doubling, at most ``segment_size`` rows.
 
-Not safe for concurrent mutation by itself: every public method takes an internal lock.
+Thread-safe: every public method takes an internal lock.
 """
 
 from __future__ import annotations
@@ -58,7 +61,6 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -259,14 +261,40 @@ class NumpyRadiusIndex:
         return np.stack(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
 
-@dataclass
 class _Segment:
-    """A FAISS fast-scan index over the slots [start, stop); its labels are slot numbers."""
+    """Up to ``segment_size`` vectors with their own storage, quantiser and FAISS codes.
 
-    start: int
-    stop: int
-    index: Any  # faiss.IndexIVFPQFastScan with one list and no residual
-    max_err: float
+    Rows are addressed by offset; FAISS labels are offsets too. Removed rows stay (``alive``
+    False) until the segment is compacted.
+    """
+
+    def __init__(self, dim: int, capacity: int) -> None:
+        self.vecs = np.empty((capacity, dim), dtype=np.float32)
+        self.ids = np.empty(capacity, dtype=np.int64)
+        self.norms = np.empty(capacity, dtype=np.float32)
+        self.errs = np.empty(capacity, dtype=np.float32)  # ||x - x̂||, rounded up
+        self.alive = np.zeros(capacity, dtype=bool)
+        self.used = 0
+        self.live = 0
+        self.index: Any = None  # faiss.IndexIVFPQFastScan, one list, no residual; or None
+        self.centroids: np.ndarray | None = None  # (M, 16, sub_dim) of this segment's PQ
+        self.max_err = 0.0
+
+    def reserve(self, needed: int, limit: int) -> None:
+        cap = len(self.ids)
+        if needed <= cap:
+            return
+        new_cap = min(max(needed, cap * 2), max(limit, needed))
+        for name in ("vecs", "ids", "norms", "errs", "alive"):
+            old = getattr(self, name)
+            new = np.zeros((new_cap, *old.shape[1:]), dtype=old.dtype)
+            new[: self.used] = old[: self.used]
+            setattr(self, name, new)
+
+    def nbytes(self) -> int:
+        arrays = self.vecs.nbytes + self.ids.nbytes + self.norms.nbytes + self.errs.nbytes
+        codes = 0 if self.index is None else self.index.ntotal * (self.index.code_size + 8)
+        return arrays + self.alive.nbytes + codes
 
 
 class RadiusIndex:
@@ -275,15 +303,19 @@ class RadiusIndex:
     See the module docstring for the bound, the tie rule and the costs. ``search(q, radius)``
     returns the ids whose similarity (:func:`exact_similarities`) with ``q`` is ``>= radius``,
     highest similarity first.
+
+    ``train_size``: a segment scans its float32 rows directly until it holds this many, then
+    trains its own quantiser on them; ``segment_size``: rows per segment (the unit of parallel
+    search and of compaction); ``threads``: search threads.
     """
 
-    _compact_min = 1024  # never compact for fewer dead slots than this
+    _compact_min = 1024  # never compact a segment for fewer dead rows than this
 
     def __init__(
         self,
         dim: int,
         *,
-        train_size: int = 32768,
+        train_size: int = 8192,
         segment_size: int = 131072,
         threads: int = 2,
         sub_dim: int = 2,
@@ -294,24 +326,16 @@ class RadiusIndex:
             raise InvalidInputError(f"dim must be a positive multiple of {sub_dim}, got {dim}")
         self.dim = dim
         self._m = dim // sub_dim  # number of 4-bit sub-quantisers
-        self._train_size = max(int(train_size), 32)
         self._segment_size = max(int(segment_size), 32)
+        self._train_size = min(max(int(train_size), 32), self._segment_size)
         self._threads = max(int(threads), 1)
         self._seed = seed
         self._lock = threading.RLock()
         self._pool: ThreadPoolExecutor | None = None
-        cap = 1024
-        self._vecs = np.empty((cap, dim), dtype=np.float32)
-        self._ids = np.empty(cap, dtype=np.int64)
-        self._norms = np.empty(cap, dtype=np.float32)
-        self._errs = np.empty(cap, dtype=np.float32)  # PQ residual norm (upper bound)
-        self._alive = np.zeros(cap, dtype=bool)
-        self._used = 0  # slots [0, _used) hold data, alive or dead
-        self._slot: dict[int, int] = {}
-        self._template: Any = None  # trained empty fast-scan index, cloned per segment
-        self._centroids: np.ndarray | None = None  # (M, 16, sub_dim)
-        self._trained_at = 0
-        self._segments: list[_Segment] = []
+        self._segments: dict[int, _Segment] = {}
+        self._next_segment = 0
+        self._open: int | None = None  # the segment that receives adds
+        self._where: dict[int, int] = {}  # id -> segment number << 32 | offset
 
     # ------------------------------------------------------------------ public API
 
@@ -323,61 +347,85 @@ class RadiusIndex:
         if len(ids) == 0:
             return
         with self._lock:
-            self._kill(ids)
-            start = self._used
-            self._reserve(start + len(ids))
-            stop = start + len(ids)
-            self._vecs[start:stop] = rows
-            self._ids[start:stop] = ids
-            self._norms[start:stop] = np.linalg.norm(rows, axis=1)
-            self._alive[start:stop] = True
-            self._used = stop
-            self._slot.update(zip(ids.tolist(), range(start, stop), strict=True))
-            if self._template is None:
-                if len(self._slot) >= self._train_size:
-                    self._train()
-                    self._rebuild_segments()
-            else:
-                self._append_to_segments(start, stop)
+            touched = self._kill(ids)
+            done = 0
+            while done < len(ids):
+                seg_no, seg = self._open_segment()
+                start = seg.used
+                stop = min(self._segment_size, start + len(ids) - done)
+                k = stop - start
+                seg.reserve(stop, self._segment_size)
+                chunk = rows[done : done + k]
+                seg.vecs[start:stop] = chunk
+                seg.ids[start:stop] = ids[done : done + k]
+                seg.norms[start:stop] = np.linalg.norm(chunk, axis=1)
+                seg.alive[start:stop] = True
+                seg.used, seg.live = stop, seg.live + k
+                base = seg_no << 32
+                self._where.update(
+                    zip(
+                        ids[done : done + k].tolist(), range(base + start, base + stop), strict=True
+                    )
+                )
+                self._encode(seg, start, stop)
+                done += k
+            self._maintain(touched)
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove ids (absent ones are ignored); returns how many were present."""
         ids = _as_ids(ids)
         with self._lock:
-            removed = self._kill(ids)
-            dead = self._used - len(self._slot)
-            if dead > max(self._used // 4, self._compact_min):
-                self._compact()
-            return removed
+            before = len(self._where)
+            self._maintain(self._kill(ids))
+            return before - len(self._where)
 
     def search(self, query: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
         """Ids with similarity >= radius and their similarities (float32), best first."""
         q, r = _as_query(query, self.dim, radius)
         with self._lock:
-            if not self._slot:
+            segs = [s for s in self._segments.values() if s.live]
+            if not segs:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-            if self._template is None:
-                slots = self._scan_slots(0, self._used)
+            qnorm = float(np.linalg.norm(q.astype(np.float64)))
+
+            def one(seg: _Segment) -> tuple[np.ndarray, np.ndarray]:
+                rows = self._candidates(seg, q, qnorm, r)
+                pos, sims = select_within(seg.vecs[rows], q, r, seg.norms[rows])
+                return seg.ids[rows[pos]], sims
+
+            if self._threads > 1 and len(segs) > 1:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="radius")
+                parts = list(self._pool.map(one, segs))
             else:
-                slots = self._candidates(q, r)
-            pos, sims = select_within(self._vecs[slots], q, r, self._norms[slots])
-            return _order(self._ids[slots[pos]], sims)
+                parts = [one(s) for s in segs]
+            return _order(
+                np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            )
 
     def __len__(self) -> int:
-        return len(self._slot)
+        return len(self._where)
 
     def __contains__(self, id: object) -> bool:
-        return isinstance(id, int | np.integer) and int(id) in self._slot
+        return isinstance(id, int | np.integer) and int(id) in self._where
 
     def vectors(self, ids: Any) -> np.ndarray:
         """The stored float32 vectors of ``ids`` (KeyError for an id not present)."""
         ids = _as_ids(ids)
         with self._lock:
-            try:
-                slots = np.fromiter((self._slot[i] for i in ids.tolist()), np.int64, len(ids))
-            except KeyError as exc:
-                raise KeyError(f"id not in the index: {exc.args[0]}") from None
-            return self._vecs[slots].copy()
+            out = np.empty((len(ids), self.dim), dtype=np.float32)
+            for i, id_ in enumerate(ids.tolist()):
+                try:
+                    packed = self._where[id_]
+                except KeyError:
+                    raise KeyError(f"id not in the index: {id_}") from None
+                out[i] = self._segments[packed >> 32].vecs[packed & 0xFFFFFFFF]
+            return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the arrays and FAISS codes (the id map, a dict, comes on top)."""
+        with self._lock:
+            return sum(seg.nbytes() for seg in self._segments.values())
 
     def close(self) -> None:
         """Stop the search threads (the index stays usable; they restart on demand)."""
@@ -386,81 +434,110 @@ class RadiusIndex:
                 self._pool.shutdown(wait=True)
                 self._pool = None
 
-    def __getstate__(self) -> dict[str, Any]:  # pragma: no cover - guard, not a feature
-        raise TypeError("RadiusIndex is an in-memory structure; rebuild it from the store")
-
     # ------------------------------------------------------------------ search internals
 
-    def _scan_slots(self, start: int, stop: int) -> np.ndarray:
-        """Every live slot in [start, stop) as candidates (exact filtering happens later)."""
-        return start + np.flatnonzero(self._alive[start:stop])
-
-    def _lut_bounds(self, q: np.ndarray) -> tuple[float, float, float]:
-        """(lowest achievable code score, highest, fast-scan rounding bound) for query q."""
-        assert self._centroids is not None
-        lut = np.einsum("mkd,md->mk", self._centroids, q.reshape(self._m, -1).astype(np.float64))
+    def _candidates(self, seg: _Segment, q: np.ndarray, qnorm: float, r: float) -> np.ndarray:
+        """Offsets in ``seg`` that may be within the radius: a superset of the true answer."""
+        if seg.index is None:
+            return np.flatnonzero(seg.alive[: seg.used])
+        assert seg.centroids is not None
+        lut = np.einsum("mkd,md->mk", seg.centroids, q.reshape(self._m, -1).astype(np.float64))
         mins = lut.min(axis=1)
         spans = lut.max(axis=1) - mins
+        low, high = float(mins.sum()), float(mins.sum() + spans.sum())
         step = max(spans.max() / 255.0, spans.sum() / 65535.0)  # 1/a in quantize_lut.cpp
         rounding = (self._m / 2.0 + 1.0) * step * 1.01 + _FAISS_SLACK
-        return float(mins.sum()), float(mins.sum() + spans.sum()), rounding
-
-    def _candidates(self, q: np.ndarray, r: float) -> np.ndarray:
-        qnorm = float(np.linalg.norm(q.astype(np.float64)))
-        low, high, rounding = self._lut_bounds(q)
-        margin = 1e-3 + rounding  # distance kept from FAISS's uint16 threshold's edges
-
-        def one(seg: _Segment) -> np.ndarray:
-            threshold = r - qnorm * seg.max_err - rounding
-            if threshold - low <= margin:
-                # the threshold would reach the bottom of FAISS's uint16 scale (and wrap):
-                # every vector of the segment is a candidate.
-                return self._scan_slots(seg.start, seg.stop)
-            if threshold > high + margin:
-                return np.zeros(0, dtype=np.int64)
-            _, dist, slots = seg.index.range_search(q.reshape(1, -1), threshold)
-            keep = self._alive[slots]
-            keep &= dist.astype(np.float64) + qnorm * self._errs[slots] + rounding >= r
-            return slots[keep]
-
-        segs = self._segments
-        if self._threads > 1 and len(segs) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="radius")
-            parts = list(self._pool.map(one, segs))
-        else:
-            parts = [one(s) for s in segs]
-        covered = segs[-1].stop if segs else 0
-        if covered < self._used:  # pragma: no cover - segments always cover every slot
-            parts.append(self._scan_slots(covered, self._used))
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        margin = 1e-3 + rounding  # distance kept from the edges of FAISS's uint16 scale
+        threshold = r - qnorm * seg.max_err - rounding
+        if threshold - low <= margin:
+            # FAISS's integer threshold would fall below zero (and wrap): scan the segment.
+            return np.flatnonzero(seg.alive[: seg.used])
+        if threshold > high + margin:
+            return np.zeros(0, dtype=np.int64)
+        _, dist, rows = seg.index.range_search(q.reshape(1, -1), threshold)
+        keep = seg.alive[rows]
+        keep &= dist.astype(np.float64) + qnorm * seg.errs[rows] + rounding >= r
+        return rows[keep]
 
     # ------------------------------------------------------------------ mutation internals
 
-    def _kill(self, ids: np.ndarray) -> int:
-        slots = [s for s in (self._slot.pop(i, None) for i in ids.tolist()) if s is not None]
-        if slots:
-            self._alive[np.asarray(slots, dtype=np.int64)] = False
-        return len(slots)
+    def _open_segment(self) -> tuple[int, _Segment]:
+        seg = self._segments.get(self._open) if self._open is not None else None
+        if seg is None or seg.used >= self._segment_size:
+            # refill a segment that compaction left half empty before opening a new one
+            roomy = [n for n, s in self._segments.items() if s.used <= self._segment_size // 2]
+            if roomy:
+                self._open = min(roomy, key=lambda n: self._segments[n].used)
+            else:
+                self._open = self._next_segment
+                self._next_segment += 1
+                self._segments[self._open] = _Segment(self.dim, 1024)
+        return self._open, self._segments[self._open]
 
-    def _reserve(self, needed: int) -> None:
-        cap = len(self._ids)
-        if needed <= cap:
-            return
-        new_cap = max(needed, cap * 2)
-        vecs = np.empty((new_cap, self.dim), dtype=np.float32)
-        vecs[: self._used] = self._vecs[: self._used]
-        self._vecs = vecs
-        for name in ("_ids", "_norms", "_errs", "_alive"):
-            old = getattr(self, name)
-            new = np.zeros(new_cap, dtype=old.dtype)
-            new[: self._used] = old[: self._used]
-            setattr(self, name, new)
+    def _kill(self, ids: np.ndarray) -> set[int]:
+        touched: set[int] = set()
+        for id_ in ids.tolist():
+            packed = self._where.pop(id_, None)
+            if packed is not None:
+                seg = self._segments[packed >> 32]
+                seg.alive[packed & 0xFFFFFFFF] = False
+                seg.live -= 1
+                touched.add(packed >> 32)
+        return touched
 
-    def _train(self) -> None:
-        live = np.flatnonzero(self._alive[: self._used])
+    def _maintain(self, touched: set[int]) -> None:
+        """Drop emptied segments; compact those that are mostly dead."""
+        for seg_no in touched:
+            seg = self._segments[seg_no]
+            dead = seg.used - seg.live
+            if seg.live == 0:
+                del self._segments[seg_no]
+                if self._open == seg_no:
+                    self._open = None
+            elif dead > max(seg.used // 2, self._compact_min):
+                self._compact(seg_no, seg)
+
+    def _compact(self, seg_no: int, seg: _Segment) -> None:
+        """Rewrite a segment with its live rows only, re-fit its quantiser and re-encode it."""
+        keep = np.flatnonzero(seg.alive[: seg.used])
+        fresh = _Segment(self.dim, len(keep))
+        fresh.vecs[:] = seg.vecs[keep]
+        fresh.ids[:] = seg.ids[keep]
+        fresh.norms[:] = seg.norms[keep]
+        fresh.alive[:] = True
+        fresh.used = fresh.live = len(keep)
+        self._segments[seg_no] = fresh
+        base = seg_no << 32
+        self._where.update(zip(fresh.ids.tolist(), range(base, base + len(keep)), strict=True))
+        self._encode(fresh, 0, fresh.used)
+
+    def _encode(self, seg: _Segment, start: int, stop: int) -> None:
+        """Give rows [start, stop) codes; train the segment's quantiser when it is big enough."""
+        if seg.index is None:
+            if seg.used < self._train_size:
+                return  # still small: searched by a direct scan
+            start = 0
+            small = False
+            with _faiss_single_threaded():
+                self._train(seg)
+        else:
+            small = stop - start < 4096
+        with _faiss_single_threaded() if small else nullcontext():
+            pq = seg.index.pq
+            for i in range(start, stop, 65536):
+                j = min(stop, i + 65536)
+                rows = np.ascontiguousarray(seg.vecs[i:j])
+                recon = pq.decode(pq.compute_codes(rows))
+                err = np.linalg.norm((rows - recon).astype(np.float64), axis=1)
+                seg.errs[i:j] = (err * (1 + 1e-4) + 1e-5).astype(np.float32)
+                seg.index.add_with_ids(rows, np.arange(i, j, dtype=np.int64))
+                seg.max_err = max(seg.max_err, float(seg.errs[i:j].max()))
+
+    def _train(self, seg: _Segment) -> None:
+        """Fit this segment's product quantiser to a sample of its live rows."""
+        live = np.flatnonzero(seg.alive[: seg.used])
         rng = np.random.default_rng(self._seed)
-        sample = live if len(live) <= 16384 else rng.choice(live, 16384, replace=False)
+        sample = live if len(live) <= 16384 else np.sort(rng.choice(live, 16384, replace=False))
         coarse = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFPQFastScan(
             coarse, self.dim, 1, self._m, 4, faiss.METRIC_INNER_PRODUCT
@@ -469,77 +546,9 @@ class RadiusIndex:
         index.pq.cp.seed = self._seed
         index.pq.cp.min_points_per_centroid = 1  # 16 centroids need few points; no warnings
         index.pq.cp.niter = 15
-        # thousands of tiny k-means steps: OpenMP's barriers only cost time here, and a lot of
-        # it when the cores are shared (measured 7x slower with 2 threads on a loaded box).
-        with _faiss_single_threaded():
-            index.train(np.ascontiguousarray(self._vecs[np.sort(sample)]))
+        # thousands of tiny k-means steps: run single-threaded (see _faiss_single_threaded)
+        index.train(np.ascontiguousarray(seg.vecs[sample]))
         index.nprobe = 1
-        self._template = index
-        self._centroids = faiss.vector_to_array(index.pq.centroids).reshape(self._m, 16, -1)
-        self._trained_at = len(live)
-
-    def _encode_errors(self, start: int, stop: int) -> None:
-        """Residual norms ||x - x̂|| for slots [start, stop), rounded up for float error."""
-        pq = self._template.pq
-        for i in range(start, stop, 65536):
-            j = min(stop, i + 65536)
-            rows = self._vecs[i:j]
-            recon = pq.decode(pq.compute_codes(rows))
-            err = np.linalg.norm((rows - recon).astype(np.float64), axis=1)
-            self._errs[i:j] = (err * (1 + 1e-4) + 1e-5).astype(np.float32)
-
-    def _new_segment(self, start: int) -> _Segment:
-        return _Segment(start, start, faiss.clone_index(self._template), 0.0)
-
-    def _append_to_segments(self, start: int, stop: int) -> None:
-        """Encode slots [start, stop) into the open segment, opening new ones when full."""
-        small = stop - start < 4096
-        with _faiss_single_threaded() if small else nullcontext():
-            self._append_encoded(start, stop)
-
-    def _append_encoded(self, start: int, stop: int) -> None:
-        self._encode_errors(start, stop)
-        pos = start
-        while pos < stop:
-            if not self._segments or self._segments[-1].stop - self._segments[-1].start >= (
-                self._segment_size
-            ):
-                self._segments.append(self._new_segment(pos))
-            seg = self._segments[-1]
-            end = min(stop, seg.start + self._segment_size)
-            seg.index.add_with_ids(
-                np.ascontiguousarray(self._vecs[pos:end]), np.arange(pos, end, dtype=np.int64)
-            )
-            seg.max_err = max(seg.max_err, float(self._errs[pos:end].max()))
-            seg.stop = end
-            pos = end
-
-    def _rebuild_segments(self) -> None:
-        self._segments = []
-        if self._used:
-            self._append_to_segments(0, self._used)
-
-    def _compact(self) -> None:
-        """Move live slots to the front (in place, stable) and rebuild the code segments."""
-        write = 0
-        chunk = 65536
-        for start in range(0, self._used, chunk):
-            stop = min(self._used, start + chunk)
-            live = start + np.flatnonzero(self._alive[start:stop])
-            k = len(live)
-            if k and not (live[0] == write and live[-1] == write + k - 1):
-                # every source row is at or after its destination: copy via a temporary
-                self._vecs[write : write + k] = self._vecs[live]
-                self._ids[write : write + k] = self._ids[live]
-                self._norms[write : write + k] = self._norms[live]
-            write += k
-        self._used = write
-        self._alive[:write] = True
-        self._alive[write:] = False
-        self._slot = dict(zip(self._ids[:write].tolist(), range(write), strict=True))
-        if self._template is not None and len(self._slot) >= 8 * self._trained_at:
-            self._train()
-        if self._template is None and len(self._slot) >= self._train_size:
-            self._train()
-        if self._template is not None:
-            self._rebuild_segments()
+        seg.index = index
+        seg.centroids = faiss.vector_to_array(index.pq.centroids).reshape(self._m, 16, -1)
+        seg.max_err = 0.0

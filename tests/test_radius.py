@@ -130,7 +130,8 @@ def test_exact_on_10k_vectors(filled, data, radius: float) -> None:
 
 def test_fast_index_uses_codes_and_segments(filled) -> None:
     if isinstance(filled, RadiusIndex):
-        assert filled._template is not None and len(filled._segments) >= 3
+        segments = list(filled._segments.values())
+        assert sum(s.index is not None for s in segments) >= 3  # the tail one may be scanned
 
 
 def test_both_implementations_agree_bit_for_bit(data) -> None:

@@ -134,3 +134,17 @@ def test_bad_settings_are_rejected() -> None:
         BatchingEmbedder(HashEmbedder(), max_batch=0)
     with pytest.raises(InvalidInputError):
         BatchingEmbedder(HashEmbedder(), max_wait=-1)
+
+
+async def test_aembed_waits_on_the_event_loop() -> None:
+    import asyncio
+
+    inner = HashEmbedder()
+    with BatchingEmbedder(inner, max_wait=0.01, memo=16) as batcher:
+        texts = [f"async question {i}" for i in range(12)]
+        rows = await asyncio.gather(*(batcher.aembed([t]) for t in texts))
+        for text, row in zip(texts, rows, strict=True):
+            np.testing.assert_allclose(row, HashEmbedder().embed([text]), atol=1e-6)
+        calls = inner.calls
+        np.testing.assert_array_equal(batcher.embed([texts[0]]), rows[0])  # remembered
+        assert inner.calls == calls

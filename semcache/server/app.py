@@ -12,12 +12,16 @@ prompts of concurrent requests are embedded together instead of one at a time.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
+import anyio.to_thread
 import httpx
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +29,8 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..chat import ChatPolicy
+from ..errors import SemcacheError
+from ..keys import normalise
 from . import errors
 from .auth import ANONYMOUS_ADMIN, PUBLIC_PATHS, Principal, authenticate
 from .errors import ApiError, error_response
@@ -38,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("semcache.server")
 
+T = TypeVar("T")
+
 
 @dataclass
 class ServerState:
@@ -50,7 +58,23 @@ class ServerState:
     cache: SemanticCache | None = None
     upstream: httpx.AsyncClient | None = None
     batcher: BatchingEmbedder | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    limiter: anyio.CapacityLimiter | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking cache call in a worker thread, at most ``cache_threads`` at a time
+        (more threads only fight over the GIL)."""
+        return await anyio.to_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), limiter=self.limiter
+        )
+
+    async def pre_embed(self, prompt: str) -> None:
+        """Embed a prompt on the event loop through the batcher, so the cache call that follows
+        finds its vector remembered and the wait for the batch holds no thread."""
+        aembed = getattr(self.batcher, "aembed", None)
+        if aembed is None:
+            return
+        with contextlib.suppress(SemcacheError):  # the cache call reports the problem
+            await aembed([normalise(prompt)])
 
     def require_cache(self) -> SemanticCache:
         if self.cache is None:
@@ -155,6 +179,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = cache is None
+        state.limiter = anyio.CapacityLimiter(settings.cache_threads)
         if owned:
             state.cache, state.batcher = await run_in_threadpool(_open_cache, settings)
         else:

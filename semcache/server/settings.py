@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     batching: bool = True
     batch_max_size: int = Field(64, ge=1)
     batch_max_wait_ms: float = Field(5.0, ge=0, le=1000)
+    cache_threads: int = Field(
+        8, ge=1, description="worker threads that run blocking cache calls at the same time"
+    )
     torch_threads: int = Field(
         1,
         ge=0,

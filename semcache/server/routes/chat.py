@@ -23,7 +23,6 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from ...chat import (
     Answer,
@@ -133,10 +132,9 @@ def _lookup_and_probe(
 async def _lookup(state: ServerState, key: ChatKey, options: CallOptions) -> Hit | None:
     cache, metrics = state.require_cache(), state.metrics
     metrics.lookups.labels("chat").inc()
+    await state.pre_embed(key.prompt)
     try:
-        hit, near, elapsed = await run_in_threadpool(
-            _lookup_and_probe, cache, key, options.threshold
-        )
+        hit, near, elapsed = await state.run(_lookup_and_probe, cache, key, options.threshold)
     except SemcacheError as exc:  # the cache fails open: the caller still gets an answer
         log.warning("cache lookup failed, forwarding: %s", exc)
         return None
@@ -320,7 +318,7 @@ async def _store(
     if options.ttl_given:
         kwargs["ttl"] = options.ttl
     try:
-        entry_id: str = await run_in_threadpool(cache.store, key.prompt, answer.content, **kwargs)
+        entry_id: str = await state.run(cache.store, key.prompt, answer.content, **kwargs)
     except SemcacheError as exc:
         log.warning("storing an answer failed: %s", exc)
         state.metrics.skipped("store failed")
