@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from semcache.errors import InvalidInputError
-from semcache.threshold import HitPolicy, default_policy, load_policy, save_policy
+from semcache.threshold import HitPolicy, load_policy, save_policy
 from semcache.verifier import (
     FEATURES,
     VerifierModel,
