@@ -28,7 +28,14 @@ from .errors import (
     UpstreamTimeoutError,
 )
 from .index import FaissIndex, NumpyIndex, VectorIndex
-from .threshold import HitPolicy, StaticThreshold
+from .threshold import (
+    CalibratedThreshold,
+    HitPolicy,
+    StaticThreshold,
+    calibrate,
+    load_policy,
+    save_policy,
+)
 from .types import Entry, Hit, Scope
 
 __version__ = "0.1.0"
@@ -36,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MISSING",
     "CacheClosedError",
+    "CalibratedThreshold",
     "Clock",
     "Embedder",
     "EmbedderMismatchError",
@@ -63,5 +71,8 @@ __all__ = [
     "UpstreamTimeoutError",
     "VectorIndex",
     "__version__",
+    "calibrate",
+    "load_policy",
+    "save_policy",
     "wrap",
 ]

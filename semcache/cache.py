@@ -59,6 +59,8 @@ class _Missing:
 MISSING: Any = _Missing()
 
 DB_FILE = "semcache.db"
+#: How far above a wrongly served similarity an entry's own floor is set by feedback.
+FEEDBACK_MARGIN = 0.005
 INDEX_DIR = "index"
 
 
@@ -195,6 +197,7 @@ class SemanticCache:
         self._stats: Counter[str] = Counter()
         self._access: dict[int, tuple[int, float]] = {}
         self._versions: dict[str, int] = {}
+        self._served: dict[str, float] = {}  # entry id -> similarity of its last semantic hit
         self._flights = SingleFlight()
         self.l1 = L1Cache(l1_size)
         self._checkpoint_seq = 0
@@ -439,9 +442,14 @@ class SemanticCache:
         rows = self._db.candidates([int(i) for i in ids], shard, now)
         for sim, rowid in zip(sims.tolist(), ids.tolist(), strict=True):
             row = rows.get(rowid)
-            if row is None or not policy.accept(norm, row.prompt, sim):
+            if row is None or (row.min_similarity is not None and sim < row.min_similarity):
+                continue
+            if not policy.accept(norm, row.prompt, sim):
                 continue
             self._touch(rowid, now)
+            self._served[row.uid] = sim
+            if len(self._served) > 10_000:
+                self._served.pop(next(iter(self._served)))
             self._stats["hits_semantic"] += 1
             return Hit(row.response, float(sim), row.uid, "semantic", row.prompt, row.metadata)
         self._stats["rejected"] += 1
@@ -831,6 +839,43 @@ class SemanticCache:
                 self._db.update(row["id"], values, tag_list)
             self._stats["updates"] += 1
             self._apply_changes()
+
+    def feedback(self, entry_id: str, correct: bool, *, similarity: float | None = None) -> None:
+        """Tell the cache whether an answer it served was right; wrong ones tighten that entry.
+
+        A wrong semantic hit at similarity ``s`` gives the entry its own floor just above
+        ``s``, so prompts that far from it are never answered by it again (per-entry thresholds
+        learned online, in the spirit of vCache); a wrong exact repeat (similarity 1.0) means the
+        answer itself is wrong, and the entry is deleted. ``similarity`` defaults to that of the
+        entry's last semantic hit in this process.
+        """
+        self._check_open()
+        if not isinstance(correct, bool):
+            raise InvalidInputError("correct must be True or False")
+        with self._lock:
+            rowid = self._db.rowid_of(entry_id) if isinstance(entry_id, str) else None
+            if rowid is None:
+                raise EntryNotFoundError(f"no entry {entry_id!r}")
+            sim = self._served.get(entry_id, 1.0) if similarity is None else similarity
+            sim = check_threshold(sim)
+            if correct:
+                with self._db.transaction() as conn:
+                    conn.execute(
+                        "UPDATE entries SET feedback_good = feedback_good + 1 WHERE id = ?",
+                        (rowid,),
+                    )
+                return
+            self._stats["feedback_wrong"] += 1
+            if sim >= 1.0 - 1e-6:
+                self._db.delete_ids([rowid])
+                self._apply_changes()
+                return
+            with self._db.transaction() as conn:
+                conn.execute(
+                    "UPDATE entries SET feedback_bad = feedback_bad + 1, min_similarity = "
+                    "max(coalesce(min_similarity, -1.0), ?) WHERE id = ?",
+                    (min(sim + FEEDBACK_MARGIN, 1.0), rowid),
+                )
 
     # ------------------------------------------------------------------------- invalidation
     def invalidate_tags(self, *tags: str) -> int:

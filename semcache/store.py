@@ -22,7 +22,7 @@ import sqlite_utils
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Eviction policies as data: the ORDER BY that picks the first entries to go.
 EVICTION_POLICIES: dict[str, str] = {
@@ -66,6 +66,7 @@ class Row:
     response: str
     expires_at: float | None
     metadata: dict[str, Any]
+    min_similarity: float | None = None  # learned from feedback; None: the policy decides
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,10 @@ class Change:
 
 
 def _row(r: sqlite3.Row | tuple[Any, ...]) -> Row:
-    return Row(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else {})
+    return Row(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else {}, r[7])
 
 
-_ROW_COLUMNS = "id, uid, shard, prompt, response, expires_at, metadata"
+_ROW_COLUMNS = "id, uid, shard, prompt, response, expires_at, metadata, min_similarity"
 
 
 class Store:
@@ -440,4 +441,11 @@ def _migration_1(db: sqlite_utils.Database) -> None:
             db.execute(statement + "END;")
 
 
-_MIGRATIONS = {1: _migration_1}
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Per-entry similarity floors learned from feedback (``cache.feedback``)."""
+    db.execute("ALTER TABLE entries ADD COLUMN min_similarity REAL")
+    db.execute("ALTER TABLE entries ADD COLUMN feedback_good INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE entries ADD COLUMN feedback_bad INTEGER NOT NULL DEFAULT 0")
+
+
+_MIGRATIONS = {1: _migration_1, 2: _migration_2}

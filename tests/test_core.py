@@ -355,3 +355,35 @@ def test_store_many_and_stats(fast_cache: SemanticCache, hash_embedder: HashEmbe
     assert fast_cache.lookup("bulk item 7").response == "7"
     stats = fast_cache.stats()
     assert stats["entries"] == 300 and stats["hits_l1"] == 1
+
+
+def test_feedback_learns_per_entry_floors(cache: SemanticCache) -> None:
+    eid = cache.store(FRANCE, "Paris.")
+    hit = cache.lookup(FRANCE_PARAPHRASE)
+    assert hit is not None and hit.tier == "semantic"
+    cache.feedback(eid, True)
+    assert cache.lookup(FRANCE_PARAPHRASE) is not None
+    cache.feedback(eid, False)  # that paraphrase was, say the user, not answered right
+    assert cache.lookup(FRANCE_PARAPHRASE) is None
+    assert cache.lookup("What is France's capital?") is not None  # closer prompts still hit
+    assert cache.lookup(FRANCE).tier == "l1"
+    cache.feedback(eid, False, similarity=1.0)  # wrong even for the same prompt: drop it
+    assert cache.lookup(FRANCE) is None
+    with pytest.raises(EntryNotFoundError):
+        cache.feedback(eid, True)
+
+
+def test_old_schema_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        c.store("migrate me", "ok")
+    conn = sqlite3.connect(tmp_path / "semcache.db")
+    for col in ("min_similarity", "feedback_good", "feedback_bad"):
+        conn.execute(f"ALTER TABLE entries DROP COLUMN {col}")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        assert c.lookup("migrate me").response == "ok"
+        assert c._db.get_meta("schema_version") == "2"
