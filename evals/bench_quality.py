@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--target-fhr", type=float, default=0.02)
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--replay-limit", type=int, default=6000, help="prompts per replay (0: none)")
-    ap.add_argument("--scores", default="0.5,0.8", help="extra verifier operating points")
+    ap.add_argument("--scores", default="", help="extra verifier score cut-offs, e.g. 0.5,0.8")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cache = EmbeddingCache(SentenceTransformerEmbedder())
@@ -93,7 +93,7 @@ def main() -> None:
         f"(FHR {cal_ship.false_hit_rate:.2%} <= {cal_ship.false_hit_rate_upper:.2%} at "
         f"{cal_ship.confidence:.0%}, hit rate {cal_ship.expected_hit_rate:.1%} on its fit set)"
     )
-    ship = shipped_policy()
+    ship = shipped_policy("score")
     extra = [
         NamedPolicy(f"verifier (cos>={ship.min_similarity:g}, p>={float(s):g})",
                     VerifierPolicy(ship.min_similarity, float(s)))

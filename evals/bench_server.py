@@ -4,9 +4,10 @@ Starts the fake OpenAI upstream (tests/fake_upstream.py) and one ``semcache serv
 127.0.0.1 per embedding mode; seeds each with questions through the chat endpoint, then drives
 ``POST /v1/chat/completions`` from 1, 8 and 32 concurrent closed-loop clients on a mixed
 workload: about half paraphrases of seeded questions (semantic hits), half new prompts (misses:
-forwarded to the fake upstream and stored). The modes take turns in short slices, so load from
-anything else on the machine falls on all of them alike. Prints requests/s, p50/p99 latency and
-the hit ratio per mode and concurrency, and the 32-client throughput ratios.
+forwarded to the fake upstream and stored), every prompt a new string, so each costs an
+embedding. The modes take turns in short slices, so load from anything else on the machine falls
+on all of them alike. Prints requests/s, p50/p99 latency and the hit ratio per mode and
+concurrency, and the 32-client throughput ratios.
 
 Modes:
   batching      the default: concurrent prompts embedded together (max batch 64, wait <= 5 ms)
@@ -97,10 +98,15 @@ def seed_prompt(i: int) -> str:
 
 
 def workload_prompt(rng: random.Random) -> tuple[str, str]:
-    """(prompt, expected) where expected is "hit" (a paraphrase) or "miss" (a new prompt)."""
+    """(prompt, expected): "hit", a paraphrase of a seeded question, or "miss", a new prompt.
+
+    Every prompt is a new string (a user number in the paraphrases), so no request is answered
+    by the exact-repeat tier or a remembered vector: each one costs an embedding.
+    """
     if rng.random() < 0.5:
         s = rng.choice(SUBJECTS)
-        return rng.choice(PARAPHRASES[1:]).format(s=s), "hit"
+        text = rng.choice(PARAPHRASES[1:]).format(s=s)
+        return f"{text} Thanks, user {rng.randrange(10**6)}.", "hit"
     words = " ".join(rng.sample(WORDS, 7))
     return f"Write a short note mentioning {words} (#{rng.randrange(10**9)})", "miss"
 

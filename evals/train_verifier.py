@@ -28,8 +28,13 @@ from semcache.eval.data import Pair, split_pairs, texts_of
 from semcache.eval.embcache import EmbeddingCache
 from semcache.eval.metrics import Confusion
 from semcache.eval.sources import load_named, mine_retrieval_negatives
-from semcache.threshold import calibrate
-from semcache.verifier import SHIPPED_MODEL, VerifierModel, featurize, train_verifier
+from semcache.verifier import (
+    SHIPPED_MODEL,
+    VerifierModel,
+    calibrate_verifier,
+    featurize,
+    train_verifier,
+)
 
 
 def sims_of(cache: EmbeddingCache, pairs: list[Pair]) -> np.ndarray:
@@ -68,6 +73,7 @@ def main() -> None:
     ap.add_argument("--hand-weight", type=float, default=2.0)
     ap.add_argument("--floor", type=float, default=0.5, help="cosine floor (min_similarity)")
     ap.add_argument("--target-fhr", type=float, default=0.02)
+    ap.add_argument("--veto", type=float, default=0.5, help="default policy: veto below this score")
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--dry-run", action="store_true", help="do not write the model")
     args = ap.parse_args()
@@ -85,53 +91,45 @@ def main() -> None:
     model = train_verifier(train, train_sims.tolist(), sample_weight=w, seed=args.seed)
     print(f"trained on {len(train)} pairs in {time.time() - t0:.1f}s")
 
-    # Calibrate min_score on held-out BANKING77 + GPTCache mock + hand-written (not PAWS).
+    # Two operating points, both calibrated on held-out BANKING77 + GPTCache mock + hand-written
+    # intents (not PAWS): "veto" (the default policy: a calibrated cosine threshold, and the
+    # verifier rejects candidates it scores below 0.5) and "score" (cosine floor, calibrated
+    # verifier score).
     calib = sets["banking77"][1] + sets["gptcache_mock"][1] + sets["near_miss_intents"][1]
     csims = sims_of(cache, calib)
-    scores = np.array(
-        [
-            model.score(p.a, p.b, s) if s >= args.floor else 0.0
-            for p, s in zip(calib, csims, strict=False)
-        ]
-    )
-    labels = np.array([p.label for p in calib])
-    cal = calibrate(
-        scores,
-        labels,
-        target_false_hit_rate=args.target_fhr,
-        confidence=args.confidence,
-        fit_on="held-out banking77_pairs + gptcache_mock + near_miss_intents (verifier score)",
-    )
-    min_score = max(cal.threshold, 1e-6)
-    print(f"operating point: floor {args.floor}, min_score {min_score:.4f}: {cal!r}")
-    model.meta["policy"] = {
-        "min_similarity": args.floor,
-        "min_score": round(min_score, 6),
-        "info": {
-            "target_false_hit_rate": args.target_fhr,
-            "confidence": args.confidence,
-            "calibration_fhr": cal.false_hit_rate,
-            "calibration_fhr_upper": cal.false_hit_rate_upper,
-            "calibration_hit_rate": cal.expected_hit_rate,
-            "calibrated_on": cal.fit_on,
-            "n_negative": cal.n_negative,
-            "n_positive": cal.n_positive,
-        },
-    }
+    fit_on = "held-out banking77_pairs + gptcache_mock + near_miss_intents"
+    for key, veto in (("policy", args.veto), ("policy_score", None)):
+        pol = calibrate_verifier(
+            model, calib, csims, target_false_hit_rate=args.target_fhr,
+            confidence=args.confidence, veto_below=veto, floor=args.floor,
+        )  # fmt: skip
+        pol.info["calibrated_on"] = fit_on
+        model.meta[key] = {
+            "min_similarity": pol.min_similarity,
+            "min_score": pol.min_score,
+            "info": pol.info,
+        }
+        print(f"operating point {key}: {pol!r} {pol.info}")
+    min_score = model.meta["policy_score"]["min_score"]
+    floor_default = model.meta["policy"]["min_similarity"]
     model.meta["trained_on"] = {name: len(tr) for name, (tr, _) in sets.items()}
     model.meta["weights"] = weights
 
     for name, (_, held) in sets.items():
         hs = sims_of(cache, held)
-        acc = [
-            s >= args.floor and model.score(p.a, p.b, s) >= min_score
-            for p, s in zip(held, hs, strict=False)
-        ]
-        c = Confusion.from_decisions(acc, [p.label for p in held])
-        print(
-            f"  held-out {name:18s} n={len(held):5d} precision {c.precision.fmt()} "
-            f"recall {c.recall.fmt()} FHR {c.false_hit_rate.fmt(2)}"
-        )
+        for label, floor, cut in (
+            ("score", args.floor, min_score),
+            ("veto", floor_default, args.veto),
+        ):
+            acc = [
+                s >= floor and model.score(p.a, p.b, s) >= cut
+                for p, s in zip(held, hs, strict=True)
+            ]
+            c = Confusion.from_decisions(acc, [p.label for p in held])
+            print(
+                f"  held-out {name:18s} {label:5s} n={len(held):5d} precision "
+                f"{c.precision.fmt()} recall {c.recall.fmt()} FHR {c.false_hit_rate.fmt(2)}"
+            )
     if not args.dry_run:
         model.save(args.out)
         size = Path(args.out).stat().st_size

@@ -414,6 +414,24 @@ class SemanticCache:
                 self._stats["misses"] += 1
         return hit, vector, shard
 
+    def nearest_similarity(
+        self, prompt: str, *, scope: Scope | None = None, vector: Any = None
+    ) -> float | None:
+        """Cosine similarity of the nearest indexed prompt in the scope (None if it is empty).
+
+        For monitoring how close misses come; it serves nothing and changes nothing.
+        """
+        self._check_open()
+        norm = normalise(prompt)
+        query = self._vector(norm, vector)
+        with self._lock:
+            self._sync()
+            index = self.shards.get(self._shard(_scope(scope)))
+            if index is None or len(index) == 0:
+                return None
+            sims, _ = index.search(query, 1)
+        return float(sims[0]) if len(sims) else None
+
     def _exact(self, norm: str, shard: str, now: float) -> Hit | None:
         key = exact_key(shard, norm)
         item = self.l1.get(key, now)

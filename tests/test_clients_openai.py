@@ -21,6 +21,8 @@ from semcache.errors import InvalidInputError
 from .fake_upstream import start_upstream, stop
 
 MODEL = "gpt-4o-mini"
+# The wrapper's mechanics are tested here, not the hit policy: pin a plain cosine threshold.
+THRESHOLD = 0.85
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def msgs(text: str, system: str = "You are terse.") -> list[dict[str, str]]:
 
 @pytest.fixture
 def client(upstream: str, cache: SemanticCache) -> CachedOpenAI:
-    wrapped = wrap(openai.OpenAI(base_url=upstream, api_key="sk-test", max_retries=0), cache)
+    inner = openai.OpenAI(base_url=upstream, api_key="sk-test", max_retries=0)
+    wrapped = wrap(inner, cache, threshold=THRESHOLD)
     assert isinstance(wrapped, CachedOpenAI)
     return wrapped
 
@@ -54,7 +57,7 @@ def client(upstream: str, cache: SemanticCache) -> CachedOpenAI:
 @pytest.fixture
 def aclient(upstream: str, cache: SemanticCache) -> CachedAsyncOpenAI:
     inner = openai.AsyncOpenAI(base_url=upstream, api_key="sk-test", max_retries=0)
-    wrapped = wrap(inner, cache)
+    wrapped = wrap(inner, cache, threshold=THRESHOLD)
     assert isinstance(wrapped, CachedAsyncOpenAI)
     return wrapped
 
@@ -256,7 +259,7 @@ def test_decorator_sync_single_flight(cache: SemanticCache) -> None:
     seen: list[str] = []
     gate = threading.Event()
 
-    @cached(cache, scope=Scope(model="m"), tags=["deco"])
+    @cached(cache, scope=Scope(model="m"), tags=["deco"], threshold=THRESHOLD)
     def answer(prompt: str) -> str:
         seen.append(prompt)
         gate.wait(timeout=10)

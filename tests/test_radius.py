@@ -280,3 +280,24 @@ Interleavings.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestInterleavings = Interleavings.TestCase
+
+
+def test_fast_scan_rounding_bound_holds_for_this_faiss() -> None:
+    """The margin assumes FAISS's LUT quantisation (quantize_lut.cpp); check it on this build:
+    every fast-scan score is within the computed rounding bound of the exact code score."""
+    x = clustered(5000, seed=21)
+    index = RadiusIndex(DIM, train_size=2000, segment_size=5000)
+    index.add(np.arange(len(x)), x)
+    (seg,) = index._segments.values()
+    pq = seg.index.pq
+    code_scores = pq.decode(pq.compute_codes(x)).astype(np.float64)
+    rng = np.random.default_rng(22)
+    for q in np.concatenate([x[:3], unit(rng.standard_normal((3, DIM)))]):
+        lut = np.einsum("mkd,md->mk", seg.centroids, q.reshape(index._m, -1).astype(np.float64))
+        spans = lut.max(axis=1) - lut.min(axis=1)
+        step = max(spans.max() / 255.0, spans.sum() / 65535.0)
+        low = lut.min(axis=1).sum()
+        _, dist, rows = seg.index.range_search(q[None], float(low) + 2 * step)
+        assert len(rows) > len(x) // 2
+        err = np.abs(dist.astype(np.float64) - code_scores[rows] @ q.astype(np.float64))
+        assert err.max() <= (index._m / 2.0) * step * 1.01 + 1e-5

@@ -58,7 +58,7 @@ def test_serve_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -
 async def asgi(tmp_path: Path, embedder: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     """The app on a cache with a batching real embedder, upstream = the fake app in process."""
     batcher = BatchingEmbedder(embedder)
-    cache = SemanticCache(tmp_path / "c", embedder=batcher)
+    cache = SemanticCache(tmp_path / "c", embedder=batcher, threshold=0.85)
     settings = Settings(upstream="http://fake/v1", tokens={})
     app = create_app(settings, cache, upstream_transport=httpx.ASGITransport(app=fake_upstream.app))
     async with app.router.lifespan_context(app):

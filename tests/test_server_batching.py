@@ -56,7 +56,7 @@ def test_contract_matches_the_inner_embedder(embedder) -> None:
 def test_a_cache_runs_on_it(tmp_path, embedder) -> None:
     with (
         BatchingEmbedder(embedder) as batcher,
-        SemanticCache(tmp_path / "c", embedder=batcher) as cache,
+        SemanticCache(tmp_path / "c", embedder=batcher, threshold=0.85) as cache,
     ):
         cache.store("How do I reset my password?", "Use the reset link.")
         hit = cache.lookup("how can I reset my password")

@@ -14,6 +14,7 @@ from semcache.verifier import (
     FEATURES,
     VerifierModel,
     VerifierPolicy,
+    calibrate_verifier,
     pair_features,
     shipped_model,
     shipped_policy,
@@ -137,3 +138,18 @@ def test_bad_models_and_arguments(tmp_path: Path) -> None:
     (tmp_path / "other.json").write_text(json.dumps(doc))
     with pytest.raises(InvalidInputError, match="other features"):
         VerifierModel.load(tmp_path / "other.json")
+
+
+def test_calibrate_verifier_bounds_its_operating_point() -> None:
+    pairs, sims = synthetic_pairs(n=800, seed=1)
+    model = train_verifier(pairs[:400], sims[:400], max_iter=30)
+    held, held_sims = pairs[400:], sims[400:]
+    for veto in (0.5, None):
+        policy = calibrate_verifier(model, held, held_sims, veto_below=veto)
+        assert policy.info["calibration_fhr_upper"] <= 0.02
+        accepted = [
+            policy.accept(str(p["b"]), str(p["a"]), s) for p, s in zip(held, held_sims, strict=True)
+        ]
+        negatives = [a for a, p in zip(accepted, held, strict=True) if p["label"] == 0]
+        assert sum(negatives) / len(negatives) <= 0.02
+        assert any(accepted)

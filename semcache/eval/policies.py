@@ -68,14 +68,15 @@ def standard_policies(
                 f"calibrated (cos>={calibrated.threshold:.3f})", calibrated, calibrated.fit_on or ""
             )
         )
-    ver = shipped_policy()
-    out.append(
-        NamedPolicy(
-            f"verifier (cos>={ver.min_similarity:g}, p>={ver.min_score:.2f})",
-            ver,
-            "hard-negative verifier, shipped model",
+    for shape in ("score", "veto"):
+        ver = shipped_policy(shape)
+        out.append(
+            NamedPolicy(
+                f"verifier {shape} (cos>={ver.min_similarity:.3g}, p>={ver.min_score:.2f})",
+                ver,
+                f"hard-negative verifier, shipped model, {shape} operating point",
+            )
         )
-    )
     if include_default:
         out.append(NamedPolicy("default_policy()", default_policy(), repr(default_policy())))
     return out
