@@ -513,11 +513,13 @@ class SemanticCache:
         scope: Scope | None = None,
         ttl: float | None = MISSING,
         tags: Iterable[str] | None = (),
+        vectors: Any = None,
     ) -> list[str]:
         """Store many (prompt, response) pairs, embedding them in batches; returns their ids.
 
         Items may be dicts with ``prompt``, ``response`` and optional ``scope``, ``ttl``,
-        ``tags``, ``metadata`` overriding the call's defaults.
+        ``tags``, ``metadata`` overriding the call's defaults. ``vectors`` (one row per item)
+        skips embedding.
         """
         self._check_open()
         prepared: list[dict[str, Any]] = []
@@ -539,12 +541,21 @@ class SemanticCache:
                     fields.get("metadata"),
                 )
             )
+        given = None if vectors is None else as_unit_matrix(vectors, self.dim)
+        if given is not None and len(given) != len(prepared):
+            raise InvalidInputError(f"{len(given)} vectors for {len(prepared)} items")
         ids: list[str] = []
         for start in range(0, len(prepared), 256):
             batch = prepared[start : start + 256]
-            vectors = self.embed([p["norm"] for p in batch])
+            if given is None:
+                batch_vectors = self.embed([p["norm"] for p in batch])
+            else:
+                batch_vectors = given[start : start + 256]
             with self._lock, self._db.transaction():
-                ids += [self._write(p, v, apply=False) for p, v in zip(batch, vectors, strict=True)]
+                ids += [
+                    self._write(p, v, apply=False)
+                    for p, v in zip(batch, batch_vectors, strict=True)
+                ]
             self._apply_changes()
         return ids
 

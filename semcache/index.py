@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import faiss
 import numpy as np
@@ -154,11 +154,15 @@ class NumpyIndex:
 class FaissIndex:
     """The default index: exact FAISS search while small, HNSW once a shard is large.
 
-    Below ``hnsw_threshold`` vectors it searches a flat inner-product index (exact). At the
-    threshold it builds an HNSW graph over the same vectors for sub-millisecond k-NN. HNSW cannot
-    delete, so removed vectors become tombstones that the search filters out with an
-    ``IDSelector``; the graph is rebuilt when tombstones pass a quarter of it. The flat index is
-    kept in both modes: it answers exact range searches and is what the graph is rebuilt from.
+    Below ``hnsw_threshold`` vectors it is a flat inner-product index: exact k-NN, exact range
+    search, O(n) removal (cheap at that size). At the threshold it becomes an HNSW graph, whose
+    own storage holds the vectors: k-NN in well under a millisecond, and removal in O(1) as a
+    tombstone that searches filter out with an ``IDSelector``; the graph is rebuilt from its
+    live vectors when tombstones pass a quarter of it, and turns flat again below half the
+    threshold. Exact range searches (semantic invalidation) over a large graph use a
+    :class:`~semcache.radius.RadiusIndex` mirror, built on the first such search once the
+    shard holds ``radius_mirror_min`` vectors and kept in step afterwards; smaller shards are
+    scanned exactly.
     """
 
     def __init__(
@@ -169,6 +173,7 @@ class FaissIndex:
         hnsw_m: int = 32,
         ef_search: int = 64,
         ef_construction: int = 80,
+        radius_mirror_min: int = 50_000,
     ) -> None:
         if hnsw_threshold < 1:
             raise ValueError("hnsw_threshold must be >= 1")
@@ -177,14 +182,16 @@ class FaissIndex:
         self.hnsw_m = hnsw_m
         self.ef_search = ef_search
         self.ef_construction = ef_construction
-        self._flat = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.radius_mirror_min = radius_mirror_min
+        self._flat: faiss.IndexIDMap2 | None = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._present: set[int] = set()
         self._hnsw: faiss.IndexHNSWFlat | None = None
         self._labels = np.zeros(0, dtype=np.int64)  # HNSW label -> id
         self._label_of: dict[int, int] = {}  # id -> live HNSW label
         self._tombs: set[int] = set()
         self._params: faiss.SearchParametersHNSW | None = None
-        self._lock = threading.Lock()
+        self._mirror: Any = None  # RadiusIndex over the live vectors, once needed
+        self._lock = threading.RLock()
 
     # -- size and membership -------------------------------------------------------------
     def __len__(self) -> int:
@@ -204,7 +211,6 @@ class FaissIndex:
             return
         with self._lock:
             self._remove_locked(ids)
-            self._flat.add_with_ids(vectors, ids)
             self._present.update(ids.tolist())
             if self._hnsw is not None:
                 start = self._hnsw.ntotal
@@ -212,8 +218,13 @@ class FaissIndex:
                 self._labels = np.concatenate([self._labels, ids])
                 for offset, id_ in enumerate(ids.tolist()):
                     self._label_of[id_] = start + offset
-            elif len(self._present) >= self.hnsw_threshold:
-                self._build_hnsw()
+                if self._mirror is not None:
+                    self._mirror.add(ids, vectors)
+                return
+            assert self._flat is not None
+            self._flat.add_with_ids(vectors, ids)
+            if len(self._present) >= self.hnsw_threshold:
+                self._build_hnsw(*self._all_vectors())
 
     def remove(self, ids: np.ndarray) -> int:
         with self._lock:
@@ -224,19 +235,40 @@ class FaissIndex:
         if not present:
             return 0
         arr = np.asarray(present, dtype=np.int64)
-        self._flat.remove_ids(faiss.IDSelectorBatch(arr))
         self._present.difference_update(present)
-        if self._hnsw is not None:
-            for id_ in present:
-                self._tombs.add(self._label_of.pop(id_))
-            self._params = None
-            if len(self._present) < self.hnsw_threshold // 2:
-                self._drop_hnsw()
-            elif len(self._tombs) > self._hnsw.ntotal // 4:
-                self._build_hnsw()
+        if self._hnsw is None:
+            assert self._flat is not None
+            self._flat.remove_ids(faiss.IDSelectorBatch(arr))
+            return len(present)
+        for id_ in present:
+            self._tombs.add(self._label_of.pop(id_))
+        self._params = None
+        if self._mirror is not None:
+            self._mirror.remove(arr)
+        if len(self._present) < self.hnsw_threshold // 2:
+            ids_, vectors = self._all_vectors()
+            self._drop_hnsw()
+            self._flat = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+            if len(ids_):
+                self._flat.add_with_ids(vectors, ids_)
+        elif len(self._tombs) > self._hnsw.ntotal // 4:
+            self._build_hnsw(*self._all_vectors())
         return len(present)
 
+    def _hnsw_matrix(self) -> np.ndarray:
+        """A zero-copy view of the graph's stored vectors, one row per label."""
+        assert self._hnsw is not None
+        storage = faiss.downcast_index(self._hnsw.storage)
+        n = self._hnsw.ntotal
+        return faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)
+
     def _all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of every live entry, in label order for a graph."""
+        if self._hnsw is not None:
+            labels = np.fromiter(self._label_of.values(), dtype=np.int64, count=len(self._label_of))
+            labels.sort()
+            return self._labels[labels].copy(), self._hnsw_matrix()[labels].copy()
+        assert self._flat is not None
         n = self._flat.ntotal
         if n == 0:
             return _EMPTY_IDS, np.zeros((0, self.dim), dtype=np.float32)
@@ -244,18 +276,18 @@ class FaissIndex:
         vectors = self._flat.index.reconstruct_n(0, n)
         return ids, np.ascontiguousarray(vectors, dtype=np.float32)
 
-    def _build_hnsw(self) -> None:
-        ids, vectors = self._all_vectors()
+    def _build_hnsw(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = self.ef_construction
         hnsw.hnsw.efSearch = self.ef_search
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(max(threads, _BUILD_THREADS))
         try:
-            hnsw.add(vectors)
+            hnsw.add(np.ascontiguousarray(vectors, dtype=np.float32))
         finally:
             faiss.omp_set_num_threads(threads)
         self._hnsw = hnsw
+        self._flat = None
         self._labels = ids.copy()
         self._label_of = {id_: label for label, id_ in enumerate(ids.tolist())}
         self._tombs = set()
@@ -267,6 +299,7 @@ class FaissIndex:
         self._label_of = {}
         self._tombs = set()
         self._params = None
+        self._mirror = None
 
     # -- search ---------------------------------------------------------------------------
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,6 +308,7 @@ class FaissIndex:
             if not self._present or k <= 0:
                 return _EMPTY_SIMS, _EMPTY_IDS
             if self._hnsw is None:
+                assert self._flat is not None
                 sims, ids = self._flat.search(q, min(k, len(self._present)))
                 keep = ids[0] >= 0
                 return sims[0][keep], ids[0][keep]
@@ -296,6 +330,14 @@ class FaissIndex:
 
     def range_search(self, query: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
+            if self._hnsw is not None and len(self._present) >= self.radius_mirror_min:
+                if self._mirror is None:
+                    from .radius import RadiusIndex
+
+                    mirror = RadiusIndex(self.dim)
+                    mirror.add(*self._all_vectors())
+                    self._mirror = mirror
+                return self._mirror.search(np.asarray(query, dtype=np.float32), radius)  # type: ignore[no-any-return]
             ids, vectors = self._all_vectors()
         return _exact_range(vectors, ids, query, radius)
 
@@ -306,6 +348,10 @@ class FaissIndex:
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         with self._lock:
             wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
+            if self._hnsw is not None:
+                labels = [self._label_of[int(i)] for i in wanted]
+                return self._hnsw_matrix()[labels].copy()
+            assert self._flat is not None
             out = np.zeros((len(wanted), self.dim), dtype=np.float32)
             for row, id_ in enumerate(wanted.tolist()):
                 out[row] = self._flat.reconstruct(id_)
@@ -314,45 +360,56 @@ class FaissIndex:
     # -- persistence ----------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         with self._lock:
-            arrays = {"flat": faiss.serialize_index(self._flat)}
             if self._hnsw is not None:
-                arrays["hnsw"] = faiss.serialize_index(self._hnsw)
-                arrays["labels"] = self._labels
-                arrays["tombs"] = np.fromiter(self._tombs, dtype=np.int64, count=len(self._tombs))
+                arrays = {
+                    "hnsw": faiss.serialize_index(self._hnsw),
+                    "labels": self._labels,
+                    "tombs": np.fromiter(self._tombs, dtype=np.int64, count=len(self._tombs)),
+                }
+            else:
+                arrays = {"flat": faiss.serialize_index(self._flat)}
             meta = {
                 "dim": self.dim,
                 "hnsw_threshold": self.hnsw_threshold,
                 "hnsw_m": self.hnsw_m,
                 "ef_search": self.ef_search,
                 "ef_construction": self.ef_construction,
+                "radius_mirror_min": self.radius_mirror_min,
             }
             return _pack("faiss", meta, arrays)
 
     @classmethod
-    def _from_arrays(cls, meta: dict[str, object], arrays: dict[str, np.ndarray]) -> FaissIndex:
+    def _from_arrays(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> FaissIndex:
         index = cls(
-            int(meta["dim"]),  # type: ignore[call-overload]
-            hnsw_threshold=int(meta["hnsw_threshold"]),  # type: ignore[call-overload]
-            hnsw_m=int(meta["hnsw_m"]),  # type: ignore[call-overload]
-            ef_search=int(meta["ef_search"]),  # type: ignore[call-overload]
-            ef_construction=int(meta["ef_construction"]),  # type: ignore[call-overload]
+            int(meta["dim"]),
+            hnsw_threshold=int(meta["hnsw_threshold"]),
+            hnsw_m=int(meta["hnsw_m"]),
+            ef_search=int(meta["ef_search"]),
+            ef_construction=int(meta["ef_construction"]),
+            radius_mirror_min=int(meta.get("radius_mirror_min", 50_000)),
         )
-        flat = faiss.deserialize_index(arrays["flat"])
-        if flat.d != index.dim:
-            raise IndexCorruptError("index file dimension disagrees with its header")
-        index._flat = flat  # deserialize_index already returns the concrete (owning) type
-        if not isinstance(index._flat, faiss.IndexIDMap2):
-            raise IndexCorruptError("index file does not hold an id-mapped flat index")
-        index._present = set(faiss.vector_to_array(index._flat.id_map).astype(np.int64).tolist())
         if "hnsw" in arrays:
-            index._hnsw = faiss.deserialize_index(arrays["hnsw"])
+            hnsw = faiss.deserialize_index(arrays["hnsw"])
+            if hnsw.d != index.dim or not isinstance(hnsw, faiss.IndexHNSWFlat):
+                raise IndexCorruptError("index file does not hold an HNSW graph of its dimension")
+            index._hnsw = hnsw
+            index._flat = None
             index._labels = arrays["labels"].astype(np.int64)
             index._tombs = set(arrays["tombs"].astype(np.int64).tolist())
+            if len(index._labels) != hnsw.ntotal:
+                raise IndexCorruptError("index file's labels disagree with its graph")
             index._label_of = {
                 int(id_): label
                 for label, id_ in enumerate(index._labels.tolist())
                 if label not in index._tombs
             }
+            index._present = set(index._label_of)
+            return index
+        flat = faiss.deserialize_index(arrays["flat"])  # already the concrete, owning type
+        if flat.d != index.dim or not isinstance(flat, faiss.IndexIDMap2):
+            raise IndexCorruptError("index file does not hold an id-mapped flat index")
+        index._flat = flat
+        index._present = set(faiss.vector_to_array(flat.id_map).astype(np.int64).tolist())
         return index
 
 

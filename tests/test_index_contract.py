@@ -16,6 +16,7 @@ FACTORIES: dict[str, Callable[[], VectorIndex]] = {
     "numpy": lambda: NumpyIndex(DIM),
     "faiss-flat": lambda: FaissIndex(DIM, hnsw_threshold=10_000),
     "faiss-hnsw": lambda: FaissIndex(DIM, hnsw_threshold=50),
+    "faiss-hnsw-radius-mirror": lambda: FaissIndex(DIM, hnsw_threshold=50, radius_mirror_min=60),
 }
 
 
@@ -109,6 +110,22 @@ def test_hnsw_recall_and_tombstone_compaction() -> None:
     assert hits >= 990
     index.remove(np.arange(1, 2000, 2)[:980])  # below half the threshold: back to flat
     assert index.kind == "flat"
+
+
+def test_radius_mirror_follows_mutations() -> None:
+    index = FaissIndex(DIM, hnsw_threshold=50, radius_mirror_min=100)
+    x = unit(3000, seed=5)
+    index.add(np.arange(3000), x)
+    index.range_search(x[0], 0.5)
+    assert index._mirror is not None
+    index.remove(np.arange(0, 600))
+    index.add(np.arange(5000, 5100), x[:100])
+    alive = {i: x[i] for i in range(600, 3000)} | {5000 + j: x[j] for j in range(100)}
+    ids = np.fromiter(alive, dtype=np.int64)
+    mat = np.stack(list(alive.values()))
+    for radius in (0.3, 0.5, 0.9):
+        found, _ = index.range_search(x[3], radius)
+        assert set(found.tolist()) == set(ids[(mat @ x[3]) >= np.float32(radius)].tolist())
 
 
 def test_corrupt_bytes() -> None:
