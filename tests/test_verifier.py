@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from semcache.errors import InvalidInputError
-from semcache.threshold import HitPolicy, load_policy, save_policy
+from semcache.threshold import HitPolicy, default_policy, load_policy, save_policy
 from semcache.verifier import (
     FEATURES,
     VerifierModel,
@@ -46,7 +46,7 @@ def features(a: str, b: str, sim: float = 0.9) -> dict[str, float]:
     return dict(zip(FEATURES, pair_features(a, b, sim), strict=True))
 
 
-@pytest.mark.parametrize("policy_factory", [shipped_policy])
+@pytest.mark.parametrize("policy_factory", [shipped_policy, default_policy])
 def test_rejects_near_misses_and_accepts_paraphrases(embedder, policy_factory) -> None:  # type: ignore[no-untyped-def]
     policy = policy_factory()
     assert isinstance(policy, HitPolicy)
