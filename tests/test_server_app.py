@@ -129,3 +129,20 @@ async def test_concurrent_requests_share_embedding_batches(
     texts = batcher.stats.texts - before[1]
     assert texts == 24
     assert batches < 24  # several prompts per model call
+
+
+async def test_identical_concurrent_misses_make_one_upstream_call(
+    asgi: tuple[httpx.AsyncClient, Any],
+) -> None:
+    import asyncio
+
+    client, _app = asgi
+    fake_upstream.STATE.update(total=0)
+    question = "What is the boiling point of water at sea level? #delay=0.5"
+    responses = await asyncio.gather(
+        *(client.post("/v1/chat/completions", json=chat(question)) for _ in range(6))
+    )
+    assert all(r.status_code == 200 for r in responses)
+    assert sorted(r.headers["x-semcache"] for r in responses) == ["hit"] * 5 + ["miss"]
+    assert fake_upstream.STATE["total"] == 1
+    assert len({r.json()["choices"][0]["message"]["content"] for r in responses}) == 1

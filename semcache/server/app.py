@@ -12,7 +12,9 @@ prompts of concurrent requests are embedded together instead of one at a time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -59,6 +61,8 @@ class ServerState:
     upstream: httpx.AsyncClient | None = None
     batcher: BatchingEmbedder | None = None
     limiter: anyio.CapacityLimiter | None = None
+    #: exact misses being answered by the upstream right now: (scope digest, prompt) -> done
+    inflight: dict[tuple[str, str], asyncio.Event] = dataclasses.field(default_factory=dict)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking cache call in a worker thread, at most ``cache_threads`` at a time

@@ -50,6 +50,11 @@ class Metrics:
         self.lookups = Counter("semcache_lookups", "Cache lookups.", ["endpoint"], registry=r)
         self.hits = Counter("semcache_hits", "Cache hits by tier.", ["tier"], registry=r)
         self.misses = Counter("semcache_misses", "Lookups without a hit.", registry=r)
+        self.singleflight_waits = Counter(
+            "semcache_singleflight_waits",
+            "Misses answered by waiting for an identical request already at the upstream.",
+            registry=r,
+        )
         self.bypass = Counter(
             "semcache_bypass", "Chat requests that bypass the cache.", ["reason"], registry=r
         )

@@ -14,6 +14,7 @@ Response headers: ``x-semcache: hit|miss|bypass``, and ``x-semcache-similarity``
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -38,6 +39,7 @@ from ...chat import (
     wants_usage,
 )
 from ...errors import SemcacheError
+from ...keys import normalise
 from ...types import Hit
 from ..app import ServerState, principal_of, state_of
 from ..auth import Principal
@@ -106,10 +108,29 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
             if hit is not None:
                 outcome = "hit"
                 return _hit_response(hit, body.model, stream, wants_usage(payload))
+        flight = (key.scope.digest, normalise(key.prompt))
+        leader = state.inflight.get(flight)
+        if leader is not None and not options.refresh:
+            # single-flight: the same question is with the upstream already; wait for it
+            await leader.wait()
+            hit = await _lookup(state, key, options)
+            if hit is not None:
+                outcome = "hit"
+                metrics.singleflight_waits.inc()
+                return _hit_response(hit, body.model, stream, wants_usage(payload))
         outcome = "miss"
-        return await _forward(
-            state, request, payload, stream, key, options, principal, {"x-semcache": "miss"}
-        )
+        if stream or flight in state.inflight:
+            return await _forward(
+                state, request, payload, stream, key, options, principal, {"x-semcache": "miss"}
+            )
+        done = state.inflight[flight] = asyncio.Event()
+        try:
+            return await _forward(
+                state, request, payload, stream, key, options, principal, {"x-semcache": "miss"}
+            )
+        finally:
+            state.inflight.pop(flight, None)
+            done.set()
     finally:
         metrics.request_seconds.labels("chat", outcome).observe(time.perf_counter() - started)
 
