@@ -33,7 +33,6 @@ from .errors import (
     CacheClosedError,
     EmbedderMismatchError,
     EntryNotFoundError,
-    IndexCorruptError,
     InvalidInputError,
     SemcacheError,
 )
@@ -260,12 +259,7 @@ class SemanticCache:
         self._db.set_meta("dim", str(self.dim))
 
     def _open_index(self, rebuild: bool) -> None:
-        loaded = False
-        if not rebuild:
-            try:
-                loaded = self.shards.load()
-            except IndexCorruptError:
-                raise
+        loaded = False if rebuild else self.shards.load()  # IndexCorruptError propagates
         if not loaded or self.shards.seq < self._db.trimmed_upto():
             self._rebuild_index()
         else:

@@ -31,7 +31,7 @@ def test_thousand_entries_survive_reopen(
         assert reopened._db.changes_since(reopened.shards.seq) == []  # nothing to replay
         vectors = reopened.embed(prompts)
         for i, (prompt, vector) in enumerate(zip(prompts, vectors, strict=True)):
-            hit, _, _ = reopened._lookup(prompt, reopened_scope(), reopened.policy, vector)
+            hit = reopened.lookup(prompt, vector=vector)
             assert hit is not None and hit.entry_id == ids[i] and hit.response == f"answer {i}"
         # and by meaning, not only by exact key: the semantic tier after restart
         reopened.l1.clear()
@@ -41,12 +41,6 @@ def test_thousand_entries_survive_reopen(
         assert found[0] == reopened._db.rowid_of(ids[123])
     finally:
         reopened.close()
-
-
-def reopened_scope():
-    from semcache.types import DEFAULT_SCOPE
-
-    return DEFAULT_SCOPE
 
 
 WRITER = textwrap.dedent(
