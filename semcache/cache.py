@@ -463,7 +463,9 @@ class SemanticCache:
             if len(self._served) > 10_000:
                 self._served.pop(next(iter(self._served)))
             self._stats["hits_semantic"] += 1
-            return Hit(row.response, float(sim), row.uid, "semantic", row.prompt, row.metadata)
+            return Hit(
+                row.response, min(float(sim), 1.0), row.uid, "semantic", row.prompt, row.metadata
+            )
         self._stats["rejected"] += 1
         return None
 
@@ -880,6 +882,8 @@ class SemanticCache:
             if rowid is None:
                 raise EntryNotFoundError(f"no entry {entry_id!r}")
             sim = self._served.get(entry_id, 1.0) if similarity is None else similarity
+            if isinstance(sim, float) and 1.0 < sim < 1.0 + 1e-5:
+                sim = 1.0  # float32 rounding of a unit vector's self-similarity
             sim = check_threshold(sim)
             if correct:
                 with self._db.transaction() as conn:

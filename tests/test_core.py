@@ -387,3 +387,11 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         assert c.lookup("migrate me").response == "ok"
         assert c._db.get_meta("schema_version") == "2"
+
+
+def test_similarities_stay_on_the_scale(fast_cache: SemanticCache) -> None:
+    vector = np.random.default_rng(3).standard_normal(64)
+    eid = fast_cache.store("rounding check words", "ok", vector=vector)
+    hit = fast_cache.lookup("rounding check other", vector=vector * 1.0000001)
+    assert hit is not None and -1.0 <= hit.similarity <= 1.0
+    fast_cache.feedback(eid, False, similarity=hit.similarity)  # accepted back as given

@@ -89,12 +89,15 @@ def replay(
     path: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     keep_examples: int = 20,
+    feedback: bool = False,
 ) -> ReplayResult:
     """Replay ``workload`` through a fresh ``SemanticCache`` using ``policy``.
 
     Only the public API is used: ``lookup(prompt, threshold=policy)`` then, on a miss,
     ``store(prompt, answer)``. Pass an :class:`~.embcache.EmbeddingCache` as ``embedder`` so
     texts are embedded once per run however many policies replay the same workload.
+    With ``feedback=True`` every served hit is reported back through ``cache.feedback`` as a
+    user who notices wrong answers would, so per-entry floors are learned as the replay goes.
     """
     from .. import SemanticCache
 
@@ -116,8 +119,12 @@ def replay(
                 elif hit.response == f"answer:{answer}":
                     result.correct_hits += 1
                     result.repeatable_answered += 1
+                    if feedback:
+                        cache.feedback(hit.entry_id, True)
                 else:
                     result.wrong_hits += 1
+                    if feedback:
+                        cache.feedback(hit.entry_id, False, similarity=hit.similarity)
                     if len(result.wrong_examples) < keep_examples:
                         result.wrong_examples.append((prompt, hit.prompt, hit.similarity))
                 if progress is not None and (i % 200 == 0 or i == len(workload) - 1):
