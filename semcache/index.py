@@ -8,9 +8,11 @@ store before it is served.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import threading
+from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import faiss
@@ -214,7 +216,8 @@ class FaissIndex:
             self._present.update(ids.tolist())
             if self._hnsw is not None:
                 start = self._hnsw.ntotal
-                self._hnsw.add(vectors)
+                with _build_threads(len(ids) >= 64):  # batches insert in parallel
+                    self._hnsw.add(vectors)
                 self._labels = np.concatenate([self._labels, ids])
                 for offset, id_ in enumerate(ids.tolist()):
                     self._label_of[id_] = start + offset
@@ -280,12 +283,8 @@ class FaissIndex:
         hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = self.ef_construction
         hnsw.hnsw.efSearch = self.ef_search
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(max(threads, _BUILD_THREADS))
-        try:
+        with _build_threads(True):
             hnsw.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        finally:
-            faiss.omp_set_num_threads(threads)
         self._hnsw = hnsw
         self._flat = None
         self._labels = ids.copy()
@@ -415,6 +414,21 @@ class FaissIndex:
 
 #: Threads FAISS may use while building an HNSW graph (searches stay on the caller's setting).
 _BUILD_THREADS = 2
+
+
+@contextlib.contextmanager
+def _build_threads(wanted: bool) -> Iterator[None]:
+    """Let FAISS use ``_BUILD_THREADS`` while building; searches keep the caller's setting."""
+    if not wanted:
+        yield
+        return
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(threads, _BUILD_THREADS))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
 
 _KINDS: dict[str, type[NumpyIndex] | type[FaissIndex]] = {"numpy": NumpyIndex, "faiss": FaissIndex}
 
