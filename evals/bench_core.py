@@ -38,10 +38,23 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def bench(size: int, embedder: SentenceTransformerEmbedder, queries: int) -> None:
+def realistic(rng: np.random.Generator, path: Path, n: int) -> np.ndarray:
+    """Real all-MiniLM-L6-v2 sentence embeddings (an .npy file), cycled to ``n`` rows with
+    small noise and renormalised: the clustered structure of real prompts, at any size."""
+    real = np.load(path).astype(np.float32)
+    rows = real[np.arange(n) % len(real)]
+    noisy = rows + rng.uniform(0.005, 0.03, (n, 1)).astype(np.float32) * rng.standard_normal(
+        rows.shape
+    ).astype(np.float32)
+    return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+
+
+def bench(
+    size: int, embedder: SentenceTransformerEmbedder, queries: int, real: Path | None
+) -> None:
     rng = np.random.default_rng(size)
     dim = embedder.dim
-    vectors = unit(rng, size, dim)
+    vectors = unit(rng, size, dim) if real is None else realistic(rng, real, size)
     tmp = Path(tempfile.mkdtemp(prefix="semcache-bench-"))
     try:
         cache = SemanticCache(tmp, embedder=embedder, threshold=0.9, checkpoint_every=10**9)
@@ -91,7 +104,8 @@ def bench(size: int, embedder: SentenceTransformerEmbedder, queries: int) -> Non
             full_lat.append(time.perf_counter() - t)
 
         kind = next(index for _, index in cache.shards.items())
-        print(f"\n== {size:,} entries (index: {getattr(kind, 'kind', type(kind).__name__)})")
+        label = "random unit vectors" if real is None else f"real embeddings from {real.name}"
+        print(f"\n== {size:,} entries, {label} (index: {getattr(kind, 'kind', '?')})")
         print(
             f"store (vector given, excl. embedding): {size / store_s:,.0f} stores/s "
             f"({store_s:.1f} s); checkpoint {checkpoint_s:.2f} s"
@@ -138,11 +152,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument(
+        "--real", type=Path, default=None,
+        help="an .npy of real sentence embeddings to build realistic vectors from",
+    )  # fmt: skip
     args = parser.parse_args()
     embedder = SentenceTransformerEmbedder()
     print(f"faiss threads: {faiss.omp_get_max_threads()}, cpu count: {os.cpu_count()}")
     for size in args.sizes:
-        bench(size, embedder, args.queries)
+        bench(size, embedder, args.queries, args.real)
     bench_store_many(embedder)
 
 
