@@ -207,14 +207,15 @@ class SemanticCache:
                 return FaissIndex(dim, hnsw_threshold=hnsw_threshold)
 
         self._db = Store(self.path / DB_FILE, synchronous=synchronous.upper())
+        self.shards = ShardSet(
+            self.path / INDEX_DIR, self.dim, self.embedder.model_id, index_factory
+        )
         try:
             self._check_embedder(rebuild)
-            self.shards = ShardSet(
-                self.path / INDEX_DIR, self.dim, self.embedder.model_id, index_factory
-            )
             self.shards.acquire()
             self._open_index(rebuild)
         except BaseException:
+            self.shards.release()
             with contextlib.suppress(Exception):
                 self._db.close()
             raise
@@ -403,6 +404,8 @@ class SemanticCache:
         if vector is None:
             vector = self.embed([norm])[0]
         with self._lock:
+            self._sync()  # a bump or delete while we embedded must count
+            shard = self._shard(scope)
             hit = self._semantic(norm, vector, shard, policy, self.clock.now())
             if hit is None:
                 self._stats["misses"] += 1
@@ -426,21 +429,31 @@ class SemanticCache:
             sims, _ = index.search(query, 1)
         return float(sims[0]) if len(sims) else None
 
-    def _exact(self, norm: str, shard: str, now: float) -> Hit | None:
+    def _exact(self, norm: str, shard: str, now: float, *, record: bool = True) -> Hit | None:
+        """An exact repeat live at ``now``; ``record=False`` only looks (no L1, stats, LRU)."""
         key = exact_key(shard, norm)
-        item = self.l1.get(key, now)
+        item = self.l1.get(key, now) if record else None
         if item is None:
             row = self._db.find_exact(key, now)
             if row is None:
                 return None
             item = L1Item(row.id, row.uid, row.prompt, row.response, row.expires_at, row.metadata)
+            if not record:
+                return Hit(item.response, 1.0, item.uid, "l1", item.prompt, item.metadata)
             self.l1.put(key, item)
         self._touch(item.rowid, now)
         self._stats["hits_l1"] += 1
         return Hit(item.response, 1.0, item.uid, "l1", item.prompt, item.metadata)
 
     def _semantic(
-        self, norm: str, vector: np.ndarray, shard: str, policy: HitPolicy, now: float
+        self,
+        norm: str,
+        vector: np.ndarray,
+        shard: str,
+        policy: HitPolicy,
+        now: float,
+        *,
+        record: bool = True,
     ) -> Hit | None:
         index = self.shards.get(shard)
         if index is None or len(index) == 0:
@@ -458,14 +471,17 @@ class SemanticCache:
                 continue
             if not policy.accept(norm, row.prompt, sim):
                 continue
+            hit = Hit(
+                row.response, min(float(sim), 1.0), row.uid, "semantic", row.prompt, row.metadata
+            )
+            if not record:
+                return hit
             self._touch(rowid, now)
             self._served[row.uid] = sim
             if len(self._served) > 10_000:
                 self._served.pop(next(iter(self._served)))
             self._stats["hits_semantic"] += 1
-            return Hit(
-                row.response, min(float(sim), 1.0), row.uid, "semantic", row.prompt, row.metadata
-            )
+            return hit
         self._stats["rejected"] += 1
         return None
 
@@ -609,14 +625,14 @@ class SemanticCache:
                 "metadata": item["metadata"],
             }
             with self._db.transaction():
-                rowid, uid = self._db.insert(values, item["tags"])
+                _, uid = self._db.insert(values, item["tags"])
                 self._cull(now)
                 self._evict()
             self._stats["stores"] += 1
             if apply:
                 self._apply_changes()
-            meta = json.loads(item["metadata"]) if item["metadata"] else {}
-            self.l1.put(key, L1Item(rowid, uid, norm, item["response"], values["expires_at"], meta))
+            # L1 fills on the first exact repeat (from the store), never here: the row may already
+            # be gone (evicted by its own write) or not yet committed (store_many's batch).
             return uid
 
     def _cull(self, now: float) -> None:
@@ -749,8 +765,8 @@ class SemanticCache:
             return None
         with self._lock:
             horizon = self.clock.now() - self.max_stale
-            return self._exact(norm, shard, horizon) or self._semantic(
-                norm, vector, shard, policy, horizon
+            return self._exact(norm, shard, horizon, record=False) or self._semantic(
+                norm, vector, shard, policy, horizon, record=False
             )
 
     async def alookup(

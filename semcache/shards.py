@@ -113,7 +113,11 @@ class ShardSet:
     # -- persistence ----------------------------------------------------------------------
     def save(self) -> None:
         """Write dirty shards and then the manifest (the manifest is the commit point)."""
-        manifest = self._read_manifest() or {}
+        try:
+            manifest = self._read_manifest() or {}
+        except IndexCorruptError:  # damaged on disk: write every shard afresh
+            manifest = {}
+            self._dirty.update(self._shards)
         files: dict[str, dict[str, object]] = dict(manifest.get("shards", {}))  # type: ignore[arg-type]
         for shard in sorted(self._dirty):
             name = _file_name(shard)

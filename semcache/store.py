@@ -131,7 +131,8 @@ class Store:
                 yield self._conn
             except BaseException:
                 self._depth = 0
-                self._conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # keep the original error
+                    self._conn.execute("ROLLBACK")
                 raise
             self._depth = 0
             try:

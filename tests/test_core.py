@@ -395,3 +395,51 @@ def test_similarities_stay_on_the_scale(fast_cache: SemanticCache) -> None:
     hit = fast_cache.lookup("rounding check other", vector=vector * 1.0000001)
     assert hit is not None and -1.0 <= hit.similarity <= 1.0
     fast_cache.feedback(eid, False, similarity=hit.similarity)  # accepted back as given
+
+
+def test_an_entry_evicted_by_its_own_write_is_never_served(tmp_path: Path) -> None:
+    with SemanticCache(
+        tmp_path / "a", embedder=HashEmbedder(), max_entries=1, eviction="lfu", threshold=0.99
+    ) as c:
+        c.store("alpha question", "A")
+        assert c.lookup("alpha question") is not None  # alpha now has a hit: beta goes first
+        beta = c.store("beta question", "B")
+        with pytest.raises(EntryNotFoundError):
+            c.get(beta)
+        assert c.lookup("beta question") is None
+        assert c.verify() == []
+    with SemanticCache(tmp_path / "b", embedder=HashEmbedder(), max_bytes=10) as c:
+        c.store("gamma", "G")  # larger than the whole budget
+        assert c.lookup("gamma") is None and c.stats()["entries"] == 0
+
+
+def test_failed_open_releases_the_index_lock(tmp_path: Path) -> None:
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        c.store("lock check words", "ok")
+    (tmp_path / "index" / "manifest.json").write_text("garbage")
+    with pytest.raises(IndexCorruptError):
+        SemanticCache(tmp_path, embedder=HashEmbedder())
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), rebuild=True, threshold=0.9) as c:
+        assert c.shards.owner  # the failed open did not keep the writer lock
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:  # manifest rewritten
+        assert c.lookup("lock check words").response == "ok"
+
+
+def test_a_bump_while_embedding_is_honoured(tmp_path: Path) -> None:
+    """A lookup that embeds while another thread bumps the namespace must not serve old entries."""
+    inner = HashEmbedder()
+
+    class BumpingEmbedder:
+        model_id, dim = inner.model_id, inner.dim
+        cache: SemanticCache | None = None
+
+        def embed(self, texts):  # type: ignore[no-untyped-def]
+            if self.cache is not None and texts == ["old words here please"]:
+                self.cache.bump("default")
+            return inner.embed(texts)
+
+    emb = BumpingEmbedder()
+    with SemanticCache(tmp_path, embedder=emb, threshold=0.8) as c:
+        c.store("old words here", "stale answer")
+        emb.cache = c
+        assert c.lookup("old words here please") is None
