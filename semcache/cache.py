@@ -658,9 +658,7 @@ class SemanticCache:
                 over = max(over, 1)
             if not over:
                 return
-            if self._access:
-                pending, self._access = self._access, {}
-                self._db.record_access(pending)
+            self._flush_access()  # LRU/LFU order must include the hits not yet written
             n = self._db.delete_where(
                 f"SELECT id FROM entries ORDER BY {order}", (), min(over, 1000)
             )
@@ -1053,9 +1051,7 @@ class SemanticCache:
             self._checkpoint_locked()
 
     def _checkpoint_locked(self) -> None:
-        if self._access:
-            pending, self._access = self._access, {}
-            self._db.record_access(pending)
+        self._flush_access()
         if not self.shards.owner:
             return
         self.shards.save()

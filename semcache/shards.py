@@ -68,13 +68,6 @@ class ShardSet:
     def items(self) -> Iterator[tuple[str, VectorIndex]]:
         return iter(list(self._shards.items()))
 
-    def mark(self, shard: str) -> None:
-        self._dirty.add(shard)
-
-    def drop(self, shard: str) -> None:
-        if self._shards.pop(shard, None) is not None:
-            self._dirty.add(shard)
-
     def clear(self) -> None:
         self._dirty.update(self._shards)
         self._shards.clear()

@@ -149,10 +149,6 @@ class Store:
             except sqlite3.Error as exc:
                 raise StoreError(f"store query failed: {exc}") from exc
 
-    @property
-    def lock(self) -> threading.RLock:
-        return self._lock
-
     def data_version(self) -> int:
         """Changes when another connection commits (``PRAGMA data_version``)."""
         with self._lock:

@@ -394,7 +394,10 @@ def test_similarities_stay_on_the_scale(fast_cache: SemanticCache) -> None:
     eid = fast_cache.store("rounding check words", "ok", vector=vector)
     hit = fast_cache.lookup("rounding check other", vector=vector * 1.0000001)
     assert hit is not None and -1.0 <= hit.similarity <= 1.0
-    fast_cache.feedback(eid, False, similarity=hit.similarity)  # accepted back as given
+    # float32 self-similarity can read 1.0000001: feedback takes it back as 1.0 (a wrong
+    # exact answer, so the entry goes) instead of rejecting it as off the scale
+    fast_cache.feedback(eid, False, similarity=1.0000001)
+    assert fast_cache.lookup("rounding check words") is None
 
 
 def test_an_entry_evicted_by_its_own_write_is_never_served(tmp_path: Path) -> None:
