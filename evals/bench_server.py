@@ -9,10 +9,20 @@ embedding. The modes take turns in short slices, so load from anything else on t
 on all of them alike. Prints requests/s, p50/p99 latency and the hit ratio per mode and
 concurrency, and the 32-client throughput ratios.
 
-Modes:
-  batching      the default: concurrent prompts embedded together (max batch 64, wait <= 5 ms)
-  one-at-a-time the same embedder path with batches of one: each prompt embedded on its own
-  unbatched     no batcher at all: each request's thread calls the model itself (concurrently)
+Modes (the first three run by default):
+  batching        the default sidecar: concurrent prompts embedded together (max batch 64, wait
+                  <= 5 ms) by the model in its own process, in bf16 where the CPU has it
+  one-at-a-time   the same sidecar with batches of one: each prompt embedded on its own
+  unbatched       no batcher and no model process: each request's thread calls the model itself
+  batching-inproc, one-inproc   the first two with the model in the server's own process
+  batching-fp32, one-fp32       the first two in fp32
+
+Each client has its own connection, as separate programs would: one shared httpx pool scans all
+its connections on every request, which made the load generator the bottleneck at 64 clients.
+
+Before the sidecars start it prints the embedding ceiling: the model's cost per prompt alone and
+in batches, on this workload's prompts, on one thread. The ratio of the two bounds what batching
+can gain when embedding is the bottleneck.
 
 Usage: python evals/bench_server.py [--seconds 12] [--rounds 4] [--clients 1,8,32] [--modes ...]
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import statistics
 import sys
@@ -39,7 +50,19 @@ from tests.fake_upstream import start_sidecar, start_upstream, stop  # noqa: E40
 MODES: dict[str, dict[str, str]] = {
     "batching": {"SEMCACHE_BATCHING": "true"},
     "one-at-a-time": {"SEMCACHE_BATCHING": "true", "SEMCACHE_BATCH_MAX_SIZE": "1"},
-    "unbatched": {"SEMCACHE_BATCHING": "false"},
+    "unbatched": {"SEMCACHE_BATCHING": "false", "SEMCACHE_EMBED_PROCESS": "false"},
+    "batching-inproc": {"SEMCACHE_BATCHING": "true", "SEMCACHE_EMBED_PROCESS": "false"},
+    "one-inproc": {
+        "SEMCACHE_BATCHING": "true",
+        "SEMCACHE_BATCH_MAX_SIZE": "1",
+        "SEMCACHE_EMBED_PROCESS": "false",
+    },
+    "batching-fp32": {"SEMCACHE_BATCHING": "true", "SEMCACHE_EMBED_PRECISION": "fp32"},
+    "one-fp32": {
+        "SEMCACHE_BATCHING": "true",
+        "SEMCACHE_BATCH_MAX_SIZE": "1",
+        "SEMCACHE_EMBED_PRECISION": "fp32",
+    },
 }
 
 SUBJECTS = [
@@ -137,12 +160,22 @@ async def run_slice(base: str, clients: int, seconds: float, seed_value: int) ->
     start = time.perf_counter()
     measure_from = start + min(0.5, seconds / 5)  # let the clients ramp up
     deadline = measure_from + seconds
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    # One connection per client, as 32 separate programs would have: a single shared httpx pool
+    # scans every connection on every request, and at 64 clients that scan alone used half a
+    # core of this 2-core machine (the load generator would be what is measured).
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
 
-    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+    async with contextlib.AsyncExitStack() as stack:
+        https = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=base, timeout=120, limits=limits)
+            )
+            for _ in range(clients)
+        ]
 
         async def worker(n: int) -> None:
             nonlocal errors
+            http = https[n]
             rng = random.Random(seed_value * 1000 + n)
             while time.perf_counter() < deadline:
                 prompt, _ = workload_prompt(rng)
@@ -163,6 +196,34 @@ async def run_slice(base: str, clients: int, seconds: float, seed_value: int) ->
 
         await asyncio.gather(*(worker(n) for n in range(clients)))
     return {"latencies": latencies, "outcomes": outcomes, "errors": errors, "seconds": seconds}
+
+
+def embedding_ceiling() -> None:
+    """Per-prompt cost of the model alone, one at a time and in batches (one torch thread)."""
+    import torch
+
+    from semcache.embed import SentenceTransformerEmbedder
+
+    torch.set_num_threads(1)
+    embedder = SentenceTransformerEmbedder(precision="auto")
+    rng = random.Random(7)
+    texts = [workload_prompt(rng)[0] for _ in range(512)]
+    costs: dict[int, float] = {}
+    for size in (1, 8, 16, 32):
+        embedder.embed(texts[:size])
+        rounds = max(6, 128 // size)
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            start = (r * size) % (len(texts) - size)
+            embedder.embed(texts[start : start + size])
+        costs[size] = (time.perf_counter() - t0) / rounds / size
+    cells = ", ".join(f"batch {k}: {1000 * v:.2f} ms" for k, v in costs.items())
+    best = min(costs.values())
+    print(
+        f"embedding ceiling ({embedder.precision}, 1 thread) per prompt: {cells}; "
+        f"batching can cut the model's cost per prompt by {costs[1] / best:.2f}x at most",
+        flush=True,
+    )
 
 
 def summarise(clients: int, slices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -189,6 +250,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--modes", default="batching,one-at-a-time,unbatched")
     parser.add_argument("--wait-ms", type=float, default=None, help="batching: max wait (5)")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the embedding ceiling")
     args = parser.parse_args()
     if args.wait_ms is not None:
         MODES["batching"] = {**MODES["batching"], "SEMCACHE_BATCH_MAX_WAIT_MS": str(args.wait_ms)}
@@ -196,6 +258,8 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     per_slice = args.seconds / args.rounds
 
+    if not args.no_ceiling:
+        embedding_ceiling()
     up_proc, upstream = start_upstream()
     procs: list[Any] = []
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}

@@ -9,6 +9,7 @@
     │   └── InvalidScopeError                    scope fields that cannot be serialised
     ├── EntryNotFoundError (also KeyError)       no live entry with that id
     ├── EmbedderMismatchError                    the store was built with another model/dimension
+    ├── EmbedderError                            the embedding model failed, or its process died
     ├── IndexCorruptError                        a persisted index file is unreadable or foreign
     ├── StoreError                               the SQLite store failed or is not a semcache store
     ├── CacheClosedError                         the cache was used after close()
@@ -52,6 +53,10 @@ class EntryNotFoundError(SemcacheError, KeyError):
 
 class EmbedderMismatchError(SemcacheError):
     """The store was built with a different embedding model or dimension."""
+
+
+class EmbedderError(SemcacheError):
+    """The embedding model failed to load or to embed, or the process running it died."""
 
 
 class IndexCorruptError(SemcacheError):

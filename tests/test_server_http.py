@@ -6,6 +6,9 @@ One sidecar and one upstream serve the whole module (the model loads once per pr
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -402,3 +405,38 @@ def test_metrics(sidecar: str) -> None:
         'semcache_upstream_errors_total{kind="timeout"}',
     ):
         assert name in text, name
+
+
+def _gone(pid: int, within: float = 15.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with contextlib.suppress(OSError):  # a zombie still answers kill(0); it has exited
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_model_runs_in_a_child_process(sidecar: str) -> None:
+    with http(sidecar) as h:
+        info = h.get("/v1/cache/stats").json()["embedder"]
+    assert info["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert info["precision"] in ("fp32", "bf16")
+    pid = info["process"]
+    assert isinstance(pid, int) and pid != os.getpid()
+    os.kill(pid, 0)  # alive
+
+
+def test_the_model_process_dies_with_a_killed_sidecar(tmp_path: Path, upstream: str) -> None:
+    proc, base = start_sidecar(tmp_path / "data", upstream, {"SEMCACHE_LOG_LEVEL": "warning"})
+    try:
+        child = httpx.get(base.removesuffix("/v1") + "/v1/cache/stats").json()["embedder"]
+        assert isinstance(child["process"], int)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert _gone(child["process"]), "the embedding process outlived its sidecar"

@@ -122,16 +122,30 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-def _open_cache(settings: Settings) -> tuple[SemanticCache, BatchingEmbedder | None]:
+def _open_cache(
+    settings: Settings,
+) -> tuple[SemanticCache, BatchingEmbedder | None, list[Callable[[], None]]]:
+    """The cache the settings describe, its batcher, and what must be closed after it."""
     from ..batching import BatchingEmbedder
     from ..cache import SemanticCache
     from ..embed import SentenceTransformerEmbedder
 
-    if settings.torch_threads:
-        import torch
+    inner: Any
+    closers: list[Callable[[], None]] = []
+    if settings.embed_process:
+        from ..embed_process import ProcessEmbedder
 
-        torch.set_num_threads(settings.torch_threads)
-    inner = SentenceTransformerEmbedder()
+        inner = ProcessEmbedder(
+            functools.partial(SentenceTransformerEmbedder, precision=settings.embed_precision),
+            torch_threads=settings.torch_threads,
+        )
+        closers.append(inner.close)
+    else:
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        inner = SentenceTransformerEmbedder(precision=settings.embed_precision)
     batcher = None
     embedder: Any = inner
     if settings.batching:
@@ -141,6 +155,7 @@ def _open_cache(settings: Settings) -> tuple[SemanticCache, BatchingEmbedder | N
             max_wait=settings.batch_max_wait_ms / 1000.0,
         )
         embedder = batcher
+        closers.insert(0, batcher.close)
     kwargs: dict[str, Any] = {"embedder": embedder, "threshold": settings.threshold}
     if settings.default_ttl is not None:
         kwargs["default_ttl"] = settings.default_ttl
@@ -149,10 +164,10 @@ def _open_cache(settings: Settings) -> tuple[SemanticCache, BatchingEmbedder | N
     try:
         cache = SemanticCache(settings.data, **kwargs)
     except BaseException:
-        if batcher is not None:
-            batcher.close()
+        for close in closers:
+            close()
         raise
-    return cache, batcher
+    return cache, batcher, closers
 
 
 def create_app(
@@ -183,9 +198,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = cache is None
+        closers: list[Callable[[], None]] = []
         state.limiter = anyio.CapacityLimiter(settings.cache_threads)
         if owned:
-            state.cache, state.batcher = await run_in_threadpool(_open_cache, settings)
+            state.cache, state.batcher, closers = await run_in_threadpool(_open_cache, settings)
         else:
             state.cache = cache
             embedder = getattr(cache, "embedder", None)
@@ -215,8 +231,8 @@ def create_app(
             if owned and state.cache is not None:
                 opened, state.cache = state.cache, None
                 await run_in_threadpool(opened.close)
-                if state.batcher is not None:
-                    state.batcher.close()
+                for close in closers:
+                    await run_in_threadpool(close)
 
     from .. import __version__
 

@@ -229,6 +229,13 @@ async def stats(request: Request) -> dict[str, Any]:
     principal_of(request).require_admin("/v1/cache/stats")
     state = state_of(request)
     result: dict[str, Any] = await run_in_threadpool(state.require_cache().stats)
+    embedder = state.require_cache().embedder
+    inner = getattr(embedder, "inner", embedder)
+    result["embedder"] = {
+        "model_id": embedder.model_id,
+        "precision": getattr(inner, "precision", None),
+        "process": getattr(inner, "pid", None),
+    }
     batcher = state.batcher
     if batcher is not None:
         s = batcher.stats
