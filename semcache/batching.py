@@ -7,10 +7,10 @@ exactly that pattern: many requests, each embedding one prompt, at the same time
 concurrent callers and embeds them together on one worker thread.
 
 How long a batch waits is bounded: when the worker picks up a request it takes everything that
-is already queued, and only if it has recently seen concurrent callers does it wait up to
-``max_wait`` (default 5 ms) for more, stopping early once ``max_batch`` texts are gathered. A
-lone caller on an idle embedder is therefore never delayed; under load, requests that arrive
-while a batch is being computed form the next batch.
+is already queued; only when that is a single request and callers have recently been concurrent
+does it wait up to ``max_wait`` (default 5 ms) for more, stopping early once ``max_batch`` texts
+are gathered. A lone caller on an idle embedder is therefore never delayed; under load, requests
+that arrive while a batch is being computed form the next batch, with no wait on top.
 
 This module is part of the backends layer: it knows embedders, not the server that uses it.
 """
@@ -218,12 +218,15 @@ class BatchingEmbedder:
             assert isinstance(item, _Request)
             batch.append(item)
             size += len(item.texts)
-        # Wait a little for more only when callers have been concurrent lately: an idle
-        # embedder with one caller answers at once.
+        # Wait a little for more only when a lone request arrives while callers have been
+        # concurrent lately. An idle embedder with one caller answers at once; a busy one
+        # finds its next batch already queued (it gathered while the model computed), and
+        # waiting on top of that would only leave the model idle.
         if (
             size < self.max_batch
             and self.max_wait > 0
-            and (len(batch) > 1 or self._recently_concurrent)
+            and len(batch) == 1
+            and self._recently_concurrent
         ):
             deadline = time.monotonic() + self.max_wait
             while size < self.max_batch:
