@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -37,6 +38,9 @@ EmbedderFactory = Callable[[], Embedder]
 
 def _serve(conn: Connection, factory: EmbedderFactory, torch_threads: int) -> None:
     """The child: build the embedder, then answer ``texts -> vectors`` until told to stop."""
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides when the child
+    # stops (close(), or its own death closing the pipe), so the child ignores it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if torch_threads:
         import torch
 
