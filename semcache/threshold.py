@@ -75,8 +75,8 @@ def default_policy() -> HitPolicy:
     verifier (:mod:`semcache.verifier`) vetoes candidates it scores below 0.5 (numbers, units,
     negation, swapped words). It was chosen on held-out shippable data only; on data it never
     saw it serves 1.2-2.1% wrong answers per lookup (MRPC, STS-B and QQP replays) and answers
-    a quarter to a third of the repeatable prompts; the measured table is in the README. Pass ``threshold=0.85`` (or any
-    float) for the plain cosine rule.
+    a quarter to a third of the repeatable prompts; the measured table is in the README. Pass
+    ``threshold=0.85`` (or any float) for the plain cosine rule.
     """
     from .verifier import shipped_policy
 
