@@ -252,11 +252,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="slices per level and mode")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--modes", default="batching,one-at-a-time,unbatched")
-    parser.add_argument("--wait-ms", type=float, default=None, help="batching: max wait (5)")
+    parser.add_argument("--wait-ms", type=float, default=None, help="batching modes: max wait (5)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the embedding ceiling")
     args = parser.parse_args()
     if args.wait_ms is not None:
-        MODES["batching"] = {**MODES["batching"], "SEMCACHE_BATCH_MAX_WAIT_MS": str(args.wait_ms)}
+        for name, env in MODES.items():
+            if name.startswith("batching"):
+                MODES[name] = {**env, "SEMCACHE_BATCH_MAX_WAIT_MS": str(args.wait_ms)}
     levels = [int(x) for x in args.clients.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     per_slice = args.seconds / args.rounds

@@ -14,6 +14,7 @@ from .clock import Clock, FakeClock, SystemClock
 from .embed import Embedder, SentenceTransformerEmbedder
 from .errors import (
     CacheClosedError,
+    EmbedderError,
     EmbedderMismatchError,
     EntryNotFoundError,
     IndexCorruptError,
@@ -46,6 +47,7 @@ __all__ = [
     "CalibratedThreshold",
     "Clock",
     "Embedder",
+    "EmbedderError",
     "EmbedderMismatchError",
     "Entry",
     "EntryNotFoundError",

@@ -35,6 +35,7 @@ from .errors import (
     EntryNotFoundError,
     InvalidInputError,
     SemcacheError,
+    StoreError,
 )
 from .index import FaissIndex, VectorIndex
 from .keys import exact_key, normalise, shard_key
@@ -173,7 +174,10 @@ class SemanticCache:
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise InvalidInputError(f"unknown synchronous setting {synchronous!r}")
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission, a read-only disk
+            raise StoreError(f"cannot use {self.path} as a cache folder: {exc}") from exc
         self.embedder: Embedder = (
             embedder if embedder is not None else SentenceTransformerEmbedder()
         )

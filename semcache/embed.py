@@ -7,7 +7,7 @@ import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 
@@ -20,7 +20,7 @@ DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 #: "auto": bf16 where the CPU does it natively (AVX512-BF16 or AMX), fp32 elsewhere, where
 #: emulated bf16 would be slower.
 Precision = Literal["fp32", "bf16", "auto"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @runtime_checkable
@@ -91,7 +91,7 @@ def native_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: str = "cpu") -> str:
+def resolve_precision(precision: str, device: str = "cpu") -> Literal["fp32", "bf16"]:
     """``"auto"`` made concrete for ``device``; a typed error for an unknown precision."""
     if precision not in PRECISIONS:
         raise InvalidInputError(
@@ -99,7 +99,7 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
         )
     if precision == "auto":
         return "bf16" if device == "cpu" and native_bf16() else "fp32"
-    return precision
+    return "bf16" if precision == "bf16" else "fp32"
 
 
 class SentenceTransformerEmbedder:
@@ -120,7 +120,7 @@ class SentenceTransformerEmbedder:
         device: str = "cpu",
         precision: Precision = "fp32",
     ) -> None:
-        self.precision: str = resolve_precision(precision, device)
+        self.precision: Literal["fp32", "bf16"] = resolve_precision(precision, device)
         self.device = device
         path = Path(model_path) if model_path is not None else default_model_path()
         if not path.exists():
@@ -158,10 +158,12 @@ class SentenceTransformerEmbedder:
             )
         vectors = np.asarray(vectors, dtype=np.float32)
         if self.precision != "fp32":  # normalised in bf16: make the rows unit in float32
-            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _arithmetic(self) -> AbstractContextManager[Any]:
+        """bf16 autocast around the model call, or nothing for fp32."""
         if self.precision != "bf16":
             return nullcontext()
         import torch

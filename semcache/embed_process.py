@@ -70,6 +70,15 @@ def _serve(conn: Connection, factory: EmbedderFactory, torch_threads: int) -> No
         conn.send(reply)
 
 
+def _discard(proc: Any, conn: Connection | None) -> None:
+    """Close a child's pipe and make sure the child is gone (it is no longer trusted)."""
+    if conn is not None:
+        conn.close()
+    if proc.is_alive():
+        proc.kill()
+    proc.join(timeout=5)
+
+
 class ProcessEmbedder:
     """An :class:`~semcache.embed.Embedder` whose model lives in a child process.
 
@@ -77,7 +86,9 @@ class ProcessEmbedder:
     spawned, not forked, so no lock or thread of the parent leaks into it). ``torch_threads``:
     intra-op threads of the child's torch (0 leaves torch's default). ``model_id``, ``dim`` and
     ``precision`` (None when the child embedder has none) are the child embedder's.
-    ``close()`` stops the child; it also exits by itself when the parent dies.
+    ``close()`` stops the child; it also exits by itself when the parent dies. As with any
+    spawned process, a script that creates one at import time needs an
+    ``if __name__ == "__main__":`` guard.
     """
 
     def __init__(
@@ -107,7 +118,14 @@ class ProcessEmbedder:
             name="semcache-embedder",
             daemon=True,
         )
-        proc.start()
+        try:
+            proc.start()
+        except Exception as exc:  # a factory that cannot be pickled, no processes left...
+            parent.close()
+            child.close()
+            raise EmbedderError(
+                f"the embedding process could not start: {type(exc).__name__}: {exc}"
+            ) from exc
         child.close()
         try:
             if not parent.poll(self._start_timeout):
@@ -116,24 +134,31 @@ class ProcessEmbedder:
                 )
             kind, info = parent.recv()
         except (EOFError, OSError) as exc:
-            proc.join(timeout=5)
+            _discard(proc, parent)
             raise EmbedderError(
-                f"the embedding process died while starting (exit code {proc.exitcode})"
+                f"the embedding process died while starting (exit code {proc.exitcode}); "
+                "a script that starts one needs an `if __name__ == '__main__':` guard"
             ) from exc
         except BaseException:
-            proc.kill()
+            _discard(proc, parent)
             raise
         if kind != "ready":
-            proc.join(timeout=5)
+            _discard(proc, parent)
             raise EmbedderError(f"the embedding model failed to load in its process: {info}")
         self._proc, self._conn = proc, parent
         model_id, dim, self.precision = info
         return str(model_id), int(dim)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        if isinstance(texts, str):
+        """Embed ``texts`` in the child: float32 rows, one per text, as the child's embedder
+        returns them. A child that died before the call is replaced first; one that dies during
+        it fails this call with :class:`~semcache.errors.EmbedderError`."""
+        if isinstance(texts, str | bytes):
             raise InvalidInputError("embed() takes a sequence of texts, not one string")
         items = list(texts)
+        for text in items:
+            if not isinstance(text, str):
+                raise InvalidInputError(f"texts must be str, not {type(text).__name__}")
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
@@ -141,17 +166,28 @@ class ProcessEmbedder:
                 raise CacheClosedError("the embedding process is closed")
             if self._conn is None or not self._proc.is_alive():
                 self._restart()
-            assert self._conn is not None
+            conn, proc = self._conn, self._proc
+            assert conn is not None
             try:
-                self._conn.send(items)
-                kind, payload = self._conn.recv()
-            except (EOFError, OSError, BrokenPipeError) as exc:
+                conn.send(items)
+                while not conn.poll(0.1):  # poll also wakes on EOF: a dead child ends the wait
+                    if self._closed:
+                        raise CacheClosedError("the embedding process was closed during the call")
+                kind, payload = conn.recv()
+            except (EOFError, OSError) as exc:
                 # The child died mid-call (killed, out of memory): this call fails, the next
                 # one starts a new child.
                 self._conn = None
+                _discard(proc, conn)
                 raise EmbedderError(
                     f"the embedding process died while embedding ({type(exc).__name__})"
                 ) from exc
+            except BaseException:
+                # Interrupted between request and reply: the reply would answer the next call,
+                # so this child is out of step and must go.
+                self._conn = None
+                _discard(proc, conn)
+                raise
         if kind == "invalid":
             raise InvalidInputError(payload)
         if kind != "ok":
@@ -167,16 +203,16 @@ class ProcessEmbedder:
         self.restarts += 1
 
     def _stop_child(self) -> None:
+        """Ask the child to stop, and end it if it does not within seconds."""
         conn, proc, self._conn = self._conn, self._proc, None
         if conn is not None:
             with contextlib.suppress(OSError, ValueError):
                 conn.send(None)
-            conn.close()
         if proc is not None:
             proc.join(timeout=10)
-            if proc.is_alive():  # pragma: no cover - a wedged child
-                proc.kill()
-                proc.join(timeout=5)
+            _discard(proc, conn)
+        elif conn is not None:
+            conn.close()
 
     @property
     def pid(self) -> int | None:
@@ -184,12 +220,21 @@ class ProcessEmbedder:
         return None if self._proc is None else int(self._proc.pid)
 
     def close(self) -> None:
-        """Stop the child process; idempotent. Later calls raise CacheClosedError."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._stop_child()
+        """Stop the child process; idempotent. Later calls raise CacheClosedError.
+
+        A call in flight ends within a tenth of a second (with CacheClosedError); if the
+        lock is still held after 10 s (a child wedged while starting), the child is killed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._lock.acquire(timeout=10):
+            try:
+                self._stop_child()
+            finally:
+                self._lock.release()
+        elif self._proc is not None and self._proc.is_alive():  # pragma: no cover - wedged
+            self._proc.kill()
 
     def __enter__(self) -> ProcessEmbedder:
         return self

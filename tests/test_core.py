@@ -446,3 +446,13 @@ def test_a_bump_while_embedding_is_honoured(tmp_path: Path) -> None:
         c.store("old words here", "stale answer")
         emb.cache = c
         assert c.lookup("old words here please") is None
+
+
+def test_a_file_where_the_folder_should_be_is_a_typed_error(tmp_path, hash_embedder) -> None:
+    from semcache.errors import StoreError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("precious")
+    with pytest.raises(StoreError, match="cache folder"):
+        SemanticCache(blocker, embedder=hash_embedder)
+    assert blocker.read_text() == "precious"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -148,3 +149,30 @@ async def test_aembed_waits_on_the_event_loop() -> None:
         calls = inner.calls
         np.testing.assert_array_equal(batcher.embed([texts[0]]), rows[0])  # remembered
         assert inner.calls == calls
+
+
+def test_a_batch_already_queued_is_not_held_back_by_max_wait() -> None:
+    """Requests that queued while the model computed form the next batch at once: waiting
+    max_wait on top would only leave the model idle."""
+    inner = SlowEmbedder()
+    batcher = BatchingEmbedder(inner, max_batch=64, max_wait=1.0, memo=0)
+    inner.gate.clear()
+    first = threading.Thread(target=batcher.embed, args=(["first prompt"],))
+    first.start()
+    while batcher.stats.batches < 1:  # the worker holds "first" at the gate
+        threading.Event().wait(0.005)
+    queued = [
+        threading.Thread(target=batcher.embed, args=([f"queued prompt {i}"],)) for i in range(3)
+    ]
+    for t in queued:
+        t.start()
+    while batcher.stats.calls < 4:
+        threading.Event().wait(0.005)
+    started = time.monotonic()
+    inner.gate.set()
+    for t in [first, *queued]:
+        t.join(timeout=10)
+    waited = time.monotonic() - started
+    batcher.close()
+    assert inner.batches == [1, 3]
+    assert waited < 0.8, f"the queued batch waited {waited:.2f}s for more (max_wait is 1s)"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reranker import SHIPPED_DELTA, CrossEncoder, RerankerPolicy, read_meta
+from reranker import DEFAULT_DELTA, CrossEncoder, RerankerPolicy, read_meta
 from train_verifier import build_sets
 
 from semcache.embed import SentenceTransformerEmbedder
@@ -102,7 +102,7 @@ def oracle(sims: np.ndarray, prob: np.ndarray, labels: np.ndarray, fhr: float = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--delta", default=str(SHIPPED_DELTA))
+    ap.add_argument("--delta", default=str(DEFAULT_DELTA))
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--replay-limit", type=int, default=6000)
     ap.add_argument("--replay", default="qqp_gptcache,mrpc:test,stsb:test")

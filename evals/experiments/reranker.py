@@ -36,8 +36,8 @@ from semcache.errors import InvalidInputError
 from semcache.threshold import POLICY_FORMAT, check_threshold
 
 DELTA_FORMAT = 1
-#: The delta the package would ship; ``$SEMCACHE_RERANKER_DELTA`` points elsewhere (experiments).
-SHIPPED_DELTA = Path(
+#: Where train_reranker.py writes the delta by default; ``$SEMCACHE_RERANKER_DELTA`` overrides it.
+DEFAULT_DELTA = Path(
     os.environ.get("SEMCACHE_RERANKER_DELTA")
     or Path(__file__).parent / "reranker_delta.safetensors"
 )
@@ -101,7 +101,7 @@ class CrossEncoder:
         import torch
         from safetensors.torch import load_file
 
-        self.delta_path = Path(delta_path) if delta_path is not None else SHIPPED_DELTA
+        self.delta_path = Path(delta_path) if delta_path is not None else DEFAULT_DELTA
         if not self.delta_path.is_file():
             raise InvalidInputError(f"no cross-encoder delta at {self.delta_path}")
         self.meta = read_meta(self.delta_path)
@@ -267,7 +267,7 @@ class RerankerPolicy:
 
 def shipped_reranker_policy() -> RerankerPolicy:
     """The shipped cross-encoder at the operating point calibrated when it was trained."""
-    meta = read_meta(SHIPPED_DELTA)
+    meta = read_meta(DEFAULT_DELTA)
     rec = meta.get("policy")
     if not rec:
         raise InvalidInputError("the shipped cross-encoder delta has no operating point")

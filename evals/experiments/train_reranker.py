@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reranker import DELTA_FORMAT, SHIPPED_DELTA, CrossEncoder, PairHead, load_base
+from reranker import DEFAULT_DELTA, DELTA_FORMAT, CrossEncoder, PairHead, load_base
 from train_verifier import build_sets
 
 from semcache.embed import SentenceTransformerEmbedder
@@ -287,7 +287,7 @@ def _round_up(x: float, digits: int = 6) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(SHIPPED_DELTA))
+    ap.add_argument("--out", default=str(DEFAULT_DELTA))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", type=int, default=2, help="top transformer layers to train")
     ap.add_argument("--max-length", type=int, default=64)

@@ -7,7 +7,9 @@ during it) and closed at shutdown; a ``cache`` passed in is used as is and left 
 
 The cache API is blocking (SQLite, FAISS, the embedding model), so every call runs in the
 threadpool; the embedder is wrapped in a :class:`~semcache.batching.BatchingEmbedder`, so the
-prompts of concurrent requests are embedded together instead of one at a time.
+prompts of concurrent requests are embedded together instead of one at a time, and by default
+the model itself runs in a child process (:class:`~semcache.embed_process.ProcessEmbedder`),
+where the server's own Python work cannot slow its forward passes down.
 """
 
 from __future__ import annotations
@@ -122,6 +124,18 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
+def _close_all(closers: list[Callable[[], None]]) -> None:
+    """Run every closer, even when one fails (the first failure is re-raised at the end)."""
+    failure: BaseException | None = None
+    for close in closers:
+        try:
+            close()
+        except BaseException as exc:  # keep closing: a leaked model process is worse
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
 def _open_cache(
     settings: Settings,
 ) -> tuple[SemanticCache, BatchingEmbedder | None, list[Callable[[], None]]]:
@@ -148,24 +162,23 @@ def _open_cache(
         inner = SentenceTransformerEmbedder(precision=settings.embed_precision)
     batcher = None
     embedder: Any = inner
-    if settings.batching:
-        batcher = BatchingEmbedder(
-            inner,
-            max_batch=settings.batch_max_size,
-            max_wait=settings.batch_max_wait_ms / 1000.0,
-        )
-        embedder = batcher
-        closers.insert(0, batcher.close)
-    kwargs: dict[str, Any] = {"embedder": embedder, "threshold": settings.threshold}
-    if settings.default_ttl is not None:
-        kwargs["default_ttl"] = settings.default_ttl
-    if settings.max_entries is not None:
-        kwargs["max_entries"] = settings.max_entries
     try:
+        if settings.batching:
+            batcher = BatchingEmbedder(
+                inner,
+                max_batch=settings.batch_max_size,
+                max_wait=settings.batch_max_wait_ms / 1000.0,
+            )
+            embedder = batcher
+            closers.insert(0, batcher.close)
+        kwargs: dict[str, Any] = {"embedder": embedder, "threshold": settings.threshold}
+        if settings.default_ttl is not None:
+            kwargs["default_ttl"] = settings.default_ttl
+        if settings.max_entries is not None:
+            kwargs["max_entries"] = settings.max_entries
         cache = SemanticCache(settings.data, **kwargs)
     except BaseException:
-        for close in closers:
-            close()
+        _close_all(closers)
         raise
     return cache, batcher, closers
 
@@ -206,33 +219,34 @@ def create_app(
             state.cache = cache
             embedder = getattr(cache, "embedder", None)
             state.batcher = embedder if hasattr(embedder, "stats") else None  # type: ignore[assignment]
-        if settings.upstream:
-            timeout = httpx.Timeout(
-                settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout)
-            )
-            state.upstream = httpx.AsyncClient(
-                base_url=settings.upstream.rstrip("/") + "/",
-                timeout=timeout,
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-                transport=upstream_transport,
-            )
-        log.info(
-            "semcache sidecar ready: data=%s upstream=%s auth=%s",
-            settings.data,
-            settings.upstream,
-            "on" if settings.auth_enabled else "off",
-        )
         try:
+            if settings.upstream:
+                timeout = httpx.Timeout(
+                    settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout)
+                )
+                state.upstream = httpx.AsyncClient(
+                    base_url=settings.upstream.rstrip("/") + "/",
+                    timeout=timeout,
+                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                    transport=upstream_transport,
+                )
+            log.info(
+                "semcache sidecar ready: data=%s upstream=%s auth=%s",
+                settings.data,
+                settings.upstream,
+                "on" if settings.auth_enabled else "off",
+            )
             yield
         finally:
-            if state.upstream is not None:
-                await state.upstream.aclose()
-                state.upstream = None
-            if owned and state.cache is not None:
-                opened, state.cache = state.cache, None
-                await run_in_threadpool(opened.close)
-                for close in closers:
-                    await run_in_threadpool(close)
+            try:
+                if state.upstream is not None:
+                    await state.upstream.aclose()
+                    state.upstream = None
+                if owned and state.cache is not None:
+                    opened, state.cache = state.cache, None
+                    await run_in_threadpool(opened.close)
+            finally:
+                await run_in_threadpool(_close_all, closers)
 
     from .. import __version__
 

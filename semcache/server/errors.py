@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
     CacheClosedError,
+    EmbedderError,
     EntryNotFoundError,
     InvalidInputError,
     SemcacheError,
@@ -63,7 +64,7 @@ def status_of(exc: SemcacheError) -> tuple[int, str]:
         return 422, "invalid_request_error"
     if isinstance(exc, EntryNotFoundError):
         return 404, "not_found_error"
-    if isinstance(exc, CacheClosedError):
+    if isinstance(exc, CacheClosedError | EmbedderError):  # the next call restarts the model
         return 503, "service_unavailable"
     if isinstance(exc, UpstreamTimeoutError):
         return 504, "upstream_timeout"

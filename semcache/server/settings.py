@@ -20,6 +20,8 @@ variable                    meaning                              default
 ``SEMCACHE_MAX_TEMPERATURE`` above it requests are not cached    ``1.0``
 ``SEMCACHE_BATCHING``       dynamic batching of embeddings       ``true``
 ``SEMCACHE_TORCH_THREADS``  model threads (0: torch's default)   ``1``
+``SEMCACHE_EMBED_PROCESS``  run the model in a child process     ``true``
+``SEMCACHE_EMBED_PRECISION`` ``auto``, ``fp32`` or ``bf16``      ``auto`` (bf16 where native)
 ==========================  ===================================  ==============================
 
 Tokens: ``SEMCACHE_TOKENS`` is a JSON object ``{"token": "tenant", "admin-token": null}`` or a

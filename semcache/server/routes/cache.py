@@ -234,7 +234,8 @@ async def stats(request: Request) -> dict[str, Any]:
     result["embedder"] = {
         "model_id": embedder.model_id,
         "precision": getattr(inner, "precision", None),
-        "process": getattr(inner, "pid", None),
+        "pid": getattr(inner, "pid", None),  # the model's own process, when it has one
+        "restarts": getattr(inner, "restarts", None),
     }
     batcher = state.batcher
     if batcher is not None:
