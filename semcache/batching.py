@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .embed import Embedder
+from .embed import Embedder, check_texts
 from .errors import CacheClosedError, InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -124,12 +124,7 @@ class BatchingEmbedder:
     def _submit(
         self, texts: Sequence[str]
     ) -> tuple[list[str], dict[str, np.ndarray], list[str], _Request | None]:
-        if isinstance(texts, str | bytes):
-            raise InvalidInputError("embed() takes a sequence of texts, not one string")
-        items = list(texts)
-        for text in items:
-            if not isinstance(text, str):
-                raise InvalidInputError(f"texts must be str, not {type(text).__name__}")
+        items = check_texts(texts)
         known = self._recall(items)
         todo = [t for t in dict.fromkeys(items) if t not in known]
         if not todo:

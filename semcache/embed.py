@@ -39,6 +39,17 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """The texts of an ``embed()`` call as a list, or InvalidInputError: a sequence of str."""
+    if isinstance(texts, str | bytes):
+        raise InvalidInputError("embed() takes a sequence of texts, not one string")
+    items = list(texts)
+    for text in items:
+        if not isinstance(text, str):
+            raise InvalidInputError(f"texts must be str, not {type(text).__name__}")
+    return items
+
+
 def as_unit_matrix(vectors: Any, dim: int) -> np.ndarray:
     """Validate and L2-normalise vectors given by a caller: shape (n, dim) float32, finite."""
     try:
@@ -144,13 +155,12 @@ class SentenceTransformerEmbedder:
         self.max_seq_length: int = int(getattr(model, "max_seq_length", 256) or 256)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        if isinstance(texts, str):
-            raise InvalidInputError("embed() takes a sequence of texts, not one string")
-        if len(texts) == 0:
+        items = check_texts(texts)
+        if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._arithmetic():
             vectors = self._model.encode(
-                list(texts),
+                items,
                 batch_size=self.batch_size,
                 normalize_embeddings=True,
                 convert_to_numpy=True,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .embed import Embedder
+from .embed import Embedder, check_texts
 from .errors import CacheClosedError, EmbedderError, InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -153,12 +153,7 @@ class ProcessEmbedder:
         """Embed ``texts`` in the child: float32 rows, one per text, as the child's embedder
         returns them. A child that died before the call is replaced first; one that dies during
         it fails this call with :class:`~semcache.errors.EmbedderError`."""
-        if isinstance(texts, str | bytes):
-            raise InvalidInputError("embed() takes a sequence of texts, not one string")
-        items = list(texts)
-        for text in items:
-            if not isinstance(text, str):
-                raise InvalidInputError(f"texts must be str, not {type(text).__name__}")
+        items = check_texts(texts)
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
