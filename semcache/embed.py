@@ -16,7 +16,7 @@ from .errors import InvalidInputError, InvalidVectorError, SemcacheError
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 #: Arithmetic the model runs in: "fp32"; "bf16" (bfloat16 autocast: on a CPU with native bf16,
-#: batches embed about twice as fast, and each vector stays within cosine 0.9999 of fp32); or
+#: batches embed about 1.8x as fast, and each vector stays within cosine 0.9999 of fp32); or
 #: "auto": bf16 where the CPU does it natively (AVX512-BF16 or AMX), fp32 elsewhere, where
 #: emulated bf16 would be slower.
 Precision = Literal["fp32", "bf16", "auto"]
