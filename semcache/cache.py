@@ -389,12 +389,31 @@ class SemanticCache:
         ``vector`` is the prompt's embedding when the caller already has it.
         """
         query = None if vector is None else as_unit_matrix(vector, self.dim)[0]
-        hit, _, _ = self._lookup(prompt, _scope(scope), self._policy(threshold), query)
+        hit, _, _, _ = self._lookup(prompt, _scope(scope), self._policy(threshold), query)
         return hit
+
+    def probe(
+        self,
+        prompt: str,
+        *,
+        scope: Scope | None = None,
+        threshold: float | HitPolicy | None = None,
+        vector: Any = None,
+    ) -> tuple[Hit | None, float | None]:
+        """``lookup``, and the similarity of the nearest indexed prompt it searched.
+
+        The second value tells how close a miss came (for metrics and threshold tuning) at no
+        extra cost: it is the same search. It is None for exact repeats, which need no search,
+        and for an empty scope.
+        """
+        query = None if vector is None else as_unit_matrix(vector, self.dim)[0]
+        hit, _, _, nearest = self._lookup(prompt, _scope(scope), self._policy(threshold), query)
+        return hit, nearest
 
     def _lookup(
         self, prompt: str, scope: Scope, policy: HitPolicy, vector: np.ndarray | None
-    ) -> tuple[Hit | None, np.ndarray | None, str]:
+    ) -> tuple[Hit | None, np.ndarray | None, str, float | None]:
+        """(hit, the prompt's vector if it was needed, shard, nearest similarity searched)."""
         self._check_open()
         norm = normalise(prompt)
         with self._lock:
@@ -404,16 +423,18 @@ class SemanticCache:
             self._stats["lookups"] += 1
             hit = self._exact(norm, shard, now)
         if hit is not None:
-            return hit, vector, shard
+            return hit, vector, shard, None
         if vector is None:
             vector = self.embed([norm])[0]
         with self._lock:
             self._sync()  # a bump or delete while we embedded must count
             shard = self._shard(scope)
-            hit = self._semantic(norm, vector, shard, policy, self.clock.now())
+            found = self._search(vector, shard)
+            hit = self._semantic(norm, found, shard, policy, self.clock.now())
             if hit is None:
                 self._stats["misses"] += 1
-        return hit, vector, shard
+        nearest = float(found[0][0]) if len(found[0]) else None
+        return hit, vector, shard, nearest
 
     def nearest_similarity(
         self, prompt: str, *, scope: Scope | None = None, vector: Any = None
@@ -449,20 +470,27 @@ class SemanticCache:
         self._stats["hits_l1"] += 1
         return Hit(item.response, 1.0, item.uid, "l1", item.prompt, item.metadata)
 
+    def _search(self, vector: np.ndarray, shard: str) -> tuple[np.ndarray, np.ndarray]:
+        """The shard's ``k`` nearest (similarities descending, ids); empty when it has none."""
+        index = self.shards.get(shard)
+        if index is None or len(index) == 0:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        return index.search(vector, self.k)
+
     def _semantic(
         self,
         norm: str,
-        vector: np.ndarray,
+        found: tuple[np.ndarray, np.ndarray],
         shard: str,
         policy: HitPolicy,
         now: float,
         *,
         record: bool = True,
     ) -> Hit | None:
-        index = self.shards.get(shard)
-        if index is None or len(index) == 0:
+        """The best of the ``found`` neighbours (from :meth:`_search`) the policy accepts."""
+        sims, ids = found
+        if len(sims) == 0:
             return None
-        sims, ids = index.search(vector, self.k)
         keep = sims >= policy.min_similarity
         if not keep.any():
             self._stats["near_misses"] += int(len(sims) > 0)
@@ -687,7 +715,7 @@ class SemanticCache:
         same or a near-identical prompt in the same scope call ``fn`` once (single-flight)."""
         scope_, policy = _scope(scope), self._policy(threshold)
         item = self._prepare(normalise(prompt), "", scope_, ttl, tags, metadata)
-        hit, vector, shard = self._lookup(prompt, scope_, policy, None)
+        hit, vector, shard, _ = self._lookup(prompt, scope_, policy, None)
         if hit is not None:
             return hit.response
         assert vector is not None
@@ -701,7 +729,8 @@ class SemanticCache:
             return flight.future.result()
         try:
             with self._lock:
-                again = self._semantic(item["norm"], vector, shard, policy, self.clock.now())
+                found = self._search(vector, shard)
+                again = self._semantic(item["norm"], found, shard, policy, self.clock.now())
             if again is not None:
                 result = again.response
             else:
@@ -731,7 +760,7 @@ class SemanticCache:
         blocks on embedding or SQLite."""
         scope_, policy = _scope(scope), self._policy(threshold)
         item = self._prepare(normalise(prompt), "", scope_, ttl, tags, metadata)
-        hit, vector, shard = await asyncio.to_thread(self._lookup, prompt, scope_, policy, None)
+        hit, vector, shard, _ = await asyncio.to_thread(self._lookup, prompt, scope_, policy, None)
         if hit is not None:
             return hit.response
         assert vector is not None
@@ -768,7 +797,7 @@ class SemanticCache:
         with self._lock:
             horizon = self.clock.now() - self.max_stale
             return self._exact(norm, shard, horizon, record=False) or self._semantic(
-                norm, vector, shard, policy, horizon, record=False
+                norm, self._search(vector, shard), shard, policy, horizon, record=False
             )
 
     async def alookup(

@@ -44,6 +44,20 @@ def test_paraphrase_hits_and_near_miss_misses(cache: SemanticCache) -> None:
     assert exact is not None and exact.tier == "l1" and exact.similarity == 1.0
 
 
+def test_probe_tells_how_close_a_miss_came(cache: SemanticCache) -> None:
+    assert cache.probe(GERMANY) == (None, None)  # nothing indexed: nothing was near
+    cache.store(FRANCE, "Paris.")
+    hit, nearest = cache.probe(GERMANY)
+    assert hit is None and nearest is not None
+    a, b = cache.embed([FRANCE, GERMANY])
+    assert nearest == pytest.approx(float(a @ b), abs=1e-5)
+    assert nearest == pytest.approx(cache.nearest_similarity(GERMANY), abs=1e-6)
+    hit, nearest = cache.probe(FRANCE_PARAPHRASE)
+    assert hit is not None and nearest == pytest.approx(hit.similarity, abs=1e-6)
+    hit, nearest = cache.probe(FRANCE)  # an exact repeat needs no search
+    assert hit is not None and hit.tier == "l1" and nearest is None
+
+
 def test_threshold_override_per_call(cache: SemanticCache) -> None:
     cache.store(FRANCE, "Paris.")
     assert cache.lookup(FRANCE_PARAPHRASE, threshold=0.99) is None

@@ -397,6 +397,7 @@ def test_metrics(sidecar: str) -> None:
         "semcache_misses_total",
         "semcache_lookup_seconds_bucket",
         'semcache_best_similarity_bucket{le="1.0",outcome="accepted"}',
+        'semcache_best_similarity_bucket{le="1.0",outcome="near_miss"}',
         "semcache_entries",
         "semcache_upstream_requests_total",
         "semcache_upstream_seconds_bucket",

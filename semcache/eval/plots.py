@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,14 @@ def _plt():  # type: ignore[no-untyped-def]
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Write the figure to ``path`` and free it (pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def histogram(sims: np.ndarray, labels: np.ndarray, path: Path, *, title: str = "") -> Path:
     """Similarity histograms of positives and negatives."""
     plt = _plt()
@@ -30,10 +39,7 @@ def histogram(sims: np.ndarray, labels: np.ndarray, path: Path, *, title: str = 
     ax.set_ylabel("density")
     ax.set_title(title or "similarity of labelled pairs")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def fhr_curve(
@@ -62,10 +68,7 @@ def fhr_curve(
     ax.set_yscale("symlog", linthresh=0.01)
     ax.set_title(title or "false-hit rate vs threshold")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def pr_curve(
@@ -87,7 +90,4 @@ def pr_curve(
     ax.set_ylabel("precision of served hits")
     ax.set_title(title or "precision-recall")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -31,10 +31,13 @@ metric                                         meaning
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from ..types import Hit
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIMILARITY_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
@@ -117,6 +120,18 @@ class Metrics:
         self.embed_texts = Gauge(
             "semcache_embed_texts_total", "Texts embedded by the batcher.", registry=r
         )
+
+    def looked_up(self, hit: Hit | None, nearest: float | None, seconds: float) -> None:
+        """Count one lookup's outcome: its latency, hit tier or miss, and the similarity of
+        the answer served or, on a miss, of the nearest candidate (how close it came)."""
+        self.lookup_seconds.observe(seconds)
+        if hit is None:
+            self.misses.inc()
+            if nearest is not None:
+                self.best_similarity.labels("near_miss").observe(nearest)
+            return
+        self.hits.labels(hit.tier).inc()
+        self.best_similarity.labels("accepted").observe(hit.similarity)
 
     def invalidation(self, pattern: str, removed: int) -> None:
         self.invalidations.labels(pattern).inc()

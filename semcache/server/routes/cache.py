@@ -79,13 +79,10 @@ async def lookup(request: Request, body: LookupRequest) -> LookupResponse:
     cache, metrics = state.require_cache(), state.metrics
     metrics.lookups.labels("api").inc()
     t0 = time.perf_counter()
-    hit = await run_in_threadpool(cache.lookup, body.prompt, scope=scope, threshold=body.threshold)
-    metrics.lookup_seconds.observe(time.perf_counter() - t0)
-    if hit is None:
-        metrics.misses.inc()
-    else:
-        metrics.hits.labels(hit.tier).inc()
-        metrics.best_similarity.labels("accepted").observe(hit.similarity)
+    hit, nearest = await run_in_threadpool(
+        cache.probe, body.prompt, scope=scope, threshold=body.threshold
+    )
+    metrics.looked_up(hit, nearest, time.perf_counter() - t0)
     return LookupResponse.of(hit)
 
 

@@ -44,7 +44,6 @@ from ...types import Hit
 from ..app import ServerState, principal_of, state_of
 from ..auth import Principal
 from ..errors import ApiError, error_response
-from ..probe import best_similarity
 from ..schemas import ChatCompletionRequest, ErrorResponse
 
 log = logging.getLogger("semcache.server")
@@ -139,15 +138,13 @@ def _header(text: str) -> str:
     return text.encode("ascii", "replace").decode()[:200]
 
 
-def _lookup_and_probe(
+def _probe(
     cache: Any, key: ChatKey, threshold: float | None
 ) -> tuple[Hit | None, float | None, float]:
-    """Lookup, and on a miss the near-miss probe, in one trip to the threadpool."""
+    """The lookup, how close its nearest candidate came, and how long it took."""
     t0 = time.perf_counter()
-    hit = cache.lookup(key.prompt, scope=key.scope, threshold=threshold)
-    elapsed = time.perf_counter() - t0
-    near = best_similarity(cache, key.prompt, key.scope) if hit is None else None
-    return hit, near, elapsed
+    hit, nearest = cache.probe(key.prompt, scope=key.scope, threshold=threshold)
+    return hit, nearest, time.perf_counter() - t0
 
 
 async def _lookup(state: ServerState, key: ChatKey, options: CallOptions) -> Hit | None:
@@ -155,19 +152,13 @@ async def _lookup(state: ServerState, key: ChatKey, options: CallOptions) -> Hit
     metrics.lookups.labels("chat").inc()
     await state.pre_embed(key.prompt)
     try:
-        hit, near, elapsed = await state.run(_lookup_and_probe, cache, key, options.threshold)
+        hit, near, elapsed = await state.run(_probe, cache, key, options.threshold)
     except SemcacheError as exc:  # the cache fails open: the caller still gets an answer
         log.warning("cache lookup failed, forwarding: %s", exc)
         return None
-    metrics.lookup_seconds.observe(elapsed)
-    if hit is None:
-        metrics.misses.inc()
-        if near is not None:
-            metrics.best_similarity.labels("near_miss").observe(near)
-        return None
-    metrics.hits.labels(hit.tier).inc()
-    metrics.best_similarity.labels("accepted").observe(hit.similarity)
-    metrics.tokens_saved.inc(tokens_saved(hit))
+    metrics.looked_up(hit, near, elapsed)
+    if hit is not None:
+        metrics.tokens_saved.inc(tokens_saved(hit))
     return hit
 
 
