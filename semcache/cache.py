@@ -1,11 +1,14 @@
-"""``SemanticCache``: the facade that composes store, index, L1, policy and single-flight.
+"""``SemanticCache``: the facade that wires the store of record, the replica, the fenced write,
+the hit policy, eviction, single-flight, feedback and the sweeper together.
 
-The flow of a lookup: normalise the prompt and resolve the scope's shard (scope digest plus the
-namespace's current version); serve an exact repeat from L1 or the store's exact key; otherwise
-embed, search the shard's index for ``k`` neighbours, re-check each against the store (alive, not
-expired, same shard) and let the hit policy accept the best. Writes commit to SQLite first; the
-index and L1 then catch up from the store's change log, which is also how changes made by other
-processes on the same data folder reach this one.
+The flow of a lookup: note the store's fence position, catch the replica up with the store's
+log, resolve the scope's shard (scope digest plus the namespace's current version); serve an
+exact repeat from L1 or the store's exact key; otherwise embed, search the shard's index for
+neighbours, re-check each against the store (alive, not expired, same shard) and let the hit
+policy accept the best, outside the cache-wide lock. Writes commit to the store first; the
+replica then catches up from the log, which is also how changes made by other processes on the
+same data folder reach this one. A write after a miss is fenced: it commits only if nothing that
+covers it was invalidated after the lookup's position (:mod:`semcache.fence`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import json
 import logging
 import math
 import os
-import threading
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +37,20 @@ from .errors import (
     EmbedderMismatchError,
     EntryNotFoundError,
     InvalidInputError,
-    SemcacheError,
     StoreError,
 )
+from .eviction import Evictor
+from .feedback import Feedback
+from .fence import Candidate, Observed, any_covers
+from .folder import FolderLock
 from .index import FaissIndex, VectorIndex
 from .keys import exact_key, normalise, shard_key
 from .l1 import L1Cache, L1Item
+from .replica import Replica
 from .shards import IndexFactory, ShardSet
-from .singleflight import SingleFlight
-from .store import EVICTION_POLICIES, Store
+from .singleflight import HANDOVER, Flight, SingleFlight
+from .store import Row, Store, entry_size
+from .sweeper import Sweeper
 from .threshold import HitPolicy, as_policy, check_threshold
 from .types import DEFAULT_SCOPE, Entry, Hit, Scope
 
@@ -59,9 +67,9 @@ class _Missing:
 MISSING: Any = _Missing()
 
 DB_FILE = "semcache.db"
-#: How far above a wrongly served similarity an entry's own floor is set by feedback.
-FEEDBACK_MARGIN = 0.005
 INDEX_DIR = "index"
+#: The most neighbours a lookup fetches while it skips dead (expired, deleted) candidates.
+MAX_K = 256
 
 
 def _check_ttl(ttl: Any) -> float | None:
@@ -111,6 +119,17 @@ def _scope(scope: Scope | None) -> Scope:
     return scope
 
 
+@dataclass
+class _Looked:
+    """One lookup's outcome, with what a fenced write after a miss needs."""
+
+    hit: Hit | None
+    vector: np.ndarray | None
+    shard: str
+    nearest: float | None
+    observed: Observed
+
+
 class SemanticCache:
     """A semantic cache of LLM answers in a data folder (SQLite store + FAISS index).
 
@@ -123,12 +142,14 @@ class SemanticCache:
         max_ttl: an upper bound on any entry's life (the maximum staleness); None: unbounded.
         max_entries, max_bytes: size bounds enforced on every write by evicting per ``eviction``
             (``"lru"``, ``"lfu"`` or ``"fifo"``). None: unbounded (nothing is evicted silently).
+            An entry is never evicted by its own write; one larger than ``max_bytes`` on its own
+            is refused.
         clock: the time source for TTLs and LRU order (tests pass a ``FakeClock``).
-        k: neighbours fetched per semantic lookup before the policy decides.
+        k: live neighbours considered per semantic lookup before the policy decides.
         index_factory: builds an empty index for a new shard; default FAISS, exact below
             ``hnsw_threshold`` vectors per shard and HNSW above.
         rebuild: rebuild the index from the store (and re-embed every prompt if the embedder
-            changed) instead of refusing to open.
+            changed, which needs the folder to itself) instead of loading the persisted one.
         l1_size: entries held by the in-process exact tier (0 disables it).
         sweep_interval: seconds between background expiry sweeps; None: no sweeper thread.
         checkpoint_every: persist the index after this many changes (and always on close).
@@ -162,22 +183,11 @@ class SemanticCache:
         synchronous: str = "NORMAL",
         max_stale: float | None = None,
     ) -> None:
-        if eviction not in EVICTION_POLICIES:
-            raise InvalidInputError(
-                f"unknown eviction policy {eviction!r}; choose from {sorted(EVICTION_POLICIES)}"
-            )
-        for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise InvalidInputError(f"{name} must be a positive int or None")
         if not isinstance(k, int) or k < 1:
             raise InvalidInputError("k must be a positive int")
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise InvalidInputError(f"unknown synchronous setting {synchronous!r}")
         self.path = Path(path)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file in the way, no permission, a read-only disk
-            raise StoreError(f"cannot use {self.path} as a cache folder: {exc}") from exc
         self.embedder: Embedder = (
             embedder if embedder is not None else SentenceTransformerEmbedder()
         )
@@ -188,171 +198,92 @@ class SemanticCache:
         self.default_ttl = _check_ttl(default_ttl)
         self.max_ttl = _check_ttl(max_ttl)
         self.max_stale = _check_ttl(max_stale) or 0.0
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.eviction = eviction
         self.clock: Clock = clock or SystemClock()
         self.k = k
         self.cull_limit = cull_limit
-        self.checkpoint_every = checkpoint_every
-        self._lock = threading.RLock()
         self._closed = False
         self._stats: Counter[str] = Counter()
         self._access: dict[int, tuple[int, float]] = {}
-        self._versions: dict[str, int] = {}
-        self._served: dict[str, float] = {}  # entry id -> similarity of its last semantic hit
         self._flights = SingleFlight()
         self.l1 = L1Cache(l1_size)
-        self._checkpoint_seq = 0
         if index_factory is None:
             faiss.omp_set_num_threads(1)  # one query at a time: threads only add latency here
 
             def index_factory(dim: int) -> VectorIndex:
                 return FaissIndex(dim, hnsw_threshold=hnsw_threshold)
 
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission, a read-only disk
+            raise StoreError(f"cannot use {self.path} as a cache folder: {exc}") from exc
         self._db = Store(self.path / DB_FILE, synchronous=synchronous.upper())
+        self.evictor = Evictor(self._db, eviction, max_entries, max_bytes)
         self.shards = ShardSet(
             self.path / INDEX_DIR, self.dim, self.embedder.model_id, index_factory
         )
+        self.replica = Replica(self._db, self.shards, self.l1, checkpoint_every=checkpoint_every)
+        self._lock = self.replica.lock
+        self._feedback = Feedback(self._db)
+        self._folder: FolderLock | None = None
         try:
-            self._check_embedder(rebuild)
-            self.shards.acquire()
-            self._open_index(rebuild)
+            self._folder = FolderLock(self.path)
+            reembedded = self._check_embedder(rebuild)
+            self.replica.open(rebuild=rebuild or reembedded)
         except BaseException:
-            self.shards.release()
+            self.replica.release()
+            if self._folder is not None:
+                self._folder.release()
             with contextlib.suppress(Exception):
                 self._db.close()
             raise
-        self._data_version = self._db.data_version()
-        self._checkpoint_seq = self.shards.seq
-        self._sweeper: threading.Thread | None = None
-        self._stop = threading.Event()
-        if sweep_interval is not None:
-            self._start_sweeper(float(sweep_interval))
+        self._sweeper = Sweeper(self.expire, float(sweep_interval)) if sweep_interval else None
 
     # ------------------------------------------------------------------------------ opening
-    def _check_embedder(self, rebuild: bool) -> None:
+    def _check_embedder(self, rebuild: bool) -> bool:
+        """Refuse (or with ``rebuild``, re-embed) a store built with another embedder; True
+        when it re-embedded."""
         model_id, dim = self._db.get_meta("model_id"), self._db.get_meta("dim")
         if model_id is None:
             self._db.set_meta("model_id", self.embedder.model_id)
             self._db.set_meta("dim", str(self.dim))
-            return
+            return False
         if model_id == self.embedder.model_id and int(dim or 0) == self.dim:
-            return
+            return False
         if not rebuild:
             raise EmbedderMismatchError(
                 f"{self.path} was built with {model_id!r} (dim {dim}); this cache uses "
                 f"{self.embedder.model_id!r} (dim {self.dim}). Open it with the same embedder, "
                 "or pass rebuild=True to re-embed every stored prompt with the new one."
             )
-        log.warning("re-embedding %s with %s", self.path, self.embedder.model_id)
-        last = -1
-        while True:
-            rows = self._db.execute(
-                "SELECT id, prompt FROM entries WHERE id > ? ORDER BY id LIMIT 256", (last,)
-            )
-            if not rows:
-                break
-            vectors = self.embed([r[1] for r in rows])
-            with self._db.transaction() as conn:
-                conn.executemany(
-                    "UPDATE entries SET vector = ? WHERE id = ?",
-                    [(v.tobytes(), r[0]) for v, r in zip(vectors, rows, strict=True)],
+        assert self._folder is not None
+        with self._folder.exclusive(f"re-embed {self.path} with {self.embedder.model_id}"):
+            log.warning("re-embedding %s with %s", self.path, self.embedder.model_id)
+            for batch in self._db.iter_prompts():
+                vectors = self.embed([prompt for _, prompt in batch])
+                self._db.set_vectors(
+                    [(rowid, v.tobytes()) for (rowid, _), v in zip(batch, vectors, strict=True)]
                 )
-            last = rows[-1][0]
-        self._db.set_meta("model_id", self.embedder.model_id)
-        self._db.set_meta("dim", str(self.dim))
-
-    def _open_index(self, rebuild: bool) -> None:
-        loaded = False if rebuild else self.shards.load()  # IndexCorruptError propagates
-        if not loaded or self.shards.seq < self._db.trimmed_upto():
-            self._rebuild_index()
-        else:
-            self._apply_changes()
-
-    def _rebuild_index(self) -> None:
-        """Rebuild every shard from the vectors in the store."""
-        seq = self._db.last_seq()
-        self.shards.clear()
-        for ids, shards, vectors in self._db.iter_vectors():
-            groups: dict[str, list[int]] = {}
-            for row, shard in enumerate(shards):
-                groups.setdefault(shard, []).append(row)
-            for shard, rows in groups.items():
-                self.shards.add(shard, ids[rows], vectors[rows])
-        self.shards.seq = seq
-        self.l1.clear()
-        self._versions.clear()
-        self._apply_changes()
+            self._db.set_meta("model_id", self.embedder.model_id)
+            self._db.set_meta("dim", str(self.dim))
+        return True
 
     # ------------------------------------------------------------------------ derived state
-    def _apply_changes(self) -> None:
-        """Bring index, L1 and the version cache up to the store's change log."""
-        with self._lock:
-            if self.shards.seq < self._db.trimmed_upto():
-                self._rebuild_index()
-                return
-            while True:
-                changes = self._db.changes_since(self.shards.seq)
-                if not changes:
-                    break
-                reindex: dict[int, str] = {}
-                removed: dict[int, str] = {}
-                for change in changes:
-                    if change.op == "ver":
-                        self._versions.pop(change.shard, None)
-                        continue
-                    rowid = int(change.entry_id)  # type: ignore[arg-type]
-                    self.l1.discard(rowid)
-                    if change.op in ("add", "vec"):
-                        reindex[rowid] = change.shard
-                        removed.pop(rowid, None)
-                    elif change.op == "del":
-                        removed[rowid] = change.shard
-                        reindex.pop(rowid, None)
-                present = self._db.vectors_of(list(reindex))
-                for rowid, shard in reindex.items():
-                    if rowid not in present:
-                        removed[rowid] = shard
-                by_shard: dict[str, list[int]] = {}
-                for rowid, shard in removed.items():
-                    by_shard.setdefault(shard, []).append(rowid)
-                for shard, ids in by_shard.items():
-                    self.shards.remove(shard, np.asarray(ids, dtype=np.int64))
-                adds: dict[str, list[tuple[int, np.ndarray]]] = {}
-                for rowid, (shard, vector) in present.items():
-                    adds.setdefault(shard, []).append((rowid, vector))
-                for shard, pairs in adds.items():
-                    ids = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
-                    self.shards.add(shard, ids, np.stack([p[1] for p in pairs]))
-                self.shards.seq = changes[-1].seq
-            self._data_version = self._db.data_version()
-            if (
-                self.shards.owner
-                and self.shards.seq - self._checkpoint_seq >= self.checkpoint_every
-            ):
-                self._checkpoint_locked()
-
-    def _sync(self) -> None:
-        """Catch up with commits made by other connections (other processes)."""
-        if self._db.data_version() != self._data_version:
-            self._apply_changes()
-
     def _check_open(self) -> None:
         if self._closed:
             raise CacheClosedError("this SemanticCache is closed; open a new one")
 
-    def _version(self, namespace: str) -> int:
-        version = self._versions.get(namespace)
-        if version is None:
-            version = self._versions[namespace] = self._db.version(namespace)
-        return version
-
     def _shard(self, scope: Scope) -> str:
-        return shard_key(scope.digest, self._version(scope.namespace))
+        return shard_key(scope.digest, self.replica.version(scope.namespace))
 
     def _policy(self, threshold: float | HitPolicy | None) -> HitPolicy:
         return self.policy if threshold is None else as_policy(threshold)
+
+    def position(self) -> int:
+        """The store's fence position now. Take it before a lookup and pass it to
+        ``store(..., fence=)`` so an answer computed from that lookup is not cached if an
+        invalidation that covers it commits in between."""
+        self._check_open()
+        return self._db.position()
 
     # ---------------------------------------------------------------------------- embedding
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -389,8 +320,7 @@ class SemanticCache:
         ``vector`` is the prompt's embedding when the caller already has it.
         """
         query = None if vector is None else as_unit_matrix(vector, self.dim)[0]
-        hit, _, _, _ = self._lookup(prompt, _scope(scope), self._policy(threshold), query)
-        return hit
+        return self._lookup(prompt, _scope(scope), self._policy(threshold), query).hit
 
     def probe(
         self,
@@ -407,34 +337,37 @@ class SemanticCache:
         and for an empty scope.
         """
         query = None if vector is None else as_unit_matrix(vector, self.dim)[0]
-        hit, _, _, nearest = self._lookup(prompt, _scope(scope), self._policy(threshold), query)
-        return hit, nearest
+        looked = self._lookup(prompt, _scope(scope), self._policy(threshold), query)
+        return looked.hit, looked.nearest
 
     def _lookup(
         self, prompt: str, scope: Scope, policy: HitPolicy, vector: np.ndarray | None
-    ) -> tuple[Hit | None, np.ndarray | None, str, float | None]:
-        """(hit, the prompt's vector if it was needed, shard, nearest similarity searched)."""
+    ) -> _Looked:
         self._check_open()
         norm = normalise(prompt)
+        observed = Observed(self._db.position(), self.clock.now())  # before anything is read
         with self._lock:
-            self._sync()
+            self.replica.sync()
             shard = self._shard(scope)
-            now = self.clock.now()
             self._stats["lookups"] += 1
-            hit = self._exact(norm, shard, now)
+            hit = self._exact(norm, shard, self.clock.now())
         if hit is not None:
-            return hit, vector, shard, None
+            return _Looked(hit, vector, shard, None, observed)
         if vector is None:
             vector = self.embed([norm])[0]
         with self._lock:
-            self._sync()  # a bump or delete while we embedded must count
+            self.replica.sync()  # a bump or delete while we embedded must count
             shard = self._shard(scope)
-            found = self._search(vector, shard)
-            hit = self._semantic(norm, found, shard, policy, self.clock.now())
+            now = self.clock.now()
+            nearest, rows = self._candidates(vector, shard, policy, now)
+        hit = self._choose(norm, rows, policy)  # the policy runs outside the cache-wide lock
+        with self._lock:
             if hit is None:
                 self._stats["misses"] += 1
-        nearest = float(found[0][0]) if len(found[0]) else None
-        return hit, vector, shard, nearest
+                self._stats["near_misses" if rows else "rejected"] += int(nearest is not None)
+            else:
+                self._served(hit[0], hit[1], now)
+        return _Looked(hit[1] if hit else None, vector, shard, nearest, observed)
 
     def nearest_similarity(
         self, prompt: str, *, scope: Scope | None = None, vector: Any = None
@@ -444,14 +377,10 @@ class SemanticCache:
         For monitoring how close misses come; it serves nothing and changes nothing.
         """
         self._check_open()
-        norm = normalise(prompt)
-        query = self._vector(norm, vector)
+        query = self._vector(normalise(prompt), vector)
         with self._lock:
-            self._sync()
-            index = self.shards.get(self._shard(_scope(scope)))
-            if index is None or len(index) == 0:
-                return None
-            sims, _ = index.search(query, 1)
+            self.replica.sync()
+            sims, _ = self.replica.search(self._shard(_scope(scope)), query, 1)
         return float(sims[0]) if len(sims) else None
 
     def _exact(self, norm: str, shard: str, now: float, *, record: bool = True) -> Hit | None:
@@ -470,52 +399,48 @@ class SemanticCache:
         self._stats["hits_l1"] += 1
         return Hit(item.response, 1.0, item.uid, "l1", item.prompt, item.metadata)
 
-    def _search(self, vector: np.ndarray, shard: str) -> tuple[np.ndarray, np.ndarray]:
-        """The shard's ``k`` nearest (similarities descending, ids); empty when it has none."""
-        index = self.shards.get(shard)
-        if index is None or len(index) == 0:
-            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
-        return index.search(vector, self.k)
+    def _candidates(
+        self, vector: np.ndarray, shard: str, policy: HitPolicy, now: float
+    ) -> tuple[float | None, list[tuple[float, Row]]]:
+        """(nearest similarity searched, up to ``k`` live rows above the policy's floor, best
+        first). Dead neighbours (expired, deleted, another version) are skipped by searching
+        wider, so they never hide a live one."""
+        k = self.k
+        while True:
+            sims, ids = self.replica.search(shard, vector, k)
+            keep = sims >= policy.min_similarity
+            rows = self._db.candidates([int(i) for i in ids[keep]], shard, now)
+            if len(ids) < k or not keep.all() or len(rows) >= self.k or k >= MAX_K:
+                break
+            k = min(k * 4, MAX_K)
+        nearest = float(sims[0]) if len(sims) else None
+        live = [
+            (float(sim), rows[rowid])
+            for sim, rowid in zip(sims[keep].tolist(), ids[keep].tolist(), strict=True)
+            if rowid in rows
+        ]
+        return nearest, live[: self.k]
 
-    def _semantic(
-        self,
-        norm: str,
-        found: tuple[np.ndarray, np.ndarray],
-        shard: str,
-        policy: HitPolicy,
-        now: float,
-        *,
-        record: bool = True,
-    ) -> Hit | None:
-        """The best of the ``found`` neighbours (from :meth:`_search`) the policy accepts."""
-        sims, ids = found
-        if len(sims) == 0:
-            return None
-        keep = sims >= policy.min_similarity
-        if not keep.any():
-            self._stats["near_misses"] += int(len(sims) > 0)
-            return None
-        sims, ids = sims[keep], ids[keep]
-        rows = self._db.candidates([int(i) for i in ids], shard, now)
-        for sim, rowid in zip(sims.tolist(), ids.tolist(), strict=True):
-            row = rows.get(rowid)
-            if row is None or (row.min_similarity is not None and sim < row.min_similarity):
+    @staticmethod
+    def _choose(
+        norm: str, rows: list[tuple[float, Row]], policy: HitPolicy
+    ) -> tuple[int, Hit] | None:
+        """The best candidate the policy (and the entry's own floor) accepts, as (rowid, hit)."""
+        for sim, row in rows:
+            if row.min_similarity is not None and sim < row.min_similarity:
                 continue
             if not policy.accept(norm, row.prompt, sim):
                 continue
             hit = Hit(
                 row.response, min(float(sim), 1.0), row.uid, "semantic", row.prompt, row.metadata
             )
-            if not record:
-                return hit
-            self._touch(rowid, now)
-            self._served[row.uid] = sim
-            if len(self._served) > 10_000:
-                self._served.pop(next(iter(self._served)))
-            self._stats["hits_semantic"] += 1
-            return hit
-        self._stats["rejected"] += 1
+            return row.id, hit
         return None
+
+    def _served(self, rowid: int, hit: Hit, now: float) -> None:
+        self._touch(rowid, now)
+        self._feedback.served(hit.entry_id, hit.similarity)
+        self._stats["hits_semantic"] += 1
 
     def _touch(self, rowid: int, now: float) -> None:
         count, _ = self._access.get(rowid, (0, now))
@@ -539,16 +464,25 @@ class SemanticCache:
         tags: Iterable[str] | None = (),
         metadata: Mapping[str, Any] | None = None,
         vector: Any = None,
-    ) -> str:
+        fence: int | None = None,
+    ) -> str | None:
         """Store an answer and return its entry id; an exact repeat in the scope is replaced.
 
         ``ttl`` is seconds to live: omitted means the cache's ``default_ttl``, ``None`` never
         expires, ``0`` expires at once. ``vector`` skips embedding (it must match the embedder).
+        ``fence`` is a :meth:`position` taken before the lookup this answer follows: when an
+        invalidation that covers the entry (one of its tags, its namespace's version, its exact
+        prompt, a semantic radius around it) committed after it, nothing is stored, None is
+        returned and ``stats()["fenced"]`` counts it. Without ``fence`` the store always
+        happens.
         """
         self._check_open()
+        if fence is not None and (isinstance(fence, bool) or not isinstance(fence, int)):
+            raise InvalidInputError(f"fence must be an int from position(), not {fence!r}")
         norm = normalise(prompt)
         item = self._prepare(norm, response, _scope(scope), ttl, tags, metadata)
-        return self._write(item, self._vector(norm, vector))
+        observed = None if fence is None else Observed(fence, self.clock.now())
+        return self._write(item, self._vector(norm, vector), observed)
 
     def store_many(
         self,
@@ -563,7 +497,7 @@ class SemanticCache:
 
         Items may be dicts with ``prompt``, ``response`` and optional ``scope``, ``ttl``,
         ``tags``, ``metadata`` overriding the call's defaults. ``vectors`` (one row per item)
-        skips embedding.
+        skips embedding. Every item is checked before anything is written.
         """
         self._check_open()
         prepared: list[dict[str, Any]] = []
@@ -596,11 +530,11 @@ class SemanticCache:
             else:
                 batch_vectors = given[start : start + 256]
             with self._lock, self._db.transaction():
-                ids += [
-                    self._write(p, v, apply=False)
-                    for p, v in zip(batch, batch_vectors, strict=True)
-                ]
-            self._apply_changes()
+                for p, v in zip(batch, batch_vectors, strict=True):
+                    uid = self._write(p, v, None, apply=False)
+                    assert uid is not None  # unfenced writes always happen
+                    ids.append(uid)
+            self.replica.catch_up()
         return ids
 
     def _prepare(
@@ -626,13 +560,22 @@ class SemanticCache:
             ttl = self.max_ttl if ttl is None else min(ttl, self.max_ttl)
         return None if ttl is None else now + ttl
 
-    def _write(self, item: dict[str, Any], vector: np.ndarray, *, apply: bool = True) -> str:
-        norm, scope = item["norm"], item["scope"]
+    def _write(
+        self,
+        item: dict[str, Any],
+        vector: np.ndarray,
+        observed: Observed | None,
+        *,
+        apply: bool = True,
+    ) -> str | None:
+        """Commit one entry (fenced when ``observed`` is given); None when the fence refused."""
+        norm, scope, tags = item["norm"], item["scope"], item["tags"]
+        vector = np.ascontiguousarray(vector, dtype=np.float32)
         with self._lock:
             self._check_open()
             now = self.clock.now()
-            self._sync()
-            version = self._version(scope.namespace)
+            self.replica.sync()
+            version = self.replica.version(scope.namespace)
             shard = shard_key(scope.digest, version)
             key = exact_key(shard, norm)
             values = {
@@ -645,61 +588,86 @@ class SemanticCache:
                 "prompt": norm,
                 "l1_key": key,
                 "response": item["response"],
-                "vector": np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
+                "vector": vector.tobytes(),
                 "created_at": now,
                 "updated_at": now,
                 "accessed_at": now,
-                "expires_at": self._expiry(item["ttl"], now),
-                "size": len(norm.encode())
-                + len(item["response"].encode())
-                + 4 * self.dim
-                + len(item["metadata"] or ""),
+                # a fenced answer is as old as the lookup it follows: its TTL counts from there
+                "expires_at": self._expiry(item["ttl"], observed.at if observed else now),
+                "size": 0,
                 "metadata": item["metadata"],
             }
+            values["size"] = entry_size(values, tags)
+            self.evictor.check_size(values["size"])
+            candidate = Candidate(scope.namespace, scope.digest, key, tags, vector)
             with self._db.transaction():
-                _, uid = self._db.insert(values, item["tags"])
+                written = self._db.insert(
+                    values,
+                    tags,
+                    fence=None if observed is None else observed.position,
+                    covered=lambda fences: any_covers(fences, candidate),
+                )
+                if written is None:
+                    self._stats["fenced"] += 1
+                    return None
                 self._cull(now)
-                self._evict()
+                self._stats["evictions"] += self.evictor.enforce(written[0], self._flush_access)
             self._stats["stores"] += 1
             if apply:
-                self._apply_changes()
-            # L1 fills on the first exact repeat (from the store), never here: the row may already
-            # be gone (evicted by its own write) or not yet committed (store_many's batch).
-            return uid
+                self.replica.catch_up()
+            # L1 fills on the first exact repeat (from the store), never here: the row may not
+            # be committed yet (store_many's batch).
+            return written[1]
 
     def _cull(self, now: float) -> None:
         """Bounded clean-up on each write: a few expired or version-dead entries."""
         if self.cull_limit <= 0:
             return
-        n = self._db.delete_where(
-            "SELECT id FROM entries WHERE expires_at <= ?", (now - self.max_stale,), self.cull_limit
-        )
-        n += self._db.delete_where(_DEAD_VERSIONS, (), self.cull_limit)
+        n = self._db.delete_expired(now - self.max_stale, self.cull_limit)
+        n += self._db.delete_dead_versions(self.cull_limit)
         self._stats["culled"] += n
 
-    def _evict(self) -> None:
-        if self.max_entries is None and self.max_bytes is None:
-            return
-        entries, size = self._db.counters()
-        order = EVICTION_POLICIES[self.eviction]
-        for _ in range(1000):  # bounded: each round removes at least one entry
-            over = 0
-            if self.max_entries is not None and entries > self.max_entries:
-                over = entries - self.max_entries
-            if self.max_bytes is not None and size > self.max_bytes:
-                over = max(over, 1)
-            if not over:
-                return
-            self._flush_access()  # LRU/LFU order must include the hits not yet written
-            n = self._db.delete_where(
-                f"SELECT id FROM entries ORDER BY {order}", (), min(over, 1000)
-            )
-            self._stats["evictions"] += n
-            if n == 0:
-                return
-            entries, size = self._db.counters()
-
     # ------------------------------------------------------------------------ get or compute
+    def _lead_or_follow(
+        self, item: dict[str, Any], prompt: str, policy: HitPolicy
+    ) -> tuple[str | None, Flight | None, _Looked | None]:
+        """Look up; on a miss join a flight or lead one. Returns (answer, None, None) when
+        answered now, (None, flight, looked) for a leader, (None, flight, None) for a follower
+        that must wait for ``flight``."""
+        looked = self._lookup(prompt, item["scope"], policy, None)
+        if looked.hit is not None:
+            return looked.hit.response, None, None
+        assert looked.vector is not None
+        stale = self._stale(item["norm"], looked.vector, looked.shard, policy)
+        flight, leader = self._flights.join_or_lead(
+            looked.shard, item["norm"], looked.vector, policy
+        )
+        if leader:
+            return None, flight, looked
+        if stale is not None:  # someone is refreshing it: serve the stale answer meanwhile
+            self._stats["stale_served"] += 1
+            return stale.response, None, None
+        self._stats["singleflight_waits"] += 1
+        return None, flight, None
+
+    def _recheck(self, item: dict[str, Any], looked: _Looked, policy: HitPolicy) -> Hit | None:
+        """A leader's second look: the answer may have been stored between its lookup and
+        its election (by a flight that just landed)."""
+        assert looked.vector is not None
+        with self._lock:
+            self.replica.sync()
+            _, rows = self._candidates(looked.vector, looked.shard, policy, self.clock.now())
+        found = self._choose(item["norm"], rows, policy)
+        return None if found is None else found[1]
+
+    def _land(self, item: dict[str, Any], looked: _Looked, result: Any) -> str:
+        """A leader's answer: checked, counted and written behind the lookup's fence."""
+        result = _check_response(result)
+        self._stats["computes"] += 1
+        assert looked.vector is not None
+        self._write({**item, "response": result}, looked.vector, looked.observed)
+        return result
+
     def get_or_compute(
         self,
         prompt: str,
@@ -712,37 +680,33 @@ class SemanticCache:
         metadata: Mapping[str, Any] | None = None,
     ) -> str:
         """The cached answer, or ``fn(prompt)`` stored and returned; concurrent misses for the
-        same or a near-identical prompt in the same scope call ``fn`` once (single-flight)."""
-        scope_, policy = _scope(scope), self._policy(threshold)
-        item = self._prepare(normalise(prompt), "", scope_, ttl, tags, metadata)
-        hit, vector, shard, _ = self._lookup(prompt, scope_, policy, None)
-        if hit is not None:
-            return hit.response
-        assert vector is not None
-        stale = self._stale(item["norm"], vector, shard, policy)
-        flight, leader = self._flights.join_or_lead(shard, item["norm"], vector, policy)
-        if not leader:
-            if stale is not None:  # someone is refreshing it: serve the stale answer meanwhile
-                self._stats["stale_served"] += 1
-                return stale.response
-            self._stats["singleflight_waits"] += 1
-            return flight.future.result()
+        same or a near-identical prompt in the same scope call ``fn`` once (single-flight).
+
+        The store is fenced: if an invalidation covering the answer (its tags, its namespace's
+        version, its prompt, a semantic radius around it) commits while ``fn`` runs, the answer
+        is returned but not cached.
+        """
+        policy = self._policy(threshold)
+        item = self._prepare(normalise(prompt), "", _scope(scope), ttl, tags, metadata)
+        while True:
+            answer, flight, looked = self._lead_or_follow(item, prompt, policy)
+            if flight is None:
+                return answer  # type: ignore[return-value]
+            if looked is not None:
+                break
+            result = flight.future.result()
+            if result is not HANDOVER:
+                return result
+        result, error = None, None
         try:
-            with self._lock:
-                found = self._search(vector, shard)
-                again = self._semantic(item["norm"], found, shard, policy, self.clock.now())
-            if again is not None:
-                result = again.response
-            else:
-                result = _check_response(fn(prompt))
-                self._stats["computes"] += 1
-                self._write({**item, "response": result}, vector)
-            flight.future.set_result(result)
+            again = self._recheck(item, looked, policy)
+            result = again.response if again is not None else self._land(item, looked, fn(prompt))
             return result
         except BaseException as exc:
-            flight.future.set_exception(exc)
+            error = exc
             raise
         finally:
+            self._flights.finish(flight, result, error)
             self._flights.land(flight)
 
     async def aget_or_compute(
@@ -757,37 +721,39 @@ class SemanticCache:
         metadata: Mapping[str, Any] | None = None,
     ) -> str:
         """``get_or_compute`` for asyncio: ``fn`` may be sync or async; the event loop never
-        blocks on embedding or SQLite."""
-        scope_, policy = _scope(scope), self._policy(threshold)
-        item = self._prepare(normalise(prompt), "", scope_, ttl, tags, metadata)
-        hit, vector, shard, _ = await asyncio.to_thread(self._lookup, prompt, scope_, policy, None)
-        if hit is not None:
-            return hit.response
-        assert vector is not None
-        stale = await asyncio.to_thread(self._stale, item["norm"], vector, shard, policy)
-        flight, leader = self._flights.join_or_lead(shard, item["norm"], vector, policy)
-        if not leader:
-            if stale is not None:
-                self._stats["stale_served"] += 1
-                return stale.response
-            self._stats["singleflight_waits"] += 1
-            return await asyncio.wrap_future(flight.future)
+        blocks on embedding or SQLite. A cancelled leader hands its flight over to a follower."""
+        policy = self._policy(threshold)
+        item = self._prepare(normalise(prompt), "", _scope(scope), ttl, tags, metadata)
+        while True:
+            answer, flight, looked = await asyncio.to_thread(
+                self._lead_or_follow, item, prompt, policy
+            )
+            if flight is None:
+                return answer  # type: ignore[return-value]
+            if looked is not None:
+                break
+            result = await asyncio.wrap_future(flight.future)
+            if result is not HANDOVER:
+                return result
+        result, error = None, None
         try:
+            again = await asyncio.to_thread(self._recheck, item, looked, policy)
+            if again is not None:
+                result = again.response
+                return result
             if inspect.iscoroutinefunction(fn):
-                result = await fn(prompt)
+                computed = await fn(prompt)
             else:
-                result = await asyncio.to_thread(fn, prompt)
-                if inspect.isawaitable(result):
-                    result = await result
-            result = _check_response(result)
-            self._stats["computes"] += 1
-            await asyncio.to_thread(self._write, {**item, "response": result}, vector)
-            flight.future.set_result(result)
+                computed = await asyncio.to_thread(fn, prompt)
+                if inspect.isawaitable(computed):
+                    computed = await computed
+            result = await asyncio.to_thread(self._land, item, looked, computed)
             return result
         except BaseException as exc:
-            flight.future.set_exception(exc)
+            error = exc
             raise
         finally:
+            self._flights.finish(flight, result, error)
             self._flights.land(flight)
 
     def _stale(self, norm: str, vector: np.ndarray, shard: str, policy: HitPolicy) -> Hit | None:
@@ -796,9 +762,12 @@ class SemanticCache:
             return None
         with self._lock:
             horizon = self.clock.now() - self.max_stale
-            return self._exact(norm, shard, horizon, record=False) or self._semantic(
-                norm, self._search(vector, shard), shard, policy, horizon, record=False
-            )
+            exact = self._exact(norm, shard, horizon, record=False)
+            if exact is not None:
+                return exact
+            _, rows = self._candidates(vector, shard, policy, horizon)
+        found = self._choose(norm, rows, policy)
+        return None if found is None else found[1]
 
     async def alookup(
         self, prompt: str, *, scope: Scope | None = None, threshold: float | HitPolicy | None = None
@@ -806,17 +775,18 @@ class SemanticCache:
         """``lookup`` without blocking the event loop."""
         return await asyncio.to_thread(self.lookup, prompt, scope=scope, threshold=threshold)
 
-    async def astore(self, prompt: str, response: str, **kwargs: Any) -> str:
+    async def astore(self, prompt: str, response: str, **kwargs: Any) -> str | None:
         """``store`` without blocking the event loop."""
         return await asyncio.to_thread(lambda: self.store(prompt, response, **kwargs))
 
     # ------------------------------------------------------------------------ write-through
-    def get(self, entry_id: str) -> Entry:
-        """The stored entry (expired or not); EntryNotFoundError when there is none."""
-        self._check_open()
+    def _row_by_uid(self, entry_id: Any) -> dict[str, Any]:
         row = self._db.get_by_uid(entry_id) if isinstance(entry_id, str) else None
         if row is None:
             raise EntryNotFoundError(f"no entry {entry_id!r}")
+        return row
+
+    def _entry(self, row: Mapping[str, Any], tags: tuple[str, ...]) -> Entry:
         return Entry(
             entry_id=row["uid"],
             prompt=row["prompt"],
@@ -828,9 +798,22 @@ class SemanticCache:
             accessed_at=row["accessed_at"],
             expires_at=row["expires_at"],
             hits=row["hits"],
-            tags=self._db.tags_of(row["id"]),
+            tags=tags,
             metadata=json.loads(row["metadata"]) if row["metadata"] else {},
         )
+
+    def get(self, entry_id: str) -> Entry:
+        """The stored entry (expired or not); EntryNotFoundError when there is none."""
+        self._check_open()
+        row = self._row_by_uid(entry_id)
+        return self._entry(row, self._db.tags_of(row["id"]))
+
+    def iter_entries(self, *, namespace: str | None = None) -> Iterator[Entry]:
+        """Every stored entry (of ``namespace`` only, if given), in the order they were first
+        stored; for export and inspection. Expired entries not yet removed are included."""
+        self._check_open()
+        for row, tags in self._db.iter_entries(namespace):
+            yield self._entry(row, tags)
 
     def delete(self, entry_id: str) -> bool:
         """Delete one entry by id; True if it existed. Idempotent."""
@@ -839,21 +822,21 @@ class SemanticCache:
             rowid = self._db.rowid_of(entry_id) if isinstance(entry_id, str) else None
             if rowid is None:
                 return False
-            removed = self._db.delete_ids([rowid])
-            self._stats["invalidations_delete"] += len(removed)
-            self._apply_changes()
-            return bool(removed)
+            removed = self._db.delete_entry(rowid, self.clock.now())
+            self._stats["invalidations_delete"] += int(removed is not None)
+            self.replica.catch_up()
+            return removed is not None
 
     def delete_prompt(self, prompt: str, *, scope: Scope | None = None) -> int:
         """Delete the entry stored for exactly this prompt (normalised) in the scope."""
         self._check_open()
         norm = normalise(prompt)
         with self._lock:
-            self._sync()
+            self.replica.sync()
             key = exact_key(self._shard(_scope(scope)), norm)
-            n = self._db.delete_where("SELECT id FROM entries WHERE l1_key = ?", (key,), 1000)
+            n = self._db.delete_prompt(key, self.clock.now())
             self._stats["invalidations_delete"] += n
-            self._apply_changes()
+            self.replica.catch_up()
             return n
 
     def update(
@@ -879,9 +862,7 @@ class SemanticCache:
         meta = MISSING if metadata is MISSING else _check_metadata(metadata)
         expires = MISSING if ttl is MISSING else _check_ttl(ttl)
         with self._lock:
-            row = self._db.get_by_uid(entry_id) if isinstance(entry_id, str) else None
-            if row is None:
-                raise EntryNotFoundError(f"no entry {entry_id!r}")
+            row = self._row_by_uid(entry_id)
             now = self.clock.now()
             if expires is not MISSING:
                 values["expires_at"] = self._expiry(expires, now)
@@ -893,24 +874,16 @@ class SemanticCache:
             if not values and tag_list is None:
                 return
             values["updated_at"] = now
-            new_size = (
-                len(values.get("prompt", row["prompt"]).encode())
-                + len(values.get("response", row["response"]).encode())
-                + 4 * self.dim
-                + len(values.get("metadata", row["metadata"]) or "")
+            merged = {**row, **values}
+            size = entry_size(
+                merged, self._db.tags_of(row["id"]) if tag_list is None else tag_list
             )
-            if new_size != row["size"]:
-                values["size"] = new_size
-            with self._db.transaction():
-                if "l1_key" in values:
-                    self._db.delete_where(
-                        "SELECT id FROM entries WHERE l1_key = ? AND id != ?",
-                        (values["l1_key"], row["id"]),
-                        1000,
-                    )
-                self._db.update(row["id"], values, tag_list)
+            self.evictor.check_size(size)
+            if size != row["size"]:
+                values["size"] = size
+            self._db.update(row["id"], values, tag_list, now)
             self._stats["updates"] += 1
-            self._apply_changes()
+            self.replica.catch_up()
 
     def feedback(self, entry_id: str, correct: bool, *, similarity: float | None = None) -> None:
         """Tell the cache whether an answer it served was right; wrong ones tighten that entry.
@@ -928,45 +901,28 @@ class SemanticCache:
             rowid = self._db.rowid_of(entry_id) if isinstance(entry_id, str) else None
             if rowid is None:
                 raise EntryNotFoundError(f"no entry {entry_id!r}")
-            sim = self._served.get(entry_id, 1.0) if similarity is None else similarity
-            if isinstance(sim, float) and 1.0 < sim < 1.0 + 1e-5:
-                sim = 1.0  # float32 rounding of a unit vector's self-similarity
-            sim = check_threshold(sim)
-            if correct:
-                with self._db.transaction() as conn:
-                    conn.execute(
-                        "UPDATE entries SET feedback_good = feedback_good + 1 WHERE id = ?",
-                        (rowid,),
-                    )
-                return
-            self._stats["feedback_wrong"] += 1
-            if sim >= 1.0 - 1e-6:
-                self._db.delete_ids([rowid])
-                self._apply_changes()
-                return
-            with self._db.transaction() as conn:
-                conn.execute(
-                    "UPDATE entries SET feedback_bad = feedback_bad + 1, min_similarity = "
-                    "max(coalesce(min_similarity, -1.0), ?) WHERE id = ?",
-                    (min(sim + FEEDBACK_MARGIN, 1.0), rowid),
-                )
+            if not correct:
+                self._stats["feedback_wrong"] += 1
+            if self._feedback.apply(rowid, entry_id, correct, similarity):
+                self.replica.catch_up()
 
     # ------------------------------------------------------------------------- invalidation
-    def invalidate_tags(self, *tags: str) -> int:
-        """Delete every entry carrying any of ``tags``; returns how many. Cost grows with the
-        entries tagged, not with the cache."""
+    def invalidate_tags(self, *tags: str, namespace: str | None = None) -> int:
+        """Delete every entry carrying any of ``tags`` (only ``namespace``'s entries, if given);
+        returns how many. Cost grows with the entries tagged, not with the cache. Answers being
+        computed for such entries when this is called are not cached afterwards."""
         self._check_open()
         tag_list = _check_tags(tags)
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            raise InvalidInputError("namespace must be a non-empty string or None")
         if not tag_list:
             return 0
-        marks = ", ".join("?" for _ in tag_list)
+        self._db.fence_tags(tag_list, namespace, self.clock.now())
         total = 0
         while True:
             with self._lock:
-                n = self._db.delete_where(
-                    f"SELECT entry_id FROM tags WHERE tag IN ({marks})", tag_list, 1000
-                )
-                self._apply_changes()
+                n = self._db.delete_tagged(tag_list, namespace, 1000)
+                self.replica.catch_up()
             total += n
             if n == 0:
                 break
@@ -980,8 +936,8 @@ class SemanticCache:
         if not isinstance(namespace, str) or not namespace:
             raise InvalidInputError("namespace must be a non-empty string")
         with self._lock:
-            version = self._db.bump(namespace)
-            self._apply_changes()
+            version = self._db.bump(namespace, self.clock.now())
+            self.replica.catch_up()
             self._stats["invalidations_version"] += 1
             return version
 
@@ -989,8 +945,8 @@ class SemanticCache:
         """The namespace's current version (0 until first bumped)."""
         self._check_open()
         with self._lock:
-            self._sync()
-            return self._version(namespace)
+            self.replica.sync()
+            return self.replica.version(namespace)
 
     def invalidate_similar(
         self,
@@ -1000,17 +956,19 @@ class SemanticCache:
         scope: Scope | None = None,
     ) -> list[str]:
         """Delete every entry whose cosine similarity to the text (embedded) or vector is
-        ``>= radius``, in ``scope`` only if given; returns the ids removed. Exact."""
+        ``>= radius``, in ``scope`` only if given; returns the ids removed. Exact. Answers
+        being computed for prompts inside the radius are not cached afterwards."""
         self._check_open()
         radius = check_threshold(radius)
         if isinstance(text_or_vector, str):
             query = self.embed([normalise(text_or_vector)])[0]
         else:
             query = as_unit_matrix(text_or_vector, self.dim)[0]
+        scope_ = None if scope is None else _scope(scope)
         with self._lock:
-            self._sync()
-            if scope is not None:
-                shard = self._shard(_scope(scope))
+            self.replica.sync()
+            if scope_ is not None:
+                shard = self._shard(scope_)
                 targets = [(shard, self.shards.get(shard))]
             else:
                 targets = list(self.shards.items())
@@ -1019,8 +977,10 @@ class SemanticCache:
                 if index is not None and len(index):
                     found, _ = index.range_search(query, radius)
                     ids += found.tolist()
-            removed = self._db.delete_ids(ids) if ids else []
-            self._apply_changes()
+            removed = self._db.delete_similar(
+                ids, query, radius, None if scope_ is None else scope_.digest, self.clock.now()
+            )
+            self.replica.catch_up()
         self._stats["invalidations_semantic"] += len(removed)
         return removed
 
@@ -1028,14 +988,15 @@ class SemanticCache:
         """Delete every expired and version-dead entry now, in batches; returns the count."""
         self._check_open()
         total = 0
-        for sql, params in (
-            ("SELECT id FROM entries WHERE expires_at <= ?", (self.clock.now() - self.max_stale,)),
-            (_DEAD_VERSIONS, ()),
+        before = self.clock.now() - self.max_stale
+        for delete in (
+            lambda: self._db.delete_expired(before, 1000),
+            lambda: self._db.delete_dead_versions(1000),
         ):
             while True:
                 with self._lock:
-                    n = self._db.delete_where(sql, params, 1000)
-                    self._apply_changes()
+                    n = delete()
+                    self.replica.catch_up()
                 total += n
                 if n == 0:
                     break
@@ -1062,34 +1023,15 @@ class SemanticCache:
 
         return invalidates(self, tags=tags, entries=entries, namespaces=namespaces)
 
-    def _start_sweeper(self, interval: float) -> None:
-        def sweep() -> None:
-            while not self._stop.wait(interval):
-                try:
-                    self.expire()
-                except CacheClosedError:
-                    return
-                except SemcacheError:  # pragma: no cover - logged, retried next round
-                    log.exception("expiry sweep failed")
-
-        self._sweeper = threading.Thread(target=sweep, name="semcache-sweeper", daemon=True)
-        self._sweeper.start()
-
     # ---------------------------------------------------------------------- maintenance
     def checkpoint(self) -> None:
-        """Persist the index now, so a restart replays nothing."""
+        """Persist the index now, so a restart replays nothing (when this process owns the
+        folder's checkpoints, or takes them over from an owner that has gone)."""
         self._check_open()
         with self._lock:
-            self._apply_changes()
-            self._checkpoint_locked()
-
-    def _checkpoint_locked(self) -> None:
-        self._flush_access()
-        if not self.shards.owner:
-            return
-        self.shards.save()
-        self._db.trim_changes(self.shards.seq)
-        self._checkpoint_seq = self.shards.seq
+            self.replica.catch_up()
+            self._flush_access()
+            self.replica.checkpoint(self.clock.now())
 
     def verify(self, fix: bool = False) -> list[str]:
         """Check that store and index agree; returns the problems found (empty when sound).
@@ -1100,7 +1042,7 @@ class SemanticCache:
         self._check_open()
         problems = self._db.quick_check()
         with self._lock:
-            self._apply_changes()
+            self.replica.catch_up()
             if self._db.get_meta("model_id") != self.embedder.model_id:
                 problems.append("store model id differs from the embedder's")
             expected: dict[str, dict[int, np.ndarray]] = {}
@@ -1130,7 +1072,7 @@ class SemanticCache:
             if self._db.counters()[0] != n:
                 problems.append(f"entry counter says {self._db.counters()[0]}, table has {n}")
             if fix and problems:
-                self._rebuild_index()
+                self.replica.rebuild()
                 self._db.recount()
         return problems
 
@@ -1138,7 +1080,7 @@ class SemanticCache:
         """Counts for monitoring: sizes, tiers, hit rate, invalidations by pattern."""
         self._check_open()
         with self._lock:
-            self._sync()
+            self.replica.sync()
             entries, size = self._db.counters()
             s = dict(self._stats)
             hits = s.get("hits_l1", 0) + s.get("hits_semantic", 0)
@@ -1156,10 +1098,13 @@ class SemanticCache:
                 "misses": s.get("misses", 0),
                 "hit_rate": hits / lookups if lookups else 0.0,
                 "stores": s.get("stores", 0),
+                "fenced": s.get("fenced", 0),
                 "computes": s.get("computes", 0),
                 "singleflight_waits": s.get("singleflight_waits", 0),
                 "evictions": s.get("evictions", 0),
                 "culled": s.get("culled", 0),
+                "index_rebuilds": self.replica.rebuilds,
+                "log_position": self.shards.seq,
                 "invalidations": {
                     pattern: s.get(f"invalidations_{pattern}", 0)
                     for pattern in ("ttl", "delete", "tag", "version", "semantic", "cdc")
@@ -1174,16 +1119,18 @@ class SemanticCache:
         """Persist the index and release the data folder. Idempotent."""
         if self._closed:
             return
-        self._stop.set()
         if self._sweeper is not None:
-            self._sweeper.join(timeout=5)
+            self._sweeper.stop()
         with self._lock:
             try:
-                self._apply_changes()
-                self._checkpoint_locked()
+                self.replica.catch_up()
+                self._flush_access()
+                self.replica.checkpoint(self.clock.now())
             finally:
                 self._closed = True
-                self.shards.release()
+                self.replica.release()
+                if self._folder is not None:
+                    self._folder.release()
                 self._db.close()
 
     def __enter__(self) -> SemanticCache:
@@ -1194,10 +1141,3 @@ class SemanticCache:
 
     def __repr__(self) -> str:
         return f"SemanticCache({str(self.path)!r}, policy={self.policy!r})"
-
-
-# Driven by the (few) namespaces, then the (namespace, version) index: never a table scan.
-_DEAD_VERSIONS = (
-    "SELECT e.id FROM namespaces n CROSS JOIN entries e "
-    "ON e.namespace = n.namespace AND e.version < n.version"
-)

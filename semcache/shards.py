@@ -2,10 +2,14 @@
 
 A shard is one exact scope at one namespace version: a lookup only ever searches its own shard,
 so scope isolation is structural and a busy tenant never crowds another's neighbours out of the
-top k. The set is saved as one file per shard plus ``manifest.json``, which records the model,
-the dimension and the change-log sequence number the files reflect; opening replays only later
-changes. Files are written to a temporary name, fsynced and renamed, so a crash leaves either
-the old or the new version, never half of one.
+top k. The set is saved as one file per shard plus ``manifest.json``, which records the store
+it was derived from (its identity and a checkpoint token the store also keeps), the model, the
+dimension and the change-log position the files reflect; opening replays only later changes.
+
+A checkpoint never rewrites a file the current manifest names: shard files are written under new
+names, then the manifest is replaced by an atomic rename (the commit point), and only then are
+the files it no longer names removed. A crash at any moment leaves the old checkpoint or the new
+one, whole.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,8 +43,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _file_name(shard: str) -> str:
-    return hashlib.sha256(shard.encode()).hexdigest()[:32] + ".idx"
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (a no-op where directories cannot be fsynced)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _file_name(shard: str, generation: str) -> str:
+    return f"{hashlib.sha256(shard.encode()).hexdigest()[:32]}-{generation}.idx"
 
 
 class ShardSet:
@@ -52,8 +67,11 @@ class ShardSet:
         self._factory = factory
         self._shards: dict[str, VectorIndex] = {}
         self._dirty: set[str] = set()
+        self._full = False  # the next save writes every shard afresh
         self.seq = 0  # last change-log seq reflected in the indexes
         self._lock_file: int | None = None
+        self.store_id: str | None = None  # identity of the store the loaded files came from
+        self.token: str | None = None  # checkpoint token of the loaded files
 
     # -- access ---------------------------------------------------------------------------
     def get(self, shard: str) -> VectorIndex | None:
@@ -69,8 +87,13 @@ class ShardSet:
         return iter(list(self._shards.items()))
 
     def clear(self) -> None:
-        self._dirty.update(self._shards)
         self._shards.clear()
+        self._full = True
+
+    def mark_all_dirty(self) -> None:
+        """The next save writes every shard and names no earlier file (a new owner trusts no
+        file it did not write)."""
+        self._full = True
 
     def __len__(self) -> int:
         return sum(len(index) for index in self._shards.values())
@@ -104,20 +127,28 @@ class ShardSet:
             self._lock_file = None
 
     # -- persistence ----------------------------------------------------------------------
-    def save(self) -> None:
-        """Write dirty shards and then the manifest (the manifest is the commit point)."""
+    def save(self, store_id: str, token: str) -> None:
+        """Write a checkpoint of every dirty shard, for store ``store_id``, under ``token``.
+
+        New files get new names; the manifest's atomic replacement commits the checkpoint;
+        files the new manifest does not name are removed afterwards.
+        """
         try:
             manifest = self._read_manifest() or {}
         except IndexCorruptError:  # damaged on disk: write every shard afresh
             manifest = {}
+        if manifest.get("store_id") != store_id or self._full:
+            manifest = {}
+        if not manifest:
             self._dirty.update(self._shards)
         files: dict[str, dict[str, object]] = dict(manifest.get("shards", {}))  # type: ignore[arg-type]
+        generation = uuid.uuid4().hex[:12]
         for shard in sorted(self._dirty):
-            name = _file_name(shard)
             index = self._shards.get(shard)
             if index is None or len(index) == 0:
                 files.pop(shard, None)
                 continue
+            name = _file_name(shard, generation)
             data = index.to_bytes()
             _atomic_write(self.folder / name, data)
             files[shard] = {
@@ -127,18 +158,26 @@ class ShardSet:
             }
         body = {
             "format": FORMAT,
+            "store_id": store_id,
+            "token": token,
             "model_id": self.model_id,
             "dim": self.dim,
             "seq": self.seq,
             "shards": files,
         }
         _atomic_write(self.folder / MANIFEST, json.dumps(body, indent=1).encode())
+        _fsync_dir(self.folder)
         keep = {meta["file"] for meta in files.values()}  # type: ignore[index]
         for path in self.folder.glob("*.idx"):
             if path.name not in keep:
                 with contextlib.suppress(OSError):
                     path.unlink()
+        for path in self.folder.glob("*.tmp"):
+            with contextlib.suppress(OSError):
+                path.unlink()
         self._dirty.clear()
+        self._full = False
+        self.store_id, self.token = store_id, token
 
     def _read_manifest(self) -> dict[str, object] | None:
         path = self.folder / MANIFEST
@@ -150,10 +189,7 @@ class ShardSet:
                 raise ValueError("unknown manifest format")
             return body
         except (OSError, ValueError) as exc:
-            raise IndexCorruptError(
-                f"{path} is unreadable ({exc}); open with rebuild=True to rebuild the index from "
-                "the store, or delete the index folder"
-            ) from exc
+            raise IndexCorruptError(f"{path} is unreadable ({exc})") from exc
 
     def load(self) -> bool:
         """Load the persisted shards; False when there is nothing persisted."""
@@ -163,30 +199,33 @@ class ShardSet:
         if body.get("model_id") != self.model_id or body.get("dim") != self.dim:
             raise IndexCorruptError(
                 f"the index in {self.folder} was built with {body.get('model_id')!r} "
-                f"(dim {body.get('dim')}), not {self.model_id!r} (dim {self.dim}); open with "
-                "rebuild=True to rebuild it from the store"
+                f"(dim {body.get('dim')}), not {self.model_id!r} (dim {self.dim})"
             )
         shards: dict[str, VectorIndex] = {}
-        for shard, meta in body["shards"].items():  # type: ignore[union-attr]
-            path = self.folder / meta["file"]
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise IndexCorruptError(
-                    f"index file {path} is missing ({exc}); open with rebuild=True"
-                ) from exc
-            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                raise IndexCorruptError(
-                    f"index file {path} does not match its checksum: it is damaged or foreign; "
-                    "open with rebuild=True to rebuild the index from the store"
-                )
-            index = load_index(data)
-            if index.dim != self.dim:
-                raise IndexCorruptError(f"index file {path} has dimension {index.dim}")
-            shards[shard] = index
+        try:
+            entries = dict(body["shards"])  # type: ignore[call-overload]
+            for shard, meta in entries.items():
+                path = self.folder / meta["file"]
+                try:
+                    data = path.read_bytes()
+                except OSError as exc:
+                    raise IndexCorruptError(f"index file {path} is missing ({exc})") from exc
+                if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                    raise IndexCorruptError(
+                        f"index file {path} does not match its checksum: it is damaged or foreign"
+                    )
+                index = load_index(data)
+                if index.dim != self.dim:
+                    raise IndexCorruptError(f"index file {path} has dimension {index.dim}")
+                shards[shard] = index
+            seq = int(body["seq"])  # type: ignore[call-overload]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IndexCorruptError(f"the manifest in {self.folder} is malformed ({exc})") from exc
         self._shards = shards
         self._dirty.clear()
-        self.seq = int(body["seq"])  # type: ignore[call-overload]
+        self.seq = seq
+        self.store_id = body.get("store_id")  # type: ignore[assignment]
+        self.token = body.get("token")  # type: ignore[assignment]
         return True
 
     def add(self, shard: str, ids: np.ndarray, vectors: np.ndarray) -> None:

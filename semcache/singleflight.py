@@ -4,7 +4,13 @@ A leader registers its prompt and vector in the prompt's shard; a caller that mi
 leader for the same normalised prompt, or for a prompt the hit policy would accept, is in flight
 waits for that leader's answer instead of calling the LLM itself. Threads and asyncio tasks share
 one registry (``concurrent.futures.Future`` works for both). A leader's failure is shared with its
-followers, as Go's singleflight does: they asked the same question at the same moment.
+followers, as Go's singleflight does: they asked the same question at the same moment. A
+leader that is cancelled or interrupted (``asyncio.CancelledError``, ``KeyboardInterrupt``: a
+``BaseException`` that is not an ``Exception``) did not fail: it hands over, and its followers
+look again and elect a new leader among themselves.
+
+A flight belongs to a shard, which includes the namespace's version: a caller that misses after
+a bump never joins a flight that started before it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .threshold import HitPolicy
+
+
+class _Handover:
+    def __repr__(self) -> str:
+        return "HANDOVER"
+
+
+#: The result a follower receives when its leader went away without an answer: look again.
+HANDOVER: object = _Handover()
 
 
 @dataclass
@@ -59,6 +74,17 @@ class SingleFlight:
             flight = Flight(shard, prompt, vector)
             flights.append(flight)
             return flight, True
+
+    @staticmethod
+    def finish(flight: Flight, result: str | None, error: BaseException | None) -> None:
+        """Resolve a flight: an answer, an error shared with the followers, or (a cancelled or
+        interrupted leader) a handover."""
+        if error is None:
+            flight.future.set_result(result)  # type: ignore[arg-type]
+        elif isinstance(error, Exception):
+            flight.future.set_exception(error)
+        else:
+            flight.future.set_result(HANDOVER)  # type: ignore[arg-type]
 
     def land(self, flight: Flight) -> None:
         """Unregister a finished flight (after its future is resolved)."""

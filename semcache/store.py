@@ -1,9 +1,21 @@
-"""The SQLite store: the source of truth for entries, tags, namespace versions and the change log.
+"""The store of record (SQLite): entries, tags, namespace versions, the change log, the fence
+log and meta. Every SQL statement semcache runs is in this module.
 
-Every mutation of ``entries`` is written to the ``changes`` log by triggers inside the same
-transaction, so the FAISS index and the L1 tier (derived state) can always be brought up to date
-by replaying the log, whichever process made the change. Counters of entries and bytes are kept
-by triggers too, so size checks never scan the table.
+Three invariants live here:
+
+- Every mutation of ``entries`` is written to the ``changes`` log by triggers inside the same
+  transaction, so derived state (the FAISS index, L1, the version cache: the replica) can always
+  be brought up to date by replaying the log, whichever process made the change. Log positions
+  are contiguous (AUTOINCREMENT, never reused), so a follower that sees a gap knows it missed
+  something.
+- Every invalidation (tags, a version bump, a delete or update of a prompt's entry, a semantic
+  radius) is also written to the ``fences`` log in the transaction that performs it. A write that
+  carries the fence position its lookup observed (``insert(..., fence=)``) commits only if no
+  fence recorded since covers it: an answer computed before an invalidation is never cached
+  after it.
+- Every error is a :class:`~semcache.errors.StoreError`; no ``sqlite3`` exception escapes.
+
+Counters of entries and bytes are kept by triggers, so size checks never scan the table.
 """
 
 from __future__ import annotations
@@ -12,7 +24,8 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +35,9 @@ import sqlite_utils
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Rows per statement where a list of ids or tags is bound (SQLite allows 32,766 variables).
+CHUNK = 500
 
 #: Eviction policies as data: the ORDER BY that picks the first entries to go.
 EVICTION_POLICIES: dict[str, str] = {
@@ -84,11 +99,38 @@ def _row(r: sqlite3.Row | tuple[Any, ...]) -> Row:
 _ROW_COLUMNS = "id, uid, shard, prompt, response, expires_at, metadata, min_similarity"
 
 
+@dataclass(frozen=True)
+class Fence:
+    """One invalidation as the fence log records it (see :meth:`Store.insert`)."""
+
+    kind: str  # tag | ver | key | similar
+    namespace: str | None  # tag: None means every namespace
+    key: str | None  # tag: the tag; key: the exact key
+    scope_digest: str | None  # similar: None means every scope
+    vector: bytes | None
+    radius: float | None
+
+
+def entry_size(values: dict[str, Any], tags: Iterable[str]) -> int:
+    """Bytes an entry costs the store, as ``max_bytes`` counts them: every text and blob it
+    keeps (prompt, response, vector, metadata, scope, keys) and its tags."""
+    size = 0
+    for col in ("uid", "shard", "namespace", "scope_digest", "scope", "prompt", "l1_key",
+                "response", "metadata"):
+        value = values.get(col)
+        if value:
+            size += len(value.encode()) if isinstance(value, str) else len(value)
+    size += len(values["vector"])
+    size += sum(len(tag.encode()) + 8 for tag in tags)
+    return size + 64  # the numeric columns and the row's own overhead
+
+
 class Store:
     """SQLite (WAL) access for one data folder; safe to share between threads.
 
     One connection, serialised by a re-entrant lock; ``transaction()`` is ``BEGIN IMMEDIATE`` and
-    re-entrant per thread, in the manner of diskcache's ``_transact``.
+    re-entrant per thread, in the manner of diskcache's ``_transact``. Any ``sqlite3`` error,
+    inside a transaction or not, is raised as :class:`StoreError` and rolls the transaction back.
     """
 
     def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
@@ -104,6 +146,7 @@ class Store:
             self._lock = threading.RLock()
             self._depth = 0
             self._migrate()
+            self.store_id = self._identity()
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"{path} is not a usable semcache store ({exc}); move it away or open another "
@@ -129,10 +172,12 @@ class Store:
             self._depth = 1
             try:
                 yield self._conn
-            except BaseException:
+            except BaseException as exc:
                 self._depth = 0
                 with contextlib.suppress(sqlite3.Error):  # keep the original error
                     self._conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"store write failed: {exc}") from exc
                 raise
             self._depth = 0
             try:
@@ -151,16 +196,16 @@ class Store:
 
     def data_version(self) -> int:
         """Changes when another connection commits (``PRAGMA data_version``)."""
-        with self._lock:
-            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        return int(self.execute("PRAGMA data_version")[0][0])
 
     def close(self) -> None:
         with self._lock:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA optimize")
-            self._conn.close()
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
 
-    # -- schema -------------------------------------------------------------------------------
+    # -- schema and meta ------------------------------------------------------------------------
     def _migrate(self) -> None:
         db = self._db
         with self.transaction():
@@ -175,6 +220,17 @@ class Store:
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 _MIGRATIONS[step](db)
             self.set_meta("schema_version", str(SCHEMA_VERSION))
+
+    def _identity(self) -> str:
+        """This store's identity: made once, when the store is created; a replica's files name
+        the store they were derived from, so a new or replaced database is never confused with
+        the one an index was built for."""
+        with self.transaction():
+            store_id = self.get_meta("store_id")
+            if store_id is None:
+                store_id = uuid.uuid4().hex
+                self.set_meta("store_id", store_id)
+            return store_id
 
     def get_meta(self, key: str) -> str | None:
         rows = self.execute("SELECT value FROM meta WHERE key = ?", (key,))
@@ -193,7 +249,8 @@ class Store:
         rows = self.execute("SELECT version FROM namespaces WHERE namespace = ?", (namespace,))
         return int(rows[0][0]) if rows else 0
 
-    def bump(self, namespace: str) -> int:
+    def bump(self, namespace: str, now: float) -> int:
+        """Raise the namespace's version (every older entry is dead at once); fenced."""
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO namespaces(namespace, version) VALUES (?, 0) "
@@ -203,16 +260,75 @@ class Store:
             conn.execute(
                 "UPDATE namespaces SET version = version + 1 WHERE namespace = ?", (namespace,)
             )
+            self._fence(conn, now, [("ver", namespace, None, None, None, None)])
             return int(
                 conn.execute(
                     "SELECT version FROM namespaces WHERE namespace = ?", (namespace,)
                 ).fetchone()[0]
             )
 
-    # -- entries --------------------------------------------------------------------------------
-    def insert(self, values: dict[str, Any], tags: Iterable[str]) -> tuple[int, str]:
-        """Insert one entry (replacing an exact repeat in the same shard); returns (id, uid)."""
+    # -- the fence log ----------------------------------------------------------------------------
+    def position(self) -> int:
+        """The fence log's position now: what a lookup observed, for a fenced write after it."""
+        rows = self.execute("SELECT seq FROM sqlite_sequence WHERE name = 'fences'")
+        return int(rows[0][0]) if rows else 0
+
+    @staticmethod
+    def _fence(conn: sqlite3.Connection, now: float, rows: Sequence[tuple[Any, ...]]) -> None:
+        conn.executemany(
+            "INSERT INTO fences(at, kind, namespace, key, scope_digest, vector, radius) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(now, *row) for row in rows],
+        )
+
+    def fences_since(self, position: int) -> list[Fence] | None:
+        """The invalidations recorded after ``position``; None when the log no longer reaches
+        back that far (so nothing can be proven and a fenced write must not commit)."""
+        with self._lock:
+            if position < int(self.get_meta("fences_trimmed") or 0):
+                return None
+            rows = self.execute(
+                "SELECT kind, namespace, key, scope_digest, vector, radius FROM fences "
+                "WHERE seq > ? ORDER BY seq",
+                (position,),
+            )
+        return [Fence(*r) for r in rows]
+
+    def trim_fences(self, before: float) -> None:
+        """Forget invalidations recorded before ``before``: a flight older than that which
+        writes afterwards is simply not cached."""
         with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT max(seq) FROM fences WHERE at < ?", (before,)
+            ).fetchone()
+            if row and row[0] is not None:
+                conn.execute("DELETE FROM fences WHERE seq <= ?", (row[0],))
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('fences_trimmed', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (str(row[0]),),
+                )
+
+    # -- entries --------------------------------------------------------------------------------
+    def insert(
+        self,
+        values: dict[str, Any],
+        tags: Sequence[str],
+        *,
+        covered: Callable[[list[Fence]], bool] | None = None,
+        fence: int | None = None,
+    ) -> tuple[int, str] | None:
+        """Insert one entry (replacing an exact repeat in the same shard); returns (id, uid).
+
+        With ``fence`` (a :meth:`position`), the insert commits only if ``covered`` finds no
+        fence recorded since that covers it, checked inside the write transaction so nothing
+        can slip in between; otherwise nothing is written and None is returned.
+        """
+        with self.transaction() as conn:
+            if fence is not None:
+                since = self.fences_since(fence)
+                if since is None or (covered is not None and covered(since)):
+                    return None
             conn.execute("DELETE FROM entries WHERE l1_key = ?", (values["l1_key"],))
             cols = ", ".join(values)
             marks = ", ".join("?" for _ in values)
@@ -236,23 +352,27 @@ class Store:
 
     def candidates(self, ids: Sequence[int], shard: str, now: float) -> dict[int, Row]:
         """The live rows among ``ids`` in ``shard``: the index's answers, re-checked."""
-        if not ids:
-            return {}
-        marks = ", ".join("?" for _ in ids)
-        rows = self.execute(
-            f"SELECT {_ROW_COLUMNS} FROM entries WHERE id IN ({marks}) AND shard = ? "
-            "AND (expires_at IS NULL OR expires_at > ?)",
-            (*ids, shard, now),
-        )
-        return {r[0]: _row(r) for r in rows}
+        out: dict[int, Row] = {}
+        for chunk in _chunks(ids):
+            marks = ", ".join("?" for _ in chunk)
+            rows = self.execute(
+                f"SELECT {_ROW_COLUMNS} FROM entries WHERE id IN ({marks}) AND shard = ? "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (*chunk, shard, now),
+            )
+            out.update((r[0], _row(r)) for r in rows)
+        return out
 
-    def get_by_uid(self, uid: str) -> sqlite3.Row | None:
+    def get_by_uid(self, uid: str) -> dict[str, Any] | None:
+        """Every column of the entry with this uid, or None."""
         with self._lock:
-            self._conn.row_factory = sqlite3.Row
             try:
-                return self._conn.execute("SELECT * FROM entries WHERE uid = ?", (uid,)).fetchone()
-            finally:
-                self._conn.row_factory = None
+                cur = self._conn.execute("SELECT * FROM entries WHERE uid = ?", (uid,))
+                row = cur.fetchone()
+                names = [d[0] for d in cur.description]
+            except sqlite3.Error as exc:
+                raise StoreError(f"store query failed: {exc}") from exc
+        return None if row is None else dict(zip(names, row, strict=True))
 
     def rowid_of(self, uid: str) -> int | None:
         rows = self.execute("SELECT id FROM entries WHERE uid = ?", (uid,))
@@ -264,11 +384,36 @@ class Store:
             for r in self.execute("SELECT tag FROM tags WHERE entry_id = ? ORDER BY tag", (rowid,))
         )
 
+    def iter_entries(
+        self, namespace: str | None = None, batch: int = 1000
+    ) -> Iterator[tuple[dict[str, Any], tuple[str, ...]]]:
+        """Every entry (all columns but the vector) with its tags, in id order, in batches."""
+        last = -1
+        where = "" if namespace is None else "AND namespace = ? "
+        while True:
+            params: tuple[Any, ...] = (last,) if namespace is None else (last, namespace)
+            with self._lock:
+                try:
+                    cur = self._conn.execute(
+                        "SELECT id, uid, namespace, version, scope, prompt, response, "
+                        "created_at, updated_at, accessed_at, expires_at, hits, metadata "
+                        f"FROM entries WHERE id > ? {where}ORDER BY id LIMIT {int(batch)}",
+                        params,
+                    )
+                    rows = cur.fetchall()
+                    names = [d[0] for d in cur.description]
+                except sqlite3.Error as exc:
+                    raise StoreError(f"store query failed: {exc}") from exc
+            if not rows:
+                return
+            for r in rows:
+                yield dict(zip(names, r, strict=True)), self.tags_of(r[0])
+            last = int(rows[-1][0])
+
     def vectors_of(self, ids: Sequence[int]) -> dict[int, tuple[str, np.ndarray]]:
         """(shard, vector) of each of ``ids`` still present."""
         out: dict[int, tuple[str, np.ndarray]] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
+        for chunk in _chunks(ids):
             marks = ", ".join("?" for _ in chunk)
             for rowid, shard, blob in self.execute(
                 f"SELECT id, shard, vector FROM entries WHERE id IN ({marks})", tuple(chunk)
@@ -293,8 +438,41 @@ class Store:
             yield ids, [r[1] for r in rows], vectors.reshape(len(rows), -1)
             last = int(ids[-1])
 
-    def update(self, rowid: int, values: dict[str, Any], tags: Iterable[str] | None) -> None:
+    def iter_prompts(self, batch: int = 256) -> Iterator[list[tuple[int, str]]]:
+        """Every entry's (id, prompt), in id order, in batches: for re-embedding."""
+        last = -1
+        while True:
+            rows = self.execute(
+                "SELECT id, prompt FROM entries WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+            )
+            if not rows:
+                return
+            yield [(int(r[0]), r[1]) for r in rows]
+            last = int(rows[-1][0])
+
+    def set_vectors(self, pairs: Sequence[tuple[int, bytes]]) -> None:
         with self.transaction() as conn:
+            conn.executemany(
+                "UPDATE entries SET vector = ? WHERE id = ?", [(v, i) for i, v in pairs]
+            )
+
+    def update(
+        self,
+        rowid: int,
+        values: dict[str, Any],
+        tags: Sequence[str] | None,
+        now: float,
+    ) -> None:
+        """Change an entry in place; fenced on its old exact key (a flight computing that
+        prompt's answer from before the update must not overwrite it)."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT l1_key FROM entries WHERE id = ?", (rowid,)).fetchone()
+            if row is None:
+                return
+            if "l1_key" in values:  # a new prompt replaces the exact repeat it collides with
+                conn.execute(
+                    "DELETE FROM entries WHERE l1_key = ? AND id != ?", (values["l1_key"], rowid)
+                )
             if values:
                 sets = ", ".join(f"{col} = ?" for col in values)
                 conn.execute(f"UPDATE entries SET {sets} WHERE id = ?", (*values.values(), rowid))
@@ -310,13 +488,71 @@ class Store:
                     "SELECT id, shard, 'upd' FROM entries WHERE id = ?",
                     (rowid,),
                 )
+            self._fence(conn, now, [("key", None, row[0], None, None, None)])
 
-    def delete_ids(self, ids: Sequence[int]) -> list[str]:
-        """Delete entries by row id; returns the uids removed."""
+    # -- deletes --------------------------------------------------------------------------------
+    def delete_entry(self, rowid: int, now: float) -> str | None:
+        """Delete one entry (write-through); fenced on its exact key. Returns its uid."""
+        with self.transaction() as conn:
+            row = conn.execute(
+                "DELETE FROM entries WHERE id = ? RETURNING uid, l1_key", (rowid,)
+            ).fetchone()
+            if row is None:
+                return None
+            self._fence(conn, now, [("key", None, row[1], None, None, None)])
+            return str(row[0])
+
+    def delete_prompt(self, l1_key: str, now: float) -> int:
+        """Delete the entry stored under an exact key; fenced on that key."""
+        with self.transaction() as conn:
+            n = conn.execute("DELETE FROM entries WHERE l1_key = ?", (l1_key,)).rowcount
+            self._fence(conn, now, [("key", None, l1_key, None, None, None)])
+            return n
+
+    def fence_tags(self, tags: Sequence[str], namespace: str | None, now: float) -> None:
+        """Record a tag invalidation (before its batches of deletes run)."""
+        with self.transaction() as conn:
+            self._fence(conn, now, [("tag", namespace, tag, None, None, None) for tag in tags])
+
+    def delete_tagged(self, tags: Sequence[str], namespace: str | None, limit: int) -> int:
+        """Delete at most ``limit`` entries carrying any of ``tags`` (of ``namespace`` only, if
+        given); returns the count. Call until it returns 0."""
+        total = 0
+        with self.transaction() as conn:
+            for chunk in _chunks(tags):
+                if total >= limit:
+                    break
+                marks = ", ".join("?" for _ in chunk)
+                if namespace is None:
+                    select = f"SELECT DISTINCT entry_id FROM tags WHERE tag IN ({marks})"
+                    params: tuple[Any, ...] = tuple(chunk)
+                else:
+                    select = (
+                        "SELECT DISTINCT t.entry_id FROM tags t JOIN entries e "
+                        f"ON e.id = t.entry_id WHERE t.tag IN ({marks}) AND e.namespace = ?"
+                    )
+                    params = (*chunk, namespace)
+                total += conn.execute(
+                    f"DELETE FROM entries WHERE id IN ({select} LIMIT ?)",
+                    (*params, limit - total),
+                ).rowcount
+        return total
+
+    def delete_similar(
+        self,
+        ids: Sequence[int],
+        vector: np.ndarray,
+        radius: float,
+        scope_digest: str | None,
+        now: float,
+    ) -> list[str]:
+        """Delete the entries a range search found; fenced on the radius, so an answer being
+        computed for a prompt inside it is not cached afterwards. Returns the uids removed."""
         removed: list[str] = []
         with self.transaction() as conn:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
+            blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+            self._fence(conn, now, [("similar", None, None, scope_digest, blob, float(radius))])
+            for chunk in _chunks(ids):
                 marks = ", ".join("?" for _ in chunk)
                 removed += [
                     r[0]
@@ -326,14 +562,48 @@ class Store:
                 ]
         return removed
 
-    def delete_where(self, select_ids_sql: str, params: Sequence[Any], limit: int) -> int:
-        """Delete at most ``limit`` entries whose ids the given SELECT yields; returns the count."""
+    def delete_ids(self, ids: Sequence[int]) -> list[str]:
+        """Delete entries by row id, unfenced (feedback, repairs); returns the uids removed."""
+        removed: list[str] = []
         with self.transaction() as conn:
-            cur = conn.execute(
-                f"DELETE FROM entries WHERE id IN ({select_ids_sql} LIMIT ?)", (*params, limit)
-            )
-            return cur.rowcount
+            for chunk in _chunks(ids):
+                marks = ", ".join("?" for _ in chunk)
+                removed += [
+                    r[0]
+                    for r in conn.execute(
+                        f"DELETE FROM entries WHERE id IN ({marks}) RETURNING uid", tuple(chunk)
+                    ).fetchall()
+                ]
+        return removed
 
+    def delete_expired(self, before: float, limit: int) -> int:
+        """Delete at most ``limit`` entries that expired at or before ``before``."""
+        with self.transaction() as conn:
+            return conn.execute(
+                "DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE expires_at <= ? "
+                "LIMIT ?)",
+                (before, limit),
+            ).rowcount
+
+    def delete_dead_versions(self, limit: int) -> int:
+        """Delete at most ``limit`` entries of namespace versions older than the current one."""
+        with self.transaction() as conn:
+            return conn.execute(
+                f"DELETE FROM entries WHERE id IN ({_DEAD_VERSIONS} LIMIT ?)", (limit,)
+            ).rowcount
+
+    def evict(self, order: str, count: int, keep: int | None) -> int:
+        """Delete the first ``count`` entries in eviction ``order`` (a key of
+        :data:`EVICTION_POLICIES`), never the row ``keep`` (the write that caused it)."""
+        sql = EVICTION_POLICIES[order]
+        with self.transaction() as conn:
+            return conn.execute(
+                "DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id != ? "
+                f"ORDER BY {sql} LIMIT ?)",
+                (-1 if keep is None else keep, count),
+            ).rowcount
+
+    # -- access and feedback ------------------------------------------------------------------
     def record_access(self, accesses: dict[int, tuple[int, float]]) -> None:
         """Apply buffered (hit count, last access) updates: LRU/LFU order, never a change."""
         if not accesses:
@@ -343,6 +613,21 @@ class Store:
                 "UPDATE entries SET hits = hits + ?, accessed_at = max(accessed_at, ?) "
                 "WHERE id = ?",
                 [(n, at, rowid) for rowid, (n, at) in accesses.items()],
+            )
+
+    def feedback_good(self, rowid: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE entries SET feedback_good = feedback_good + 1 WHERE id = ?", (rowid,)
+            )
+
+    def feedback_bad(self, rowid: int, floor: float) -> None:
+        """Count a wrong answer and raise the entry's own similarity floor to ``floor``."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE entries SET feedback_bad = feedback_bad + 1, min_similarity = "
+                "max(coalesce(min_similarity, -1.0), ?) WHERE id = ?",
+                (floor, rowid),
             )
 
     # -- sizes ------------------------------------------------------------------------------------
@@ -382,12 +667,31 @@ class Store:
                 (str(upto),),
             )
 
+    def record_checkpoint(self, token: str, seq: int) -> None:
+        """A replica checkpoint at ``seq`` is durable: remember its token (so a manifest that
+        is not this store's latest checkpoint is never trusted) and trim the log up to it."""
+        with self.transaction():
+            self.set_meta("checkpoint_token", token)
+            self.trim_changes(seq)
+
     def trimmed_upto(self) -> int:
         return int(self.get_meta("changes_trimmed") or 0)
 
     def quick_check(self) -> list[str]:
         rows = self.execute("PRAGMA quick_check")
         return [] if rows and rows[0][0] == "ok" else [f"sqlite: {r[0]}" for r in rows]
+
+
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), CHUNK):
+        yield items[start : start + CHUNK]
+
+
+# Driven by the (few) namespaces, then the (namespace, version) index: never a table scan.
+_DEAD_VERSIONS = (
+    "SELECT e.id FROM namespaces n CROSS JOIN entries e "
+    "ON e.namespace = n.namespace AND e.version < n.version"
+)
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -445,4 +749,15 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE entries ADD COLUMN feedback_bad INTEGER NOT NULL DEFAULT 0")
 
 
-_MIGRATIONS = {1: _migration_1, 2: _migration_2}
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """The fence log (invalidations, for fenced writes) and an index for LFU eviction."""
+    db.execute(
+        "CREATE TABLE fences (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, "
+        "kind TEXT NOT NULL, namespace TEXT, key TEXT, scope_digest TEXT, vector BLOB, "
+        "radius REAL)"
+    )
+    db.execute("CREATE INDEX fences_at ON fences(at)")
+    db.execute("CREATE INDEX entries_lfu ON entries(hits, accessed_at, id)")
+
+
+_MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3}

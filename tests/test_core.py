@@ -13,7 +13,6 @@ from semcache import (
     EmbedderMismatchError,
     EntryNotFoundError,
     FakeClock,
-    IndexCorruptError,
     InvalidInputError,
     InvalidPromptError,
     InvalidScopeError,
@@ -302,23 +301,34 @@ def test_embedder_mismatch_refused_then_rebuilt(tmp_path: Path) -> None:
         assert c.verify() == []
 
 
-def test_corrupt_and_foreign_index_files(tmp_path: Path) -> None:
+def test_corrupt_and_foreign_index_files_are_rebuilt_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         c.store("persist me please", "ok")
     files = list((tmp_path / "index").glob("*.idx"))
     assert files
     files[0].write_bytes(b"garbage")
-    with pytest.raises(IndexCorruptError, match="rebuild=True"):
-        SemanticCache(tmp_path, embedder=HashEmbedder())
+    with caplog.at_level("WARNING", logger="semcache"), SemanticCache(
+        tmp_path, embedder=HashEmbedder(), threshold=0.9
+    ) as c:
+        assert c.lookup("persist me please").response == "ok"  # nothing stored was lost
+        assert c.verify() == []
+        assert c.stats()["index_rebuilds"] == 1
+    assert "checksum" in caplog.text
     manifest = tmp_path / "index" / "manifest.json"
     body = json.loads(manifest.read_text())
     body["model_id"] = "someone-else"
     manifest.write_text(json.dumps(body))
-    with pytest.raises(IndexCorruptError):
-        SemanticCache(tmp_path, embedder=HashEmbedder())
-    with SemanticCache(tmp_path, embedder=HashEmbedder(), rebuild=True, threshold=0.9) as c:
-        assert c.lookup("persist me please").response == "ok"  # nothing stored was lost
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="semcache"), SemanticCache(
+        tmp_path, embedder=HashEmbedder(), threshold=0.9
+    ) as c:
+        assert c.lookup("persist me please").response == "ok"
         assert c.verify() == []
+    assert "someone-else" in caplog.text
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        assert c.stats()["index_rebuilds"] == 0  # the checkpoint written at close is trusted
 
 
 def test_not_a_store(tmp_path: Path) -> None:
@@ -393,6 +403,8 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         c.store("migrate me", "ok")
     conn = sqlite3.connect(tmp_path / "semcache.db")
+    conn.execute("DROP INDEX entries_lfu")  # back to schema 1: undo migrations 3 and 2
+    conn.execute("DROP TABLE fences")
     for col in ("min_similarity", "feedback_good", "feedback_bad"):
         conn.execute(f"ALTER TABLE entries DROP COLUMN {col}")
     conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
@@ -400,7 +412,8 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
     conn.close()
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         assert c.lookup("migrate me").response == "ok"
-        assert c._db.get_meta("schema_version") == "2"
+        assert c._db.get_meta("schema_version") == "3"
+        assert c.store("fenced after migration", "ok", fence=c.position()) is not None
 
 
 def test_similarities_stay_on_the_scale(fast_cache: SemanticCache) -> None:
@@ -414,31 +427,37 @@ def test_similarities_stay_on_the_scale(fast_cache: SemanticCache) -> None:
     assert fast_cache.lookup("rounding check words") is None
 
 
-def test_an_entry_evicted_by_its_own_write_is_never_served(tmp_path: Path) -> None:
+def test_a_write_never_evicts_its_own_entry(tmp_path: Path) -> None:
+    """LFU with every resident row hit: the new entry has no hits yet, but it is not the victim
+    of its own write; the id store() returns always exists."""
     with SemanticCache(
-        tmp_path / "a", embedder=HashEmbedder(), max_entries=1, eviction="lfu", threshold=0.99
+        tmp_path / "a", embedder=HashEmbedder(), max_entries=2, eviction="lfu", threshold=0.99
     ) as c:
-        c.store("alpha question", "A")
-        assert c.lookup("alpha question") is not None  # alpha now has a hit: beta goes first
-        beta = c.store("beta question", "B")
-        with pytest.raises(EntryNotFoundError):
-            c.get(beta)
-        assert c.lookup("beta question") is None
+        for word in ("alpha", "beta"):
+            c.store(f"{word} question", word)
+            assert c.lookup(f"{word} question") is not None
+        gamma = c.store("gamma question", "gamma")
+        assert c.get(gamma).response == "gamma"
+        assert c.lookup("gamma question").response == "gamma"
+        assert c.stats()["entries"] == 2 and c.stats()["evictions"] == 1
         assert c.verify() == []
     with SemanticCache(tmp_path / "b", embedder=HashEmbedder(), max_bytes=10) as c:
-        c.store("gamma", "G")  # larger than the whole budget
+        with pytest.raises(InvalidInputError, match="max_bytes"):
+            c.store("gamma", "G")  # larger than the whole budget: refused, not stored
         assert c.lookup("gamma") is None and c.stats()["entries"] == 0
 
 
-def test_failed_open_releases_the_index_lock(tmp_path: Path) -> None:
+def test_failed_open_releases_the_locks(tmp_path: Path) -> None:
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         c.store("lock check words", "ok")
-    (tmp_path / "index" / "manifest.json").write_text("garbage")
-    with pytest.raises(IndexCorruptError):
-        SemanticCache(tmp_path, embedder=HashEmbedder())
-    with SemanticCache(tmp_path, embedder=HashEmbedder(), rebuild=True, threshold=0.9) as c:
+    with pytest.raises(EmbedderMismatchError):
+        SemanticCache(tmp_path, embedder=HashEmbedder(dim=32, model_id="other"))
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         assert c.shards.owner  # the failed open did not keep the writer lock
-    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:  # manifest rewritten
+        assert c.lookup("lock check words").response == "ok"
+    with SemanticCache(  # nor the folder's open lock: a re-embed needs the folder alone
+        tmp_path, embedder=HashEmbedder(dim=32, model_id="other"), rebuild=True, threshold=0.9
+    ) as c:
         assert c.lookup("lock check words").response == "ok"
 
 

@@ -1,0 +1,68 @@
+"""Size bounds: ``max_entries`` and ``max_bytes``, enforced on every write by evicting.
+
+The policy is data (:data:`~semcache.store.EVICTION_POLICIES`: the ORDER BY that picks the first
+entries to go, each backed by an index). The entry whose write caused the eviction is never its
+victim, so a write always leaves the entry it returned in the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .errors import InvalidInputError
+from .store import EVICTION_POLICIES, Store
+
+
+class Evictor:
+    """Keeps a store within ``max_entries`` and ``max_bytes`` (None: unbounded)."""
+
+    def __init__(
+        self, store: Store, policy: str, max_entries: int | None, max_bytes: int | None
+    ) -> None:
+        if policy not in EVICTION_POLICIES:
+            raise InvalidInputError(
+                f"unknown eviction policy {policy!r}; choose from {sorted(EVICTION_POLICIES)}"
+            )
+        for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidInputError(f"{name} must be a positive int or None")
+        self.store = store
+        self.policy = policy
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+
+    @property
+    def bounded(self) -> bool:
+        return self.max_entries is not None or self.max_bytes is not None
+
+    def check_size(self, size: int) -> None:
+        """Refuse, before anything is written, an entry that alone exceeds ``max_bytes``."""
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise InvalidInputError(
+                f"the entry takes {size} bytes, more than max_bytes={self.max_bytes}"
+            )
+
+    def enforce(self, keep: int | None, flush: Callable[[], None]) -> int:
+        """Evict until within bounds, never the row ``keep``; returns how many went.
+
+        ``flush`` writes buffered hits first, so LRU and LFU order include them.
+        """
+        if not self.bounded:
+            return 0
+        evicted = 0
+        entries, size = self.store.counters()
+        for _ in range(1000):  # bounded: each round removes at least one entry
+            over = 0
+            if self.max_entries is not None and entries > self.max_entries:
+                over = entries - self.max_entries
+            if self.max_bytes is not None and size > self.max_bytes:
+                over = max(over, 1)
+            if not over:
+                break
+            flush()
+            n = self.store.evict(self.policy, min(over, 1000), keep)
+            evicted += n
+            if n == 0:
+                break
+            entries, size = self.store.counters()
+        return evicted

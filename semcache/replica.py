@@ -1,0 +1,205 @@
+"""The replica: derived state (index shards, L1, the version cache) that follows the store's log.
+
+A replica reflects the store of record up to a known change-log position, of a known store. It
+never guesses: a persisted checkpoint of another store, one the store does not know as its
+latest, one ahead of the store, a damaged file or a gap in the log (changes trimmed before this
+replica read them) all lead to a rebuild from the vectors in the store, with a warning. So the
+cache always opens while the store is sound.
+
+Catching up reads the store's ``data_version`` *before* scanning the log: a commit that lands
+during the scan changes it again, so the next :meth:`sync` scans again instead of missing it.
+
+One process at a time owns the folder's checkpoints (an ``flock``); when the owner closes or
+dies, the next replica that wants to checkpoint takes the lock over and writes every shard
+afresh. Only the owner trims the log, and only up to a checkpoint it has made durable; a
+follower further behind finds the gap and rebuilds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import numpy as np
+
+from .errors import IndexCorruptError, StoreError
+from .l1 import L1Cache
+from .shards import ShardSet
+from .store import Store
+
+log = logging.getLogger("semcache")
+
+#: How long the fence log is kept: a computation running longer than this is not cached.
+FENCE_HORIZON = 3600.0
+_EMPTY = (np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64))
+
+
+class Replica:
+    """Index shards, L1 and namespace versions, kept in step with one :class:`Store`."""
+
+    def __init__(
+        self, store: Store, shards: ShardSet, l1: L1Cache, *, checkpoint_every: int
+    ) -> None:
+        self.store = store
+        self.shards = shards
+        self.l1 = l1
+        self.checkpoint_every = checkpoint_every
+        self.lock = threading.RLock()
+        self.versions: dict[str, int] = {}
+        self.data_version = -1
+        self.rebuilds = 0
+        self._checkpoint_seq = 0
+
+    # -- opening ----------------------------------------------------------------------------
+    def open(self, *, rebuild: bool) -> None:
+        """Load the persisted checkpoint and catch up, or rebuild when it cannot be trusted."""
+        with self.lock:
+            self.shards.acquire()
+            problem = "a rebuild was asked for" if rebuild else self._load()
+            if problem is None:
+                self.catch_up()
+            else:
+                if problem:
+                    log.warning("rebuilding the index of %s: %s", self.store.path, problem)
+                self.rebuild()
+            self._checkpoint_seq = self.shards.seq
+
+    def _load(self) -> str | None:
+        """Load the checkpoint; None when it is usable, "" when there is none, else why not."""
+        try:
+            if not self.shards.load():
+                return ""
+        except IndexCorruptError as exc:
+            return str(exc)
+        if self.shards.store_id != self.store.store_id:
+            return "its files were derived from another store"
+        if self.shards.token != self.store.get_meta("checkpoint_token"):
+            return "its files are not the store's latest checkpoint (a restored or older store)"
+        if self.shards.seq > self.store.last_seq():
+            return "its files are ahead of the store"
+        if self.shards.seq < self.store.trimmed_upto():
+            return "the store's log was trimmed past its files"
+        return None
+
+    def rebuild(self) -> None:
+        """Rebuild every shard from the vectors in the store, then catch up."""
+        with self.lock:
+            seq = self.store.last_seq()
+            self.shards.clear()
+            for ids, shards, vectors in self.store.iter_vectors():
+                groups: dict[str, list[int]] = {}
+                for row, shard in enumerate(shards):
+                    groups.setdefault(shard, []).append(row)
+                for shard, rows in groups.items():
+                    self.shards.add(shard, ids[rows], vectors[rows])
+            self.shards.seq = seq
+            self.l1.clear()
+            self.versions.clear()
+            self.rebuilds += 1
+            self._follow(allow_rebuild=False)
+
+    # -- following the log ------------------------------------------------------------------
+    def sync(self) -> None:
+        """Catch up if any other connection (another process) committed since the last look."""
+        if self.store.data_version() != self.data_version:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Apply every change after this replica's position (after this process's own writes)."""
+        with self.lock:
+            self._follow(allow_rebuild=True)
+            if self.shards.seq - self._checkpoint_seq >= self.checkpoint_every:
+                self.checkpoint(None)
+
+    def _follow(self, *, allow_rebuild: bool) -> None:
+        dv = self.store.data_version()  # before the scan: a later commit changes it again
+        while True:
+            changes = self.store.changes_since(self.shards.seq)
+            if changes and changes[0].seq != self.shards.seq + 1:
+                self._gap(allow_rebuild, f"the log resumes at {changes[0].seq}")
+                return
+            if not changes:
+                if self.store.last_seq() < self.shards.seq:
+                    self._gap(allow_rebuild, "the store is behind this replica")
+                    return
+                break
+            self._apply(changes)
+        self.data_version = dv
+
+    def _gap(self, allow_rebuild: bool, why: str) -> None:
+        if not allow_rebuild:
+            raise StoreError(f"the change log moved while the index was rebuilt ({why})")
+        log.warning(
+            "index of %s missed changes after %d (%s): rebuilding",
+            self.store.path,
+            self.shards.seq,
+            why,
+        )
+        self.rebuild()
+
+    def _apply(self, changes: list) -> None:  # type: ignore[type-arg]
+        reindex: dict[int, str] = {}
+        removed: dict[int, str] = {}
+        for change in changes:
+            if change.op == "ver":
+                self.versions.pop(change.shard, None)
+                continue
+            rowid = int(change.entry_id)
+            self.l1.discard(rowid)
+            if change.op in ("add", "vec"):
+                reindex[rowid] = change.shard
+                removed.pop(rowid, None)
+            elif change.op == "del":
+                removed[rowid] = change.shard
+                reindex.pop(rowid, None)
+        present = self.store.vectors_of(list(reindex))
+        for rowid, shard in reindex.items():
+            if rowid not in present:
+                removed[rowid] = shard
+        by_shard: dict[str, list[int]] = {}
+        for rowid, shard in removed.items():
+            by_shard.setdefault(shard, []).append(rowid)
+        for shard, ids in by_shard.items():
+            self.shards.remove(shard, np.asarray(ids, dtype=np.int64))
+        adds: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for rowid, (shard, vector) in present.items():
+            adds.setdefault(shard, []).append((rowid, vector))
+        for shard, pairs in adds.items():
+            ids_ = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
+            self.shards.add(shard, ids_, np.stack([p[1] for p in pairs]))
+        self.shards.seq = changes[-1].seq
+
+    # -- reading ----------------------------------------------------------------------------
+    def version(self, namespace: str) -> int:
+        version = self.versions.get(namespace)
+        if version is None:
+            version = self.versions[namespace] = self.store.version(namespace)
+        return version
+
+    def search(self, shard: str, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shard's ``k`` nearest (similarities descending, ids); empty when it has none."""
+        index = self.shards.get(shard)
+        if index is None or len(index) == 0:
+            return _EMPTY
+        return index.search(vector, k)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint(self, now: float | None) -> bool:
+        """Persist the shards and trim the log up to them, if this replica owns the folder's
+        checkpoints or can take them over; False when another process owns them."""
+        with self.lock:
+            if not self.shards.owner:
+                if not self.shards.acquire():
+                    return False
+                self.shards.mark_all_dirty()  # trust no file another owner wrote
+            token = uuid.uuid4().hex
+            self.shards.save(self.store.store_id, token)
+            self.store.record_checkpoint(token, self.shards.seq)
+            if now is not None:
+                self.store.trim_fences(now - FENCE_HORIZON)
+            self._checkpoint_seq = self.shards.seq
+            return True
+
+    def release(self) -> None:
+        self.shards.release()
