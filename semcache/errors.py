@@ -12,6 +12,7 @@
     ├── EmbedderError                            the embedding model failed, or its process died
     ├── IndexCorruptError                        a persisted index file is unreadable or foreign
     ├── StoreError                               the SQLite store failed or is not a semcache store
+    │   └── StoreBusyError                       another cache has the folder open (re-embedding)
     ├── CacheClosedError                         the cache was used after close()
     ├── UpstreamError                            the LLM call behind a miss failed
     │   └── UpstreamTimeoutError
@@ -65,6 +66,10 @@ class IndexCorruptError(SemcacheError):
 
 class StoreError(SemcacheError):
     """The SQLite store failed, or the file is not a semcache store."""
+
+
+class StoreBusyError(StoreError):
+    """The operation needs the data folder alone, and another cache has it open."""
 
 
 class CacheClosedError(SemcacheError):
