@@ -69,18 +69,20 @@ def as_policy(value: float | HitPolicy | None) -> HitPolicy:
 
 
 def default_policy() -> HitPolicy:
-    """The policy ``SemanticCache(path)`` uses when none is given: the shipped verifier, "veto".
+    """The policy ``SemanticCache(path)`` uses when none is given: guards, then the verifier.
 
-    A cosine threshold calibrated on held-out shippable data (about 0.92), and the hard-negative
-    verifier (:mod:`semcache.verifier`) vetoes candidates it scores below 0.5 (numbers, units,
-    negation, swapped words). It was chosen on held-out shippable data only; on data it never
-    saw it serves 1.2-2.1% wrong answers per lookup (MRPC, STS-B and QQP replays) and answers
-    a quarter to a third of the repeatable prompts; the measured table is in the README. Pass
-    ``threshold=0.85`` (or any float) for the plain cosine rule.
+    The near-miss guards (:class:`semcache.nearmiss.GuardedPolicy`) come first: prompts whose
+    numbers, units or dates differ are never a hit ("item 366" / "item 367"), and prompts
+    longer than the model's 256-token window are a hit only with the same words. Then the
+    shipped verifier (:mod:`semcache.verifier`) at its "veto" operating point: a cosine
+    threshold calibrated on held-out shippable data, and the verifier vetoes candidates it
+    scores below 0.5. The measured error rates are in the README. Pass ``threshold=0.85`` (or
+    any float) for the plain cosine rule, without the guards.
     """
+    from .nearmiss import GuardedPolicy
     from .verifier import shipped_policy
 
-    return shipped_policy("veto")
+    return GuardedPolicy(shipped_policy("veto"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,6 +314,10 @@ def policy_from_dict(d: dict[str, Any]) -> HitPolicy:
         from .verifier import VerifierPolicy
 
         return VerifierPolicy.from_dict(d)
+    if kind == "guarded":
+        from .nearmiss import GuardedPolicy
+
+        return GuardedPolicy.from_dict(d)
     raise InvalidInputError(f"unknown policy kind {kind!r}")
 
 

@@ -238,6 +238,18 @@ def _build_antonyms() -> frozenset[frozenset[str]]:
 
 
 _ANTONYMS = _build_antonyms()
+
+
+def _build_opposites() -> dict[str, frozenset[str]]:
+    out: dict[str, set[str]] = {}
+    for pair in _ANTONYMS:
+        x, y = sorted(pair)
+        out.setdefault(x, set()).add(y)
+        out.setdefault(y, set()).add(x)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+_OPPOSITES = _build_opposites()
 _NEG_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non")
 _CONTRACTIONS = (
     (re.compile(r"\bcan't\b"), "can not"),
@@ -292,9 +304,10 @@ def _parse(text: str) -> _Parsed:
     # Capitalised words that are not sentence-initial, plus acronyms: a cheap entity detector.
     ents: set[str] = set()
     for m in _CAP.finditer(text):
-        start = m.start()
-        before = text[:start].rstrip()
-        sentence_start = not before or before[-1] in ".?!:\"'("
+        j = m.start() - 1  # the last character before the word that is not a space
+        while j >= 0 and text[j].isspace():
+            j -= 1
+        sentence_start = j < 0 or text[j] in ".?!:\"'("
         if sentence_start and (not m.group().isupper() or len(m.group()) < 2):
             continue
         word = m.group().lower()
@@ -313,32 +326,78 @@ def _parse(text: str) -> _Parsed:
     )
 
 
+#: At most this many one-sided words per side are checked for spelling variants: the check
+#: compares words pairwise, and the cap keeps a decision's cost linear in the text.
+TYPO_CAP = 64
+
+
 def _typo_pairs(only_a: set[str], only_b: set[str]) -> int:
-    """How many one-sided words are a spelling variant of a word on the other side."""
+    """How many one-sided words are a spelling variant of a word on the other side.
+
+    Only words sharing a first or last letter are compared (indexed, not all pairs), and only
+    the first :data:`TYPO_CAP` of each side in sorted order, so the cost stays bounded.
+    """
+    by_first: dict[str, list[str]] = {}
+    by_last: dict[str, list[str]] = {}
+    for y in sorted(only_b)[:TYPO_CAP]:
+        if len(y) >= 4:
+            by_first.setdefault(y[0], []).append(y)
+            by_last.setdefault(y[-1], []).append(y)
     n = 0
-    for x in only_a:
-        for y in only_b:
-            if (
-                len(x) >= 4
-                and len(y) >= 4
-                and abs(len(x) - len(y)) <= 2
-                and (x[0] == y[0] or x[-1] == y[-1])
-                and SequenceMatcher(None, x, y).ratio() >= 0.8
-            ):
+    for x in sorted(only_a)[:TYPO_CAP]:
+        if len(x) < 4:
+            continue
+        for y in dict.fromkeys(by_first.get(x[0], []) + by_last.get(x[-1], [])):
+            if abs(len(x) - len(y)) <= 2 and SequenceMatcher(None, x, y).ratio() >= 0.8:
                 n += 1
                 break
     return n
 
 
 def _antonym_hits(only_a: set[str], only_b: set[str]) -> int:
-    """Word swaps that flip the meaning: a lexicon of opposites, or a negating prefix."""
+    """Word swaps that flip the meaning: a lexicon of opposites, or a negating prefix.
+
+    Counts the (a-word, b-word) pairs that are opposites, by lookups rather than comparing all
+    pairs, so it is linear in the number of words.
+    """
     n = 0
     for x in only_a:
-        for y in only_b:
-            opposite = frozenset((x, y)) in _ANTONYMS
-            if opposite or any(y == p + x or x == p + y for p in _NEG_PREFIXES):
-                n += 1
+        found = {y for y in _OPPOSITES.get(x, ()) if y in only_b}
+        for p in _NEG_PREFIXES:
+            if p + x in only_b:
+                found.add(p + x)
+            if x.startswith(p) and x[len(p) :] in only_b:
+                found.add(x[len(p) :])
+        n += len(found)
     return n
+
+
+def _inversions(seq: list[int]) -> int:
+    """Pairs i < j with seq[i] > seq[j], by merge sort: O(n log n), not O(n^2)."""
+    if len(seq) < 2:
+        return 0
+    count = 0
+    width = 1
+    cur = list(seq)
+    n = len(cur)
+    while width < n:
+        out: list[int] = []
+        for lo in range(0, n, 2 * width):
+            left, right = cur[lo : lo + width], cur[lo + width : lo + 2 * width]
+            i = j = 0
+            while i < len(left) and j < len(right):
+                if left[i] <= right[j]:
+                    out.append(left[i])
+                    i += 1
+                else:
+                    out.append(right[j])
+                    count += len(left) - i
+                    j += 1
+            out.extend(left[i:])
+            out.extend(right[j:])
+        cur = out
+        width *= 2
+    return count
 
 
 def _discordance(a: Sequence[str], b: Sequence[str]) -> float:
@@ -355,8 +414,7 @@ def _discordance(a: Sequence[str], b: Sequence[str]) -> float:
     n = len(seq)
     if n < 2:
         return 0.0
-    disc = sum(1 for i in range(n) for j in range(i + 1, n) if seq[i] > seq[j])
-    return disc / (n * (n - 1) / 2)
+    return _inversions(seq) / (n * (n - 1) / 2)
 
 
 FEATURES: tuple[str, ...] = (
