@@ -8,11 +8,12 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test lint run demo bench clean
 
-# torch is pinned to the CPU build in constraints.txt, so no install ever pulls CUDA wheels.
+# torch is pinned to the CPU build in constraints.txt, so no install ever pulls CUDA wheels;
+# the project's venv gets every extra (server, openai, postgres, eval, langchain) and dev.
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all,dev]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -22,6 +23,7 @@ lint: install
 
 test: install lint
 	bash scripts/ensure_postgres_logical.sh
+	bash scripts/ensure_chromium.sh
 	$(BIN)/pytest -q -p no:cacheprovider
 
 run: install

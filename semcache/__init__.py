@@ -4,6 +4,11 @@ An answer is served for a prompt when an earlier prompt in exactly the same scop
 decoding parameters, system prompt, conversation) means the same; never across scopes, never
 once invalidated. See README.md for the similarity scale, the hit policy and its measured error
 rates.
+
+Importing ``semcache`` imports only the core (numpy, FAISS, SQLite, the model's packages when a
+cache opens); the sidecar, the OpenAI wrapper, change data capture, evaluation and the LangChain
+cache load their optional dependencies when used, and a missing one raises
+:class:`MissingExtraError` naming the ``pip install "semcache[...]"`` to run.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from .extras import MissingExtraError
 from .index import FaissIndex, NumpyIndex, VectorIndex
 from .threshold import (
     CalibratedThreshold,
@@ -60,6 +66,7 @@ __all__ = [
     "InvalidPromptError",
     "InvalidScopeError",
     "InvalidVectorError",
+    "MissingExtraError",
     "NumpyIndex",
     "ReplicationError",
     "Scope",

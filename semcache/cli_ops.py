@@ -1,0 +1,397 @@
+"""Operator commands on a cache's data folder: ``stats``, ``verify``, ``import``, ``export``,
+``invalidate``.
+
+They open the same folder the sidecar serves (``--data``, or ``SEMCACHE_DATA`` as for
+``semcache serve``) through the public :class:`~semcache.SemanticCache` API; the store is shared
+between processes, so they can run while the sidecar does. Commands that never embed (stats,
+verify, export, invalidate by tag or namespace) open the cache with a stand-in that carries the
+folder's recorded model id and dimension, so they start without loading the model; ``import``
+and ``invalidate --similar`` load it.
+
+Only typer is imported at module level (``semcache --help`` stays fast); rich, numpy and the
+cache load when a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from .cache import SemanticCache
+
+DataOption = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        envvar="SEMCACHE_DATA",
+        help="the cache's data folder, as for `semcache serve` (env SEMCACHE_DATA)",
+    ),
+]
+DEFAULT_DATA = Path("indexes/default")
+IMPORT_FIELDS = frozenset({"prompt", "response", "scope", "tags", "ttl", "metadata"})
+
+
+def _fail(command: str, message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"semcache {command}: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _open(data: Path, command: str, *, embed: bool) -> SemanticCache:
+    """Open the cache in ``data``; without ``embed`` no model is loaded (see module doc)."""
+    from .cache import SemanticCache
+    from .cdc.cli import InvalidationOnlyEmbedder, recorded_model
+    from .errors import SemcacheError
+
+    recorded = recorded_model(data)
+    if recorded is None and not embed:
+        raise _fail(command, f"no cache in {data} (no store there yet)")
+    try:
+        if embed:
+            return SemanticCache(data)
+        return SemanticCache(data, embedder=InvalidationOnlyEmbedder(*recorded))  # type: ignore[misc]
+    except SemcacheError as exc:
+        raise _fail(command, str(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# stats, verify
+# --------------------------------------------------------------------------------------------
+
+
+def stats(
+    data: DataOption = DEFAULT_DATA,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Print the cache's counts: entries, bytes, shards, invalidations by pattern, model."""
+    cache = _open(data, "stats", embed=False)
+    try:
+        numbers = cache.stats()
+    finally:
+        cache.close()
+    if as_json:
+        typer.echo(json.dumps(numbers, indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"semcache {data}", show_header=False)
+    table.add_column("name", style="bold")
+    table.add_column("value", justify="right")
+    for name, value in numbers.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        table.add_row(name, str(value))
+    Console().print(table)
+
+
+def verify(
+    data: DataOption = DEFAULT_DATA,
+    fix: Annotated[
+        bool, typer.Option("--fix", help="rebuild the index from the store when unsound")
+    ] = False,
+) -> None:
+    """Check that the store and the index agree; exit 1 when they do not (after --fix: when
+    the repair did not make them agree)."""
+    cache = _open(data, "verify", embed=False)
+    try:
+        problems = cache.verify(fix=fix)
+        for problem in problems:
+            typer.echo(f"problem: {problem}")
+        if not problems:
+            typer.echo("ok: store and index agree")
+            return
+        if not fix:
+            raise _fail("verify", f"{len(problems)} problem(s); run with --fix to repair")
+        left = cache.verify()
+        if left:
+            for problem in left:
+                typer.echo(f"still: {problem}")
+            raise _fail("verify", f"{len(left)} problem(s) left after --fix")
+        typer.echo(f"fixed: {len(problems)} problem(s) repaired; store and index agree")
+    finally:
+        cache.close()
+
+
+# --------------------------------------------------------------------------------------------
+# import
+# --------------------------------------------------------------------------------------------
+
+
+class BadLine(Exception):
+    """One line of an import file that cannot be stored (the message says why)."""
+
+
+def parse_line(text: str) -> dict[str, Any]:
+    """One import line as ``store_many`` item: a JSON object with ``prompt`` and ``response``
+    (strings) and optional ``scope`` (a Scope as a dict), ``tags`` (list of strings), ``ttl``
+    (seconds, or null for never) and ``metadata`` (an object). Raises :class:`BadLine`."""
+    from .errors import SemcacheError
+    from .types import Scope
+
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadLine(f"not JSON ({exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise BadLine("not a JSON object")
+    unknown = set(raw) - IMPORT_FIELDS
+    if unknown:
+        raise BadLine(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(IMPORT_FIELDS)}")
+    item: dict[str, Any] = {}
+    for name in ("prompt", "response"):
+        value = raw.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise BadLine(f"{name!r} must be a non-empty string")
+        item[name] = value
+    if "scope" in raw:
+        if not isinstance(raw["scope"], dict):
+            raise BadLine("'scope' must be an object (namespace, model, params, system, context)")
+        try:
+            item["scope"] = Scope.from_dict(raw["scope"])
+        except SemcacheError as exc:
+            raise BadLine(f"bad scope: {exc}") from None
+    if "tags" in raw:
+        tags = raw["tags"]
+        if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+            raise BadLine("'tags' must be a list of non-empty strings")
+        item["tags"] = tags
+    if "ttl" in raw:
+        ttl = raw["ttl"]
+        if ttl is not None and (
+            isinstance(ttl, bool)
+            or not isinstance(ttl, int | float)
+            or not math.isfinite(ttl)
+            or ttl < 0
+        ):
+            raise BadLine("'ttl' must be seconds (a number >= 0) or null")
+        item["ttl"] = ttl
+    if "metadata" in raw:
+        if not isinstance(raw["metadata"], dict):
+            raise BadLine("'metadata' must be an object")
+        item["metadata"] = raw["metadata"]
+    return item
+
+
+def _batches(
+    path: Path, size: int, errors: list[tuple[int, str]]
+) -> Iterator[tuple[int, list[tuple[int, dict[str, Any]]]]]:
+    """Yield (lines read, [(line number, item)]) per ``size`` lines; bad lines go to
+    ``errors`` (with their 1-based number) and blank lines are skipped."""
+    batch: list[tuple[int, dict[str, Any]]] = []
+    read = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            read += 1
+            try:
+                text = raw.decode("utf-8")
+                if text.strip():
+                    batch.append((number, parse_line(text)))
+            except UnicodeDecodeError:
+                errors.append((number, "not UTF-8 text"))
+            except BadLine as exc:
+                errors.append((number, str(exc)))
+            if read >= size:
+                yield read, batch
+                batch, read = [], 0
+    if read:
+        yield read, batch
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            count += block.count(b"\n")
+    return count
+
+
+def _store_batch(
+    cache: SemanticCache, batch: list[tuple[int, dict[str, Any]]], errors: list[tuple[int, str]]
+) -> int:
+    """Store a batch with one embedding pass; when the cache refuses it (one bad item makes
+    ``store_many`` store nothing), store its items one by one and report the refused lines."""
+    from .errors import SemcacheError
+
+    if not batch:
+        return 0
+    try:
+        return len(cache.store_many([item for _, item in batch]))
+    except SemcacheError:
+        pass
+    stored = 0
+    for number, item in batch:
+        try:
+            cache.store_many([item])
+            stored += 1
+        except SemcacheError as exc:
+            errors.append((number, str(exc)))
+    return stored
+
+
+def import_command(
+    file: Annotated[Path, typer.Argument(help="JSONL: one {prompt, response, ...} per line")],
+    data: DataOption = DEFAULT_DATA,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=100_000, help="lines embedded and written together")
+    ] = 1024,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="show a progress bar with an ETA")
+    ] = True,
+) -> None:
+    """Load known answers: one JSON object per line with ``prompt``, ``response`` and optional
+    ``scope``, ``tags``, ``ttl`` (seconds; null: never expires) and ``metadata``.
+
+    Prompts are embedded in batches. A bad line is reported with its number and nothing from
+    it is stored; every other line is. Exits 1 when any line was bad.
+    """
+    if not file.is_file():
+        raise _fail("import", f"{file} is not a file", 2)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    total = _count_lines(file)
+    errors: list[tuple[int, str]] = []
+    stored = 0
+    started = time.perf_counter()
+    console = Console(stderr=True)
+    cache = _open(data, "import", embed=True)
+    try:
+        with Progress(
+            TextColumn("[bold]importing[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("lines"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not progress,
+        ) as bar:
+            task = bar.add_task("import", total=total or None)
+            for read, batch in _batches(file, batch_size, errors):
+                stored += _store_batch(cache, batch, errors)
+                bar.advance(task, read)
+    finally:
+        cache.close()
+    seconds = time.perf_counter() - started
+    errors.sort()
+    for number, reason in errors:
+        typer.echo(f"{file}:{number}: {reason}; nothing stored from this line", err=True)
+    rate = stored / seconds if seconds > 0 else 0.0
+    typer.echo(
+        f"stored {stored} entries from {file} in {seconds:.1f}s ({rate:.0f}/s); "
+        f"{len(errors)} bad line(s)"
+    )
+    if errors:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+
+
+def export(
+    data: DataOption = DEFAULT_DATA,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="write here instead of stdout")
+    ] = None,
+    namespace: Annotated[
+        str | None, typer.Option(help="only this namespace's entries")
+    ] = None,
+) -> None:
+    """Write every live entry as JSONL in the format ``semcache import`` reads (``ttl`` is the
+    time it has left; null: never expires), so an export can be imported elsewhere."""
+    cache = _open(data, "export", embed=False)
+    count = 0
+    try:
+        sink = out.open("w", encoding="utf-8") if out is not None else sys.stdout
+        try:
+            now = time.time()
+            for entry in cache.iter_entries(namespace=namespace):
+                ttl = None if entry.expires_at is None else max(0.0, entry.expires_at - now)
+                row: dict[str, Any] = {
+                    "prompt": entry.prompt,
+                    "response": entry.response,
+                    "scope": entry.scope.canonical(),
+                    "tags": list(entry.tags),
+                    "ttl": ttl,
+                }
+                if entry.metadata:
+                    row["metadata"] = dict(entry.metadata)
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+        finally:
+            if out is not None:
+                sink.close()
+    finally:
+        cache.close()
+    typer.echo(f"exported {count} entries", err=True)
+
+
+# --------------------------------------------------------------------------------------------
+# invalidate
+# --------------------------------------------------------------------------------------------
+
+
+def invalidate(
+    data: DataOption = DEFAULT_DATA,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="delete entries carrying this tag (repeat)")
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            help="with --tag: only this namespace's tagged entries; alone: make the whole "
+            "namespace unreachable at once (a version bump)"
+        ),
+    ] = None,
+    similar: Annotated[
+        str | None, typer.Option(help="delete entries whose prompt means this (needs --radius)")
+    ] = None,
+    radius: Annotated[
+        float | None, typer.Option(help="cosine similarity at or above which --similar deletes")
+    ] = None,
+) -> None:
+    """Invalidate by tag, by namespace, or by meaning; prints how many entries it removed."""
+    from .errors import SemcacheError
+
+    if similar is None and radius is not None:
+        raise _fail("invalidate", "--radius goes with --similar", 2)
+    if similar is not None and (tag or namespace is not None):
+        raise _fail("invalidate", "--similar cannot be combined with --tag or --namespace", 2)
+    if similar is not None and radius is None:
+        raise _fail("invalidate", "--similar needs --radius (e.g. --radius 0.9)", 2)
+    if not tag and namespace is None and similar is None:
+        raise _fail("invalidate", "give --tag, --namespace or --similar", 2)
+    cache = _open(data, "invalidate", embed=similar is not None)
+    try:
+        if similar is not None:
+            removed = cache.invalidate_similar(similar, radius)  # type: ignore[arg-type]
+            typer.echo(f"removed {len(removed)} entries similar to {similar!r} (>= {radius})")
+        elif tag:
+            n = cache.invalidate_tags(*tag, namespace=namespace)
+            where = f" in namespace {namespace!r}" if namespace is not None else ""
+            typer.echo(f"removed {n} entries tagged {', '.join(tag)}{where}")
+        else:
+            version = cache.bump(namespace)  # type: ignore[arg-type]
+            typer.echo(f"namespace {namespace!r} is now version {version}: its entries are gone")
+    except SemcacheError as exc:
+        raise _fail("invalidate", str(exc)) from None
+    finally:
+        cache.close()
