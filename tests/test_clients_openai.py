@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -305,3 +306,34 @@ async def test_decorator_async_and_arguments_scope(cache: SemanticCache) -> None
         return "other function"
 
     assert await other("Good morning, friend") == "other function"  # functions never share
+
+
+@pytest.mark.parametrize("invalidation", ["tag", "bump"])
+def test_an_invalidation_during_the_upstream_call_voids_the_store(
+    client: CachedOpenAI, cache: SemanticCache, invalidation: str
+) -> None:
+    """The answer of a call that overlapped an invalidation covering it is returned but not
+    cached: the lookup's fence position travels with the call to the store."""
+    q = f"What is our refund window? ({invalidation}) #delay=0.8"
+    fired = threading.Event()
+
+    def invalidate() -> None:
+        fired.wait(5)
+        time.sleep(0.4)  # inside the upstream's 0.8 s: after the lookup, before the store
+        if invalidation == "tag":
+            cache.invalidate_tags("policy")
+        else:
+            cache.bump("default")
+
+    worker = threading.Thread(target=invalidate)
+    worker.start()
+    fired.set()
+    first = client.chat.completions.create(
+        model=MODEL, messages=msgs(q), temperature=0, extra_body={"semcache": {"tags": ["policy"]}}
+    )
+    worker.join()
+    assert first.semcache["hit"] is False and first.semcache["stored"] is False
+    assert first.choices[0].message.content  # the caller still gets its answer
+    assert cache.stats()["fenced"] == 1
+    again = client.chat.completions.create(model=MODEL, messages=msgs(q), temperature=0)
+    assert not again.id.startswith("semcache-")  # a miss: the pre-invalidation answer is gone

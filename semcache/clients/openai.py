@@ -30,6 +30,7 @@ Requests with invalid ``semcache`` options raise :class:`~semcache.errors.Invali
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -88,6 +89,15 @@ class _Core:
         self.cache = cache
         self.defaults = defaults
         self.policy = policy
+
+    def position(self) -> int | None:
+        """The cache's fence position, taken before a lookup; None when the cache failed (the
+        answer is then not stored: nothing could prove it is not stale)."""
+        try:
+            return self.cache.position()
+        except SemcacheError as exc:
+            log.warning("semcache position failed: %s", exc)
+            return None
 
     def prepare(self, kwargs: dict[str, Any]) -> _Prepared:
         kwargs = dict(kwargs)
@@ -284,6 +294,7 @@ class _Completions:
         if prep.key is None:
             log.debug("semcache bypass: %s", prep.reason)
             return self._inner.create(**prep.kwargs)  # type: ignore[no-any-return]
+        fence = core.position()  # before the lookup: an invalidation during the call voids it
         if not prep.options.refresh:
             hit = self._lookup(prep)
             if hit is not None:
@@ -294,9 +305,11 @@ class _Completions:
                 return core.completion(hit, prep)
         response = self._inner.create(**prep.kwargs)
         if prep.stream:
-            return RecordingStream(response, lambda rec: self._store(prep, *rec.answer()))
+            return RecordingStream(
+                response, lambda rec: self._store(prep, *rec.answer(), fence=fence)
+            )
         answer, reason = answer_from_completion(response.model_dump(mode="json"))
-        entry_id = self._store(prep, answer, reason)
+        entry_id = self._store(prep, answer, reason, fence=fence)
         _mark(response, {"hit": False, "stored": entry_id is not None, "entry_id": entry_id})
         return response  # type: ignore[no-any-return]
 
@@ -310,14 +323,19 @@ class _Completions:
             log.warning("semcache lookup failed, calling upstream: %s", exc)
             return None
 
-    def _store(self, prep: _Prepared, answer: Any, reason: str | None) -> str | None:
-        if answer is None:
-            log.debug("semcache not storing: %s", reason)
+    def _store(
+        self, prep: _Prepared, answer: Any, reason: str | None, *, fence: int | None
+    ) -> str | None:
+        if answer is None or fence is None:
+            log.debug("semcache not storing: %s", reason or "no fence position")
             return None
         assert prep.key is not None
         try:
             return self._core.cache.store(
-                prep.key.prompt, answer.content, **self._core.store_kwargs(prep, answer.metadata())
+                prep.key.prompt,
+                answer.content,
+                fence=fence,
+                **self._core.store_kwargs(prep, answer.metadata()),
             )
         except SemcacheError as exc:
             log.warning("semcache store failed: %s", exc)
@@ -370,6 +388,7 @@ class _AsyncCompletions:
         if prep.key is None:
             log.debug("semcache bypass: %s", prep.reason)
             return await self._inner.create(**prep.kwargs)  # type: ignore[no-any-return]
+        fence = await asyncio.to_thread(core.position)
         if not prep.options.refresh:
             hit = await self._lookup(prep)
             if hit is not None:
@@ -382,11 +401,11 @@ class _AsyncCompletions:
         if prep.stream:
 
             async def on_complete(rec: StreamRecorder) -> None:
-                await self._store(prep, *rec.answer())
+                await self._store(prep, *rec.answer(), fence=fence)
 
             return AsyncRecordingStream(response, on_complete)
         answer, reason = answer_from_completion(response.model_dump(mode="json"))
-        entry_id = await self._store(prep, answer, reason)
+        entry_id = await self._store(prep, answer, reason, fence=fence)
         _mark(response, {"hit": False, "stored": entry_id is not None, "entry_id": entry_id})
         return response  # type: ignore[no-any-return]
 
@@ -400,14 +419,19 @@ class _AsyncCompletions:
             log.warning("semcache lookup failed, calling upstream: %s", exc)
             return None
 
-    async def _store(self, prep: _Prepared, answer: Any, reason: str | None) -> str | None:
-        if answer is None:
-            log.debug("semcache not storing: %s", reason)
+    async def _store(
+        self, prep: _Prepared, answer: Any, reason: str | None, *, fence: int | None
+    ) -> str | None:
+        if answer is None or fence is None:
+            log.debug("semcache not storing: %s", reason or "no fence position")
             return None
         assert prep.key is not None
         try:
-            entry_id: str = await self._core.cache.astore(
-                prep.key.prompt, answer.content, **self._core.store_kwargs(prep, answer.metadata())
+            entry_id: str | None = await self._core.cache.astore(
+                prep.key.prompt,
+                answer.content,
+                fence=fence,
+                **self._core.store_kwargs(prep, answer.metadata()),
             )
             return entry_id
         except SemcacheError as exc:
