@@ -385,7 +385,10 @@ def invalidate(
             removed = cache.invalidate_similar(similar, radius)  # type: ignore[arg-type]
             typer.echo(f"removed {len(removed)} entries similar to {similar!r} (>= {radius})")
         elif tag:
-            n = cache.invalidate_tags(*tag, namespace=namespace)
+            if namespace is None:
+                n = cache.invalidate_tags(*tag)
+            else:
+                n = cache.invalidate_tags(*tag, namespace=namespace)
             where = f" in namespace {namespace!r}" if namespace is not None else ""
             typer.echo(f"removed {n} entries tagged {', '.join(tag)}{where}")
         else:

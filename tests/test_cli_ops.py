@@ -1,0 +1,233 @@
+"""The operator commands, run as the real ``semcache`` CLI in subprocesses on a temp folder:
+import (batched, progress bar, bad lines reported by number and skipped), export (round trip),
+stats, verify [--fix], invalidate --tag/--namespace/--similar."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from semcache import Scope, SemanticCache
+from semcache.embed import SentenceTransformerEmbedder
+
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "COLUMNS": "120",
+}
+SUPPORT = {"namespace": "support", "model": "gpt-x"}
+LINES = [
+    {"prompt": "What is the capital of France?", "response": "Paris", "tags": ["geo"]},
+    {
+        "prompt": "How do I reset my password?",
+        "response": "Use the reset link on the sign-in page.",
+        "scope": SUPPORT,
+        "tags": ["account"],
+        "ttl": 3600,
+    },
+    '{"prompt": "broken line',
+    {"prompt": "Who wrote Hamlet?", "response": "Shakespeare", "ttl": -5},
+    "",
+    {"prompt": "How can I cancel my subscription?", "response": "Settings > Billing > Cancel."},
+    {"prompt": "Who painted the Mona Lisa?", "response": "Leonardo da Vinci", "metadata": {"s": 1}},
+]
+
+
+def semcache_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """The installed console script's code path: ``semcache.cli:main`` in a new process."""
+    return subprocess.run(
+        [sys.executable, "-c", "from semcache.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
+
+
+def write_jsonl(path: Path, lines: list[object]) -> Path:
+    path.write_text(
+        "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines),
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:  # type: ignore[type-arg]
+    """A folder filled by one ``semcache import`` (batches of 2 lines), left closed."""
+    base = tmp_path_factory.mktemp("ops")
+    source = write_jsonl(base / "known.jsonl", LINES)
+    done = semcache_cli("import", str(source), "--data", str(base / "data"), "--batch-size", "2")
+    return base / "data", done
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_import_stores_good_lines_and_reports_bad_ones_by_number(
+    imported: tuple[Path, subprocess.CompletedProcess],  # type: ignore[type-arg]
+    embedder: SentenceTransformerEmbedder,
+) -> None:
+    data, done = imported
+    assert done.returncode == 1, done.stdout + done.stderr  # some lines were bad
+    assert "stored 4 entries" in done.stdout and "2 bad line(s)" in done.stdout
+    assert ":3: not JSON" in done.stderr
+    assert ":4: 'ttl' must be seconds" in done.stderr
+    assert done.stderr.count("nothing stored from this line") == 2
+    # the progress bar, with its count and ETA (rich renders its final state off a terminal)
+    assert "importing" in done.stderr and "7/7" in done.stderr and "ETA" in done.stderr
+
+    with SemanticCache(data, embedder=embedder) as cache:
+        assert cache.stats()["entries"] == 4
+        hit = cache.lookup("What is the capital city of France?")
+        assert hit is not None and hit.response == "Paris"
+        # the scope from the line: found in it, not outside it
+        assert cache.lookup("How do I reset my password?") is None
+        hit = cache.lookup("How do I reset my password?", scope=Scope.from_dict(SUPPORT))
+        assert hit is not None
+        entry = cache.get(hit.entry_id)
+        assert entry.tags == ("account",)
+        assert entry.expires_at is not None
+        assert 3000 < entry.expires_at - time.time() <= 3600
+        # nothing from the bad line whose prompt was fine
+        assert cache.lookup("Who wrote Hamlet?") is None
+        mona = cache.lookup("Who painted the Mona Lisa?")
+        assert mona is not None and dict(cache.get(mona.entry_id).metadata) == {"s": 1}
+
+
+def test_import_of_a_missing_file_fails_cleanly(tmp_path: Path) -> None:
+    done = semcache_cli("import", str(tmp_path / "nope.jsonl"), "--data", str(tmp_path / "d"))
+    assert done.returncode == 2
+    assert "is not a file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_stats_reads_the_folder_without_loading_the_model(
+    imported: tuple[Path, subprocess.CompletedProcess],  # type: ignore[type-arg]
+) -> None:
+    data, _ = imported
+    done = semcache_cli("stats", "--data", str(data), "--json")
+    assert done.returncode == 0, done.stderr
+    numbers = json.loads(done.stdout)
+    assert numbers["entries"] == 4
+    assert numbers["model_id"].endswith("all-MiniLM-L6-v2")
+    table = semcache_cli("stats", "--data", str(data))
+    assert table.returncode == 0 and "entries" in table.stdout
+
+
+def test_stats_on_a_folder_without_a_cache_says_so(tmp_path: Path) -> None:
+    done = semcache_cli("stats", "--data", str(tmp_path / "empty"))
+    assert done.returncode == 1
+    assert "no cache in" in done.stderr
+    assert not (tmp_path / "empty").exists()  # looking did not create a cache
+
+
+def test_verify_reports_and_fixes_a_drifted_counter(
+    imported: tuple[Path, subprocess.CompletedProcess],  # type: ignore[type-arg]
+    tmp_path: Path,
+) -> None:
+    data = copy_of(imported[0], tmp_path)
+    ok = semcache_cli("verify", "--data", str(data))
+    assert ok.returncode == 0 and "ok: store and index agree" in ok.stdout
+    with sqlite3.connect(data / "semcache.db") as db:  # a counter that drifted from the table
+        db.execute("UPDATE counters SET entries = entries + 5")
+    found = semcache_cli("verify", "--data", str(data))
+    assert found.returncode == 1
+    assert "entry counter says 9, table has 4" in found.stdout
+    assert "--fix" in found.stderr
+    fixed = semcache_cli("verify", "--data", str(data), "--fix")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "fixed: 1 problem(s) repaired" in fixed.stdout
+    again = semcache_cli("verify", "--data", str(data))
+    assert again.returncode == 0 and "ok:" in again.stdout
+
+
+def test_export_writes_what_import_reads(
+    imported: tuple[Path, subprocess.CompletedProcess],  # type: ignore[type-arg]
+    tmp_path: Path,
+    embedder: SentenceTransformerEmbedder,
+) -> None:
+    data, _ = imported
+    out = tmp_path / "export.jsonl"
+    done = semcache_cli("export", "--data", str(data), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "exported 4 entries" in done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_prompt = {row["prompt"]: row for row in rows}
+    assert set(by_prompt) == {
+        "What is the capital of France?",
+        "How do I reset my password?",
+        "How can I cancel my subscription?",
+        "Who painted the Mona Lisa?",
+    }
+    reset = by_prompt["How do I reset my password?"]
+    assert Scope.from_dict(reset["scope"]) == Scope.from_dict(SUPPORT)
+    assert reset["tags"] == ["account"] and 3000 < reset["ttl"] <= 3600
+    assert by_prompt["What is the capital of France?"]["ttl"] is None
+
+    # one namespace only, to stdout
+    support = semcache_cli("export", "--data", str(data), "--namespace", "support")
+    assert [json.loads(x)["prompt"] for x in support.stdout.splitlines()] == [
+        "How do I reset my password?"
+    ]
+
+    # and the export loads into another folder as the same entries
+    again = semcache_cli("import", str(out), "--data", str(tmp_path / "other"), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    with SemanticCache(tmp_path / "other", embedder=embedder) as other:
+        assert other.stats()["entries"] == 4
+        hit = other.lookup("How do I reset my password?", scope=Scope.from_dict(SUPPORT))
+        assert hit is not None and other.get(hit.entry_id).tags == ("account",)
+
+
+def test_invalidate_by_tag_namespace_and_meaning(
+    imported: tuple[Path, subprocess.CompletedProcess],  # type: ignore[type-arg]
+    tmp_path: Path,
+    embedder: SentenceTransformerEmbedder,
+) -> None:
+    data = copy_of(imported[0], tmp_path)
+    tagged = semcache_cli("invalidate", "--data", str(data), "--tag", "geo")
+    assert tagged.returncode == 0, tagged.stderr
+    assert "removed 1 entries tagged geo" in tagged.stdout
+    bumped = semcache_cli("invalidate", "--data", str(data), "--namespace", "support")
+    assert bumped.returncode == 0 and "now version 1" in bumped.stdout
+    similar = semcache_cli(
+        "invalidate", "--data", str(data), "--similar", "who painted mona lisa", "--radius", "0.8"
+    )
+    assert similar.returncode == 0, similar.stderr
+    assert "removed 1 entries similar to" in similar.stdout
+    with SemanticCache(data, embedder=embedder) as cache:
+        assert cache.lookup("What is the capital of France?") is None
+        assert cache.lookup("How do I reset my password?", scope=Scope.from_dict(SUPPORT)) is None
+        assert cache.lookup("Who painted the Mona Lisa?") is None
+        kept = cache.lookup("How can I cancel my subscription?")
+        assert kept is not None  # the one entry no invalidation covered
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "give --tag, --namespace or --similar"),
+        (("--similar", "x"), "--similar needs --radius"),
+        (("--radius", "0.9"), "--radius goes with --similar"),
+        (("--similar", "x", "--radius", "0.9", "--tag", "t"), "cannot be combined"),
+    ],
+)
+def test_invalidate_refuses_unclear_requests(
+    args: tuple[str, ...], message: str, tmp_path: Path
+) -> None:
+    done = semcache_cli("invalidate", "--data", str(tmp_path), *args)
+    assert done.returncode == 2
+    assert message in done.stderr
