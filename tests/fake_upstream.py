@@ -9,7 +9,10 @@ calls per last user message. Markers in the last user message change its behavio
 - ``#tool``: a tool call instead of text (``finish_reason == "tool_calls"``);
 - ``#abort``: a stream that breaks off after two chunks (the connection is cut);
 - ``#garbage``: a 200 response whose body is not JSON;
-- ``#delay=<seconds>``: wait that long first (the sidecar's timeout tests).
+- ``#delay=<seconds>``: wait that long first (the sidecar's timeout tests);
+- ``#trickle=<seconds>``: answer for that long one byte at a time, a byte every 0.25 s (JSON
+  whitespace, or SSE comment lines in a stream), then the answer: no single read ever waits
+  long, so only a total deadline can cut it short.
 
 ``GET /_stats`` returns ``{"total": n, "calls": {prompt: n}, "auth": [...], "last_body": {...}}``;
 ``POST /_reset`` clears it. Run it as a process: ``python tests/fake_upstream.py --port 8001``.
@@ -42,6 +45,8 @@ PYTHON = sys.executable
 app = FastAPI(title="fake OpenAI upstream")
 STATE: dict[str, Any] = {"total": 0, "calls": Counter(), "auth": [], "last_body": None}
 _DELAY = re.compile(r"#delay=([0-9.]+)")
+_TRICKLE = re.compile(r"#trickle=([0-9.]+)")
+TRICKLE_EVERY = 0.25
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
@@ -98,6 +103,7 @@ async def chat(request: Request) -> Any:
             return _error(status, f"fake upstream failure {status}")
     if "#garbage" in prompt:
         return PlainTextResponse("this is not json", 200)
+    trickle = _TRICKLE.search(prompt)
 
     model = body.get("model", "fake-model")
     answer = f"Answer #{n}: {prompt}"
@@ -113,15 +119,19 @@ async def chat(request: Request) -> Any:
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(
-            _stream(
-                cid,
-                created,
-                model,
-                answer,
-                finish,
-                tool,
-                "#abort" in prompt,
-                usage if include_usage else None,
+            _trickled(
+                float(trickle.group(1)) if trickle else 0.0,
+                b": still thinking\n\n",
+                _stream(
+                    cid,
+                    created,
+                    model,
+                    answer,
+                    finish,
+                    tool,
+                    "#abort" in prompt,
+                    usage if include_usage else None,
+                ),
             ),
             media_type="text/event-stream",
         )
@@ -129,7 +139,7 @@ async def chat(request: Request) -> Any:
     if tool:
         message = {"role": "assistant", "content": None, "tool_calls": [_TOOL_CALL]}
         finish = "tool_calls"
-    return {
+    completion = {
         "id": cid,
         "object": "chat.completion",
         "created": created,
@@ -138,6 +148,28 @@ async def chat(request: Request) -> Any:
         "usage": usage,
         "system_fingerprint": "fp_fake",
     }
+    if trickle:
+        return StreamingResponse(
+            _trickled(float(trickle.group(1)), b" ", _once(json.dumps(completion).encode())),
+            media_type="application/json",
+        )
+    return completion
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _trickled(
+    seconds: float, filler: bytes, then: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """``filler`` every TRICKLE_EVERY seconds for ``seconds``, then the chunks of ``then``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        yield filler
+        await asyncio.sleep(TRICKLE_EVERY)
+    async for chunk in then:
+        yield chunk
 
 
 _TOOL_CALL = {

@@ -76,14 +76,14 @@ def test_store_round_trip(items: list[tuple[str, str, list[str]]], scope: Scope)
         tempfile.TemporaryDirectory() as tmp,
         SemanticCache(Path(tmp), embedder=HashEmbedder(dim=16), threshold=0.99) as cache,
     ):
-        latest: dict[str, tuple[str, str, list[str]]] = {}
+        latest: dict[str, tuple[str, str, list[str], str]] = {}
         for prompt, response, tags in items:
             eid = cache.store(prompt, response, scope=scope, tags=tags, metadata={"p": prompt})
-            latest[normalise(prompt)] = (eid, response, tags)
-        for norm, (eid, response, tags) in latest.items():
+            latest[normalise(prompt)] = (eid, response, tags, prompt)
+        for norm, (eid, response, tags, prompt) in latest.items():
             entry = cache.get(eid)
             assert entry.response == response and entry.scope == scope
-            assert set(entry.tags) == set(tags) and entry.metadata == {"p": entry.metadata["p"]}
+            assert set(entry.tags) == set(tags) and entry.metadata == {"p": prompt}
             hit = cache.lookup(norm, scope=scope)
             assert hit is not None and hit.entry_id == eid and hit.response == response
         assert cache.verify() == []

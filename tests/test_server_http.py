@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     env = {
         "SEMCACHE_TOKENS": f"{ADMIN},{ACME}=acme,{GLOBEX}=globex",
         "SEMCACHE_UPSTREAM_TIMEOUT": "2",
+        "SEMCACHE_UPSTREAM_DEADLINE": "3",
         "SEMCACHE_MAX_PROMPT_CHARS": "2000",
         "SEMCACHE_UPSTREAM_API_KEY": "sk-upstream-key",
         "SEMCACHE_LOG_LEVEL": "warning",
@@ -375,37 +377,63 @@ def test_cache_api_round_trip(sidecar: str) -> None:
             "/v1/cache/lookup", json={"prompt": "Define entropy", "scope": scope}
         ).json()["hit"]
         eid = h.post(
-            "/v1/cache/store", json={"prompt": "Gone soon", "response": "r", "ttl": 0}
+            "/v1/cache/store", json={"prompt": "Gone soon", "response": "r", "ttl": 0.5}
         ).json()["entry_id"]
-        assert h.post("/v1/cache/expire").json()["removed"] >= 0  # writes may have culled it
+        assert h.get(f"/v1/cache/entries/{eid}").status_code == 200
+        time.sleep(0.6)  # no write in between: only expire() can remove it (exact counts under
+        # a fake clock: test_server_security.py)
+        before = h.get("/v1/cache/stats").json()["invalidations"]["ttl"]
+        removed = h.post("/v1/cache/expire").json()["removed"]
+        assert removed >= 1
+        assert h.get("/v1/cache/stats").json()["invalidations"]["ttl"] == before + removed
         assert not h.post("/v1/cache/lookup", json={"prompt": "Gone soon"}).json()["hit"]
         assert h.delete(f"/v1/cache/entries/{eid}").json() == {"deleted": False}
         stats = h.get("/v1/cache/stats").json()
         assert stats["entries"] >= 1 and "embedding_batches" in stats
 
 
-def test_metrics(sidecar: str) -> None:
-    c = client(sidecar)
-    q = "Metrics: how many moons does Mars have?"
-    c.chat.completions.create(model=MODEL, messages=msgs(q))
-    c.chat.completions.create(model=MODEL, messages=msgs(q))
+def _samples(sidecar: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     with http(sidecar) as h:
         text = h.get("/metrics").text
-    for name in (
-        "semcache_lookups_total",
-        'semcache_hits_total{tier="l1"}',
-        "semcache_misses_total",
-        "semcache_lookup_seconds_bucket",
-        'semcache_best_similarity_bucket{le="1.0",outcome="accepted"}',
-        'semcache_best_similarity_bucket{le="1.0",outcome="near_miss"}',
-        "semcache_entries",
-        "semcache_upstream_requests_total",
-        "semcache_upstream_seconds_bucket",
-        "semcache_tokens_saved_total",
-        "semcache_invalidations_total",
-        'semcache_upstream_errors_total{kind="timeout"}',
-    ):
-        assert name in text, name
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_what_happened(sidecar: str) -> None:
+    """A miss then an exact repeat move each counter by exactly what they did."""
+    c = client(sidecar)
+    q = "Metrics: how many moons does Mars have?"
+    before = _samples(sidecar)
+    first = c.chat.completions.create(model=MODEL, messages=msgs(q))
+    c.chat.completions.create(model=MODEL, messages=msgs(q))
+    after = _samples(sidecar)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("semcache_lookups_total", endpoint="chat") == 2
+    assert delta("semcache_misses_total") == 1
+    assert delta("semcache_hits_total", tier="l1") == 1
+    assert delta("semcache_hits_total", tier="semantic") == 0
+    assert delta("semcache_upstream_requests_total") == 1
+    assert delta("semcache_stores_total") == 1
+    assert delta("semcache_lookup_seconds_count") == 2
+    assert delta("semcache_upstream_seconds_count") == 1
+    assert delta("semcache_best_similarity_count", outcome="accepted") == 1
+    assert delta("semcache_request_seconds_count", endpoint="chat", outcome="miss") == 1
+    assert delta("semcache_request_seconds_count", endpoint="chat", outcome="hit") == 1
+    assert first.usage is not None
+    assert delta("semcache_tokens_saved_total") == first.usage.total_tokens
+    assert after[("semcache_entries", ())] >= 1
+    with http(sidecar) as h:
+        assert after[("semcache_entries", ())] == h.get("/v1/cache/stats").json()["entries"]
 
 
 def _gone(pid: int, within: float = 15.0) -> bool:
@@ -442,3 +470,143 @@ def test_the_model_process_dies_with_a_killed_sidecar(tmp_path: Path, upstream: 
         proc.kill()
         proc.wait(timeout=30)
     assert _gone(child), "the embedding process outlived its sidecar"
+
+
+# -- the stale-answer race, over real HTTP ----------------------------------------------------
+
+
+def _in_background(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # handed to the test thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _wait_for_call(upstream: str, prompt: str, n: int = 1, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while calls(upstream, prompt) < n:
+        assert time.monotonic() < deadline, f"the upstream never got {prompt!r}"
+        time.sleep(0.02)
+
+
+def _chat(sidecar: str, token: str, prompt: str, **semcache: Any) -> httpx.Response:
+    with http(sidecar, token) as h:
+        return h.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": msgs(prompt), "semcache": semcache},
+        )
+
+
+@pytest.mark.parametrize("kind", ["bump", "tenant_tag", "admin_tag", "similar"])
+def test_an_invalidation_during_the_upstream_call_is_not_cached(
+    sidecar: str, upstream: str, kind: str
+) -> None:
+    """The answer computed across an invalidation goes back to its caller but is not cached:
+    the next identical request is a miss that asks the upstream again."""
+    prompt = f"Race {kind}: what is the current list price of plan B? #delay=1"
+    namespace = f"race-{kind}"
+    token, options = ADMIN, {"namespace": namespace, "tags": [f"price-{kind}"]}
+    if kind == "tenant_tag":
+        token, options = ACME, {"tags": ["price-tenant"]}
+    thread, out = _in_background(lambda: _chat(sidecar, token, prompt, **options))
+    _wait_for_call(upstream, prompt)
+    with http(sidecar, token) as h:
+        if kind == "bump":
+            r = h.post("/v1/cache/bump", json={"namespace": namespace})
+        elif kind in ("tenant_tag", "admin_tag"):
+            r = h.post("/v1/cache/invalidate/tags", json={"tags": options["tags"]})
+        elif kind == "similar":
+            r = h.post("/v1/cache/invalidate/similar", json={"text": prompt, "radius": 0.9})
+        assert r.status_code == 200, r.text
+    thread.join(30)
+    first = out["value"]
+    assert first.status_code == 200 and first.headers["x-semcache"] == "miss"
+    assert first.json()["semcache"] == {
+        "hit": False,
+        "stored": False,
+        "entry_id": None,
+        "reason": "invalidated during the upstream call",
+    }
+    again = _chat(sidecar, token, prompt, **options)
+    assert again.headers["x-semcache"] == "miss", kind
+    assert again.json()["choices"][0]["message"]["content"] != first.json()["choices"][0][
+        "message"
+    ]["content"]
+    assert calls(upstream, prompt) == 2
+    assert _chat(sidecar, token, prompt, **options).headers["x-semcache"] == "hit"
+
+
+def test_a_request_after_a_bump_never_gets_the_answer_begun_before_it(
+    sidecar: str, upstream: str
+) -> None:
+    """Single flight is keyed by the namespace version: a request that arrives after a bump
+    does not wait for, nor take, the answer the upstream began before the bump."""
+    prompt = "Single flight: what is the shipping fee to Norway? #delay=1.5"
+    options = {"namespace": "race-flight"}
+    lead, lead_out = _in_background(lambda: _chat(sidecar, ADMIN, prompt, **options))
+    _wait_for_call(upstream, prompt)
+    with http(sidecar) as h:
+        assert h.post("/v1/cache/bump", json={"namespace": "race-flight"}).status_code == 200
+    follow, follow_out = _in_background(lambda: _chat(sidecar, ADMIN, prompt, **options))
+    _wait_for_call(upstream, prompt, 2)  # it went upstream itself instead of waiting
+    lead.join(30)
+    follow.join(30)
+    before, after = lead_out["value"], follow_out["value"]
+    assert before.json()["semcache"]["stored"] is False
+    assert after.headers["x-semcache"] == "miss" and after.json()["semcache"]["stored"] is True
+    text = after.json()["choices"][0]["message"]["content"]
+    assert text != before.json()["choices"][0]["message"]["content"]
+    hit = _chat(sidecar, ADMIN, prompt, **options)
+    assert hit.headers["x-semcache"] == "hit"
+    assert hit.json()["choices"][0]["message"]["content"] == text
+
+
+# -- the total upstream deadline ---------------------------------------------------------------
+
+
+def test_a_trickling_upstream_is_cut_at_the_total_deadline(sidecar: str, upstream: str) -> None:
+    """The upstream sends a byte every 0.25 s (under the 2 s read timeout) for 8 s: only the
+    3 s total deadline (SEMCACHE_UPSTREAM_DEADLINE) ends it, with a 504."""
+    c = client(sidecar)
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as err:
+        c.chat.completions.create(model=MODEL, messages=msgs("Trickle me an answer #trickle=8"))
+    elapsed = time.monotonic() - t0
+    assert err.value.status_code == 504
+    assert err.value.body["code"] == "upstream_deadline"  # type: ignore[index]
+    assert 2.9 <= elapsed < 6.0
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIError) as stream_err:
+        list(
+            c.chat.completions.create(
+                model=MODEL, messages=msgs("Trickle me a stream #trickle=8"), stream=True
+            )
+        )
+    assert "did not finish within 3s" in str(stream_err.value)
+    assert 2.9 <= time.monotonic() - t0 < 6.0
+
+
+def test_single_flight_followers_wait_at_most_the_deadline(sidecar: str, upstream: str) -> None:
+    prompt = "Followers: trickle the tax table please #trickle=8"
+    lead, lead_out = _in_background(lambda: _chat(sidecar, ADMIN, prompt))
+    _wait_for_call(upstream, prompt)
+    t0 = time.monotonic()
+    followers = [_in_background(lambda: _chat(sidecar, ADMIN, prompt)) for _ in range(3)]
+    for thread, _ in followers:
+        thread.join(30)
+    waited = time.monotonic() - t0
+    lead.join(30)
+    assert lead_out["value"].status_code == 504
+    for _, out in followers:
+        r = out["value"]
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "upstream_deadline"
+    assert waited < 6.0
+    assert calls(upstream, prompt) <= 4

@@ -29,16 +29,15 @@ import anyio.to_thread
 import httpx
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..chat import ChatPolicy
 from ..errors import SemcacheError
 from ..keys import normalise
 from . import errors
-from .auth import ANONYMOUS_ADMIN, PUBLIC_PATHS, Principal, authenticate
-from .errors import ApiError, error_response
+from .auth import ANONYMOUS_ADMIN, Principal
+from .errors import ApiError
 from .metrics import Metrics
+from .middleware import AuthMiddleware, RequestContext
 from .schemas import known_chat_params
 from .settings import Settings
 
@@ -63,8 +62,13 @@ class ServerState:
     upstream: httpx.AsyncClient | None = None
     batcher: BatchingEmbedder | None = None
     limiter: anyio.CapacityLimiter | None = None
-    #: exact misses being answered by the upstream right now: (scope digest, prompt) -> done
-    inflight: dict[tuple[str, str], asyncio.Event] = dataclasses.field(default_factory=dict)
+    #: exact misses being answered by the upstream right now, keyed by what the answer depends
+    #: on: (scope digest, namespace version, normalised prompt) -> done
+    inflight: dict[tuple[str, int, str], asyncio.Event] = dataclasses.field(
+        default_factory=dict
+    )
+    #: set when shutdown begins (SIGTERM): /readyz answers 503 from then on
+    draining: bool = False
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking cache call in a worker thread, at most ``cache_threads`` at a time
@@ -99,29 +103,6 @@ def state_of(request: Request) -> ServerState:
 def principal_of(request: Request) -> Principal:
     principal = request.scope.get("state", {}).get("principal")
     return principal if isinstance(principal, Principal) else ANONYMOUS_ADMIN
-
-
-class AuthMiddleware:
-    """Checks ``Authorization: Bearer`` on every path but ``/healthz`` (pure ASGI, so streaming
-    responses pass through untouched) and records the caller for the handlers."""
-
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        principal = ANONYMOUS_ADMIN
-        if scope["path"] not in PUBLIC_PATHS:
-            try:
-                principal = authenticate(self.settings, Headers(scope=scope).get("authorization"))
-            except ApiError as exc:
-                await error_response(exc.status, exc.message, exc.kind)(scope, receive, send)
-                return
-        scope.setdefault("state", {})["principal"] = principal
-        await self.app(scope, receive, send)
 
 
 def _close_all(closers: list[Callable[[], None]]) -> None:
@@ -219,6 +200,7 @@ def create_app(
             state.cache = cache
             embedder = getattr(cache, "embedder", None)
             state.batcher = embedder if hasattr(embedder, "stats") else None  # type: ignore[assignment]
+        state.draining = False
         try:
             if settings.upstream:
                 timeout = httpx.Timeout(
@@ -238,6 +220,7 @@ def create_app(
             )
             yield
         finally:
+            state.draining = True
             try:
                 if state.upstream is not None:
                     await state.upstream.aclose()
@@ -258,11 +241,11 @@ def create_app(
             "(point any OpenAI client's base_url here); `/v1/cache/...` is the cache itself."
         ),
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.semcache = state
     errors.install(app)
     app.add_middleware(AuthMiddleware, settings=settings)
+    app.add_middleware(RequestContext, settings=settings)  # outermost: ids, body limit, 500s
 
     from .routes import cache as cache_routes
     from .routes import chat as chat_routes

@@ -1,23 +1,30 @@
 """Bearer tokens and tenants: who is calling, and which namespace they may touch.
 
-With tokens configured every endpoint but ``/healthz`` needs ``Authorization: Bearer <token>``
-(401 otherwise). A token bound to a tenant acts only in the namespace of that name: naming another
-namespace is a 403, entries of other namespaces are invisible (404), its tags live in a space of
-its own (stored as ``<tenant>:<tag>``, shown without the prefix) so it can neither invalidate nor
-see another tenant's tags, and the global endpoints (stats, metrics) are for admin tokens
-(tokens without a tenant). Without tokens the caller is an admin.
+With tokens configured every endpoint but the probes (``/healthz``, ``/readyz``) needs
+``Authorization: Bearer <token>`` (401 otherwise). A token bound to a tenant acts only in the
+namespace of that name, by construction:
+
+- naming another namespace is a 403 whether or not that namespace exists (the answer is the same
+  for every name, so it tells nothing about other tenants);
+- entries of other namespaces are a 404, exactly as entries that do not exist;
+- tags are stored as given and a tenant's tag invalidation runs with ``namespace=<tenant>``
+  (:meth:`SemanticCache.invalidate_tags`), so it matches only its own namespace's entries: no
+  tag spelling reaches another namespace's entries (the old ``<tenant>:<tag>`` prefixes could);
+- the global endpoints (stats, metrics, expire, tag or similarity invalidation without a scope)
+  are for admin tokens (tokens without a tenant).
+
+Without tokens the caller is an admin.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import ApiError
 from .settings import Settings
 
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,8 @@ class Principal:
         if requested is not None and requested != self.tenant:
             raise ApiError(
                 403,
-                f"this token is bound to namespace {self.tenant!r}; it cannot use {requested!r}",
+                f"this token is bound to namespace {self.tenant!r}; "
+                f"it cannot use {requested[:100]!r}",
                 "permission_denied",
             )
         return self.tenant
@@ -52,18 +60,10 @@ class Principal:
     def owns(self, namespace: str) -> bool:
         return self.tenant is None or namespace == self.tenant
 
-    def tags_in(self, tags: Iterable[str]) -> list[str]:
-        """Tags as stored: a tenant's tags carry its prefix."""
-        if self.tenant is None:
-            return list(tags)
-        return [f"{self.tenant}:{tag}" for tag in tags]
-
-    def tags_out(self, tags: Iterable[str]) -> list[str]:
-        """Tags as shown to this caller."""
-        if self.tenant is None:
-            return list(tags)
-        prefix = f"{self.tenant}:"
-        return [t[len(prefix) :] for t in tags if t.startswith(prefix)]
+    @property
+    def confined_to(self) -> str | None:
+        """The namespace this caller is confined to (None: an admin, confined to nothing)."""
+        return self.tenant
 
 
 ANONYMOUS_ADMIN = Principal(tenant=None, authenticated=False)

@@ -69,5 +69,7 @@ def serve(
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=access_log,
-        timeout_graceful_shutdown=10,
+        # SIGTERM: stop accepting, let the requests in flight finish for at most this long,
+        # then close the cache (its index is checkpointed)
+        timeout_graceful_shutdown=settings.shutdown_grace,
     )

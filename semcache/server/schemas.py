@@ -10,12 +10,20 @@ forwarded upstream and become part of the scope); unknown ones are rejected unle
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
 from ..chat import CallOptions
 from ..types import Entry, Hit, Scope
+from .settings import MAX_NAMESPACE_CHARS, MAX_TAG_CHARS, MAX_TAGS
+
+#: one tag: a non-empty string of at most MAX_TAG_CHARS characters
+Tag = Annotated[StrictStr, Field(min_length=1, max_length=MAX_TAG_CHARS)]
+#: a namespace name
+Namespace = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAMESPACE_CHARS)]
+#: the most messages one chat request may hold
+MAX_MESSAGES = 2048
 
 
 def known_chat_params() -> frozenset[str]:
@@ -36,14 +44,47 @@ class _Forbid(BaseModel):
 # -- chat -------------------------------------------------------------------------------------
 
 
+#: roles whose messages must have content (an assistant message may carry tool calls instead)
+_CONTENT_REQUIRED = frozenset({"system", "developer", "user", "tool", "function"})
+
+
 class ChatMessage(BaseModel):
-    """One message of a chat request (fields beyond these are kept and forwarded)."""
+    """One message of a chat request (fields beyond these are kept and forwarded).
+
+    Refused here with a 422, never forwarded upstream: a ``system``, ``developer``, ``user``,
+    ``tool`` or ``function`` message without ``content``; an ``assistant`` message with neither
+    ``content`` nor ``tool_calls``/``function_call``; a content part that is not an object with a
+    string ``type`` (a ``text`` part with a string ``text``); a ``tool`` message without a string
+    ``tool_call_id``.
+    """
 
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: StrictStr | list[dict[str, Any]] | None = None
-    name: StrictStr | None = None
+    name: StrictStr | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> ChatMessage:
+        extra = self.model_extra or {}
+        if self.content is None:
+            if self.role in _CONTENT_REQUIRED:
+                raise ValueError(f"a {self.role} message needs content")
+            if not (extra.get("tool_calls") or extra.get("function_call")):
+                raise ValueError("an assistant message needs content or tool_calls")
+        if isinstance(self.content, list):
+            for part in self.content:
+                kind = part.get("type")
+                if not isinstance(kind, str):
+                    raise ValueError("every content part needs a string type")
+                if kind == "text" and not isinstance(part.get("text"), str):
+                    raise ValueError("a text content part needs a string text")
+        if self.role == "tool" and not isinstance(extra.get("tool_call_id"), str):
+            raise ValueError("a tool message needs a string tool_call_id")
+        tool_calls = extra.get("tool_calls")
+        if tool_calls is not None and not isinstance(tool_calls, list):
+            raise ValueError("tool_calls must be a list")
+        return self
 
 
 class ChatCompletionRequest(BaseModel):
@@ -52,7 +93,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr = Field(min_length=1, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: StrictBool | None = None
     n: int | None = Field(None, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -73,8 +114,8 @@ class ChatCompletionRequest(BaseModel):
 class ScopeModel(_Forbid):
     """A :class:`~semcache.types.Scope`; ``namespace`` defaults to the token's tenant."""
 
-    namespace: StrictStr | None = Field(None, min_length=1, max_length=256)
-    model: StrictStr = ""
+    namespace: Namespace | None = None
+    model: StrictStr = Field("", max_length=256)
     params: dict[str, Any] = Field(default_factory=dict)
     system: StrictStr = ""
     context: list[Any] = Field(default_factory=list)
@@ -136,7 +177,7 @@ class StoreRequest(_Forbid):
     ttl: float | None = Field(
         None, ge=0, description="seconds to live; null: never expires; absent: the default"
     )
-    tags: list[StrictStr] = Field(default_factory=list)
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
     metadata: dict[str, Any] | None = None
 
 
@@ -150,7 +191,7 @@ class UpdateRequest(_Forbid):
     response: StrictStr | None = None
     prompt: StrictStr | None = Field(None, min_length=1)
     ttl: float | None = Field(None, ge=0)
-    tags: list[StrictStr] | None = None
+    tags: list[Tag] | None = Field(None, max_length=MAX_TAGS)
     metadata: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -201,11 +242,11 @@ class DeletePromptRequest(_Forbid):
 
 
 class TagsRequest(_Forbid):
-    tags: list[StrictStr] = Field(min_length=1)
+    tags: list[Tag] = Field(min_length=1, max_length=MAX_TAGS)
 
 
 class BumpRequest(_Forbid):
-    namespace: StrictStr | None = Field(None, min_length=1, max_length=256)
+    namespace: Namespace | None = None
 
 
 class BumpResponse(BaseModel):
@@ -240,11 +281,25 @@ class DeletedResponse(BaseModel):
     deleted: bool
 
 
+class ReadyChecks(BaseModel):
+    model: bool
+    store: bool
+    index: bool
+
+
+class ReadyResponse(BaseModel):
+    """``GET /readyz``: ``ready`` (200) or ``not ready`` (503), and each check."""
+
+    status: Literal["ready", "not ready"]
+    checks: ReadyChecks
+
+
 class ErrorBody(BaseModel):
-    message: str
+    """The stable error body: the OpenAI category, a message for people, a code for programs."""
+
     type: str
-    param: str | None = None
-    code: str | None = None
+    message: str
+    code: str
 
 
 class ErrorResponse(BaseModel):

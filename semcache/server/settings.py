@@ -14,7 +14,17 @@ variable                    meaning                              default
                             tenant or not (see below)
 ``SEMCACHE_MAX_PROMPT_CHARS`` largest prompt accepted (413)      ``32000``
 ``SEMCACHE_MAX_BODY_BYTES`` largest request body accepted (413)  ``4194304``
-``SEMCACHE_UPSTREAM_TIMEOUT`` seconds before a miss is a 504     ``60``
+``SEMCACHE_UPSTREAM_TIMEOUT`` seconds one upstream read may take  ``60``
+``SEMCACHE_UPSTREAM_DEADLINE`` seconds a whole upstream answer     ``120``
+                            may take, however it trickles (504)
+``SEMCACHE_MAX_RESPONSE_CHARS`` largest answer stored (413 on the  ``200000``
+                            cache API; a larger upstream answer
+                            is relayed, not cached)
+``SEMCACHE_MAX_METADATA_BYTES`` largest ``metadata`` (JSON) (413)  ``16384``
+``SEMCACHE_MAX_SCOPE_BYTES`` largest scope params/context (JSON)   ``16384``
+                            (413)
+``SEMCACHE_SHUTDOWN_GRACE`` seconds SIGTERM waits for requests   ``10``
+                            in flight before closing the cache
 ``SEMCACHE_THRESHOLD``      similarity threshold (None: default) unset
 ``SEMCACHE_DEFAULT_TTL``    seconds an answer lives (None: ever) unset
 ``SEMCACHE_MAX_TEMPERATURE`` above it requests are not cached    ``1.0``
@@ -27,7 +37,9 @@ variable                    meaning                              default
 Tokens: ``SEMCACHE_TOKENS`` is a JSON object ``{"token": "tenant", "admin-token": null}`` or a
 comma list ``token=tenant,admin-token``. A token bound to a tenant works only in that namespace;
 a token without one (an admin) may name any namespace and reach the global endpoints (stats,
-metrics). With no tokens every endpoint is open: bind to 127.0.0.1 then.
+metrics, expire). With no tokens every endpoint is open: bind to 127.0.0.1 then. Tags and tag
+counts are fixed limits of the API (:data:`MAX_TAGS` tags of at most :data:`MAX_TAG_CHARS`
+characters, 422 beyond).
 
 Upstream key: when ``SEMCACHE_UPSTREAM_API_KEY`` is set it is sent upstream on every miss. When it
 is not and auth is off, the caller's own ``Authorization`` header is passed through (the sidecar
@@ -42,6 +54,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: most tags one entry or one invalidation may carry (422 beyond)
+MAX_TAGS = 64
+#: longest tag accepted (422 beyond)
+MAX_TAG_CHARS = 256
+#: longest namespace name accepted (422 beyond)
+MAX_NAMESPACE_CHARS = 256
 
 
 def parse_tokens(value: Any) -> dict[str, str | None]:
@@ -87,11 +106,31 @@ class Settings(BaseSettings):
         "https://api.openai.com/v1", description="OpenAI-compatible base URL that misses go to"
     )
     upstream_api_key: SecretStr | None = None
-    upstream_timeout: float = Field(60.0, gt=0)
+    upstream_timeout: float = Field(
+        60.0, gt=0, description="seconds one upstream connect or read may take (504 beyond)"
+    )
+    upstream_deadline: float = Field(
+        120.0,
+        gt=0,
+        description="seconds a whole upstream answer may take, reads included, however slowly "
+        "it trickles (504 beyond); single-flight followers wait at most this long too",
+    )
+    upstream_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest upstream JSON answer read (502 beyond)"
+    )
     tokens: Annotated[dict[str, str | None], NoDecode] = Field(default_factory=dict)
     default_namespace: str = Field("default", min_length=1)
     max_prompt_chars: int = Field(32_000, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_response_chars: int = Field(200_000, ge=1)
+    max_metadata_bytes: int = Field(16 * 1024, ge=2)
+    max_scope_bytes: int = Field(16 * 1024, ge=2)
+    shutdown_grace: float = Field(
+        10.0,
+        ge=0,
+        description="seconds SIGTERM waits for requests in flight before the cache is closed "
+        "(and its index checkpointed)",
+    )
     threshold: float | None = Field(None, ge=-1.0, le=1.0)
     default_ttl: float | None = Field(None, ge=0)
     max_entries: int | None = Field(None, ge=1)

@@ -2,11 +2,18 @@
 
 Every body forbids unknown fields. A scope's ``namespace`` defaults to the token's tenant (or
 ``default``); a tenant-bound token naming another namespace gets a 403, and entries of other
-namespaces are a 404 to it. Library errors map to statuses in :mod:`semcache.server.errors`.
+namespaces are a 404 to it. Tags are stored as given; a tenant's tag invalidation is confined to
+its namespace by the cache itself (``invalidate_tags(..., namespace=tenant)``). Expiry sweeps and
+stats cover every tenant: admin tokens only. Sizes are bounded: prompts and texts
+(``SEMCACHE_MAX_PROMPT_CHARS``), responses (``SEMCACHE_MAX_RESPONSE_CHARS``), metadata
+(``SEMCACHE_MAX_METADATA_BYTES``) and scope params and context (``SEMCACHE_MAX_SCOPE_BYTES``) are
+a 413 beyond their limits; tags a 422. Library errors map to statuses in
+:mod:`semcache.server.errors`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -40,14 +47,47 @@ from ..schemas import (
 router = APIRouter(
     prefix="/v1/cache",
     tags=["cache"],
-    responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422)},
+    responses={
+        code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 503)
+    },
 )
 
 
 def _scope(state: ServerState, principal: Principal, model: ScopeModel | None) -> Scope:
     requested = model.namespace if model is not None else None
     namespace = principal.namespace(requested, state.settings.default_namespace)
-    return (model or ScopeModel()).to_scope(namespace)
+    model = model or ScopeModel()
+    _check_prompt(state, model.system)
+    _check_json(state.settings.max_scope_bytes, "scope params and context",
+                "SEMCACHE_MAX_SCOPE_BYTES", [model.params, model.context])
+    return model.to_scope(namespace)
+
+
+def _check_json(limit: int, what: str, setting: str, value: Any) -> None:
+    """413 when ``value`` takes more than ``limit`` bytes as JSON."""
+    if value is None:
+        return
+    try:
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+    except (TypeError, ValueError):
+        raise ApiError(422, f"{what} must be plain JSON") from None
+    if size > limit:
+        raise ApiError(413, f"{what} take {size} bytes as JSON; the limit is {limit} ({setting})")
+
+
+def _check_response(state: ServerState, response: str | None) -> None:
+    limit = state.settings.max_response_chars
+    if response is not None and len(response) > limit:
+        raise ApiError(
+            413,
+            f"a response of {len(response)} characters is over the limit of {limit} "
+            "(SEMCACHE_MAX_RESPONSE_CHARS)",
+        )
+
+
+def _check_metadata(state: ServerState, metadata: dict[str, Any] | None) -> None:
+    _check_json(state.settings.max_metadata_bytes, "metadata", "SEMCACHE_MAX_METADATA_BYTES",
+                metadata)
 
 
 def _check_prompt(state: ServerState, *texts: str | None) -> None:
@@ -91,12 +131,10 @@ async def store(request: Request, body: StoreRequest) -> StoreResponse:
     """Store an answer; ``ttl`` absent: the cache's default, ``null``: never expires."""
     state, principal = state_of(request), principal_of(request)
     _check_prompt(state, body.prompt)
+    _check_response(state, body.response)
+    _check_metadata(state, body.metadata)
     scope = _scope(state, principal, body.scope)
-    kwargs: dict[str, Any] = {
-        "scope": scope,
-        "tags": principal.tags_in(body.tags),
-        "metadata": body.metadata,
-    }
+    kwargs: dict[str, Any] = {"scope": scope, "tags": body.tags, "metadata": body.metadata}
     if "ttl" in body.model_fields_set:
         kwargs["ttl"] = body.ttl
     cache = state.require_cache()
@@ -108,9 +146,8 @@ async def store(request: Request, body: StoreRequest) -> StoreResponse:
 @router.get("/entries/{entry_id}")
 async def get_entry(request: Request, entry_id: str) -> EntryModel:
     """One entry, as stored."""
-    principal = principal_of(request)
-    entry = await _entry(state_of(request), principal, entry_id)
-    return EntryModel.of(entry, principal.tags_out(entry.tags))
+    entry = await _entry(state_of(request), principal_of(request), entry_id)
+    return EntryModel.of(entry, list(entry.tags))
 
 
 @router.patch("/entries/{entry_id}")
@@ -118,16 +155,18 @@ async def update_entry(request: Request, entry_id: str, body: UpdateRequest) -> 
     """Change an entry in place (write-through); a new prompt is re-embedded."""
     state, principal = state_of(request), principal_of(request)
     _check_prompt(state, body.prompt)
+    _check_response(state, body.response)
+    _check_metadata(state, body.metadata)
     await _entry(state, principal, entry_id)
     changes: dict[str, Any] = {}
     for name in body.model_fields_set:
         value = getattr(body, name)
-        changes[name] = principal.tags_in(value or []) if name == "tags" else value
+        changes[name] = (value or []) if name == "tags" else value
     cache = state.require_cache()
     await run_in_threadpool(lambda: cache.update(entry_id, **changes))
     state.metrics.invalidation("update", 1)
     entry = await _entry(state, principal, entry_id)
-    return EntryModel.of(entry, principal.tags_out(entry.tags))
+    return EntryModel.of(entry, list(entry.tags))
 
 
 @router.delete("/entries/{entry_id}")
@@ -157,10 +196,13 @@ async def delete_prompt(request: Request, body: DeletePromptRequest) -> CountRes
 
 @router.post("/invalidate/tags")
 async def invalidate_tags(request: Request, body: TagsRequest) -> CountResponse:
-    """Delete every entry carrying any of the tags (a tenant's own tags only)."""
+    """Delete every entry carrying any of the tags: a tenant token's entries only (the cache
+    matches the tags within its namespace); an admin token's across every namespace."""
     state, principal = state_of(request), principal_of(request)
     cache = state.require_cache()
-    removed = await run_in_threadpool(cache.invalidate_tags, *principal.tags_in(body.tags))
+    removed = await run_in_threadpool(
+        lambda: cache.invalidate_tags(*body.tags, namespace=principal.confined_to)
+    )
     state.metrics.invalidation("tags", removed)
     return CountResponse(removed=removed)
 
@@ -213,7 +255,9 @@ async def invalidate_similar(request: Request, body: SimilarRequest) -> IdsRespo
 
 @router.post("/expire")
 async def expire(request: Request) -> CountResponse:
-    """Delete every expired (and version-dead) entry now; returns how many."""
+    """Delete every expired (and version-dead) entry now, in every namespace; returns how many
+    (admin tokens only: it reaches every tenant's entries)."""
+    principal_of(request).require_admin("/v1/cache/expire")
     state = state_of(request)
     removed = await run_in_threadpool(state.require_cache().expire)
     state.metrics.invalidation("ttl", removed)

@@ -6,7 +6,19 @@ the upstream and its answer stored: a JSON answer when it is cacheable, a stream
 ``finish_reason == "stop"`` and ``[DONE]`` (the entry is committed before ``[DONE]`` is relayed,
 so a client that saw the end of its stream finds the entry on its next request). Upstream
 failures become 502, timeouts 504, and the cache is left unchanged; an upstream 4xx (bad request,
-rate limit, invalid key) is relayed as it is, because it is the caller's to handle.
+rate limit, invalid key) is relayed with its status, because it is the caller's to handle.
+
+No stale answer is cached: the store's change-log position is read before the lookup and the
+upstream's answer is stored with ``fence=`` that position, so an answer an invalidation (a
+namespace bump, a tag, a semantic invalidation, a delete) overtook while it was being computed is
+returned to its caller but not cached. Identical concurrent misses share one upstream call
+(single flight), keyed by the scope, the namespace version and the prompt: a request that comes
+after a bump never waits for, nor is answered by, a call that began before it.
+
+Time is bounded: the whole upstream answer, however slowly it trickles, must arrive within
+``SEMCACHE_UPSTREAM_DEADLINE`` seconds (504 otherwise, or an error event in a stream already
+started), and a single-flight follower waits at most that long for its leader before it fails
+with a 504.
 
 Response headers: ``x-semcache: hit|miss|bypass``, and ``x-semcache-similarity``,
 ``x-semcache-entry-id``, ``x-semcache-tier`` on hits, ``x-semcache-reason`` on bypasses.
@@ -19,6 +31,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -42,17 +55,37 @@ from ...errors import SemcacheError
 from ...keys import normalise
 from ...types import Hit
 from ..app import ServerState, principal_of, state_of
-from ..auth import Principal
-from ..errors import ApiError, error_response
+from ..errors import ApiError, error_response, request_id_of
 from ..schemas import ChatCompletionRequest, ErrorResponse
+from ..settings import MAX_TAG_CHARS, MAX_TAGS
 
 log = logging.getLogger("semcache.server")
 
 router = APIRouter(tags=["chat"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 422, 502, 504)
+    code: {"model": ErrorResponse}
+    for code in (400, 401, 403, 404, 409, 413, 422, 429, 502, 503, 504)
 }
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What one lookup saw: the hit, and the store position and namespace version before it."""
+
+    hit: Hit | None
+    position: int | None
+    version: int | None
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One upstream call's context: the key (None: do not store), the fence, the deadline."""
+
+    key: ChatKey | None
+    fence: int | None
+    options: CallOptions
+    deadline: float  # the event loop's clock
 
 
 @router.post("/v1/chat/completions", responses=_ERRORS)
@@ -75,16 +108,10 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         if unknown:
             raise ApiError(
                 422,
-                f"unknown field(s) {', '.join(unknown)}; "
+                f"unknown field(s) {', '.join(u[:64] for u in unknown[:10])}; "
                 "start the sidecar with SEMCACHE_STRICT_PARAMS=false to forward them",
             )
-    chars = sum(len(text_of(m.content)) for m in body.messages)
-    if chars > settings.max_prompt_chars:
-        raise ApiError(
-            413,
-            f"the messages hold {chars} characters; this sidecar accepts at most "
-            f"{settings.max_prompt_chars} (SEMCACHE_MAX_PROMPT_CHARS)",
-        )
+    _check_size(state, body, options)
     namespace = principal.namespace(options.namespace, settings.default_namespace)
     stream = bool(body.stream)
 
@@ -93,45 +120,80 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     else:
         decision = derive(payload, namespace=namespace, policy=state.policy)
         key, reason = decision.key, decision.reason
+    loop = asyncio.get_running_loop()
     outcome = "bypass"
     try:
         if key is None:
             metrics.bypassed(reason)
             headers = {"x-semcache": "bypass", "x-semcache-reason": _header(reason or "")}
-            return await _forward(
-                state, request, payload, stream, None, options, principal, headers
-            )
+            call = _Call(None, None, options, loop.time() + settings.upstream_deadline)
+            return await _forward(state, request, payload, stream, call, headers)
         state.require_cache()
-        if not options.refresh:
-            hit = await _lookup(state, key, options)
-            if hit is not None:
-                outcome = "hit"
-                return _hit_response(hit, body.model, stream, wants_usage(payload))
-        flight = (key.scope.digest, normalise(key.prompt))
-        leader = state.inflight.get(flight)
+        seen = await _lookup(state, key, options, probe=not options.refresh)
+        if seen.hit is not None:
+            outcome = "hit"
+            return _hit_response(seen.hit, body.model, stream, wants_usage(payload))
+        deadline = loop.time() + settings.upstream_deadline
+        leader = None
+        if seen.version is not None:
+            flight = (key.scope.digest, seen.version, normalise(key.prompt))
+            leader = state.inflight.get(flight)
         if leader is not None and not options.refresh:
-            # single-flight: the same question is with the upstream already; wait for it
-            await leader.wait()
-            hit = await _lookup(state, key, options)
-            if hit is not None:
+            # single flight: the same question, at the same namespace version, is with the
+            # upstream already; wait for it (at most the deadline), then look again
+            try:
+                await asyncio.wait_for(leader.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                metrics.upstream_errors.labels("deadline").inc()
+                raise ApiError(
+                    504,
+                    "an identical request already at the upstream did not finish within "
+                    f"{settings.upstream_deadline:g}s (SEMCACHE_UPSTREAM_DEADLINE)",
+                    "upstream_timeout",
+                    code="upstream_deadline",
+                ) from None
+            seen = await _lookup(state, key, options, probe=True)
+            if seen.hit is not None:
                 outcome = "hit"
                 metrics.singleflight_waits.inc()
-                return _hit_response(hit, body.model, stream, wants_usage(payload))
+                return _hit_response(seen.hit, body.model, stream, wants_usage(payload))
         outcome = "miss"
+        headers = {"x-semcache": "miss"}
+        if seen.position is None:  # the store could not be read: answer, but cache nothing
+            call = _Call(None, None, options, deadline)
+            return await _forward(state, request, payload, stream, call, headers)
+        call = _Call(key, seen.position, options, deadline)
+        if seen.version is None:
+            return await _forward(state, request, payload, stream, call, headers)
+        flight = (key.scope.digest, seen.version, normalise(key.prompt))
         if stream or flight in state.inflight:
-            return await _forward(
-                state, request, payload, stream, key, options, principal, {"x-semcache": "miss"}
-            )
+            return await _forward(state, request, payload, stream, call, headers)
         done = state.inflight[flight] = asyncio.Event()
         try:
-            return await _forward(
-                state, request, payload, stream, key, options, principal, {"x-semcache": "miss"}
-            )
+            return await _forward(state, request, payload, stream, call, headers)
         finally:
-            state.inflight.pop(flight, None)
+            if state.inflight.get(flight) is done:
+                del state.inflight[flight]
             done.set()
     finally:
         metrics.request_seconds.labels("chat", outcome).observe(time.perf_counter() - started)
+
+
+def _check_size(state: ServerState, body: ChatCompletionRequest, options: CallOptions) -> None:
+    """413 for messages over SEMCACHE_MAX_PROMPT_CHARS, 422 for too many or too long tags."""
+    limit = state.settings.max_prompt_chars
+    chars = sum(len(text_of(m.content)) for m in body.messages)
+    if chars > limit:
+        raise ApiError(
+            413,
+            f"the messages hold {chars} characters; this sidecar accepts at most "
+            f"{limit} (SEMCACHE_MAX_PROMPT_CHARS)",
+        )
+    if len(options.tags) > MAX_TAGS or any(len(t) > MAX_TAG_CHARS for t in options.tags):
+        raise ApiError(
+            422,
+            f"semcache.tags: at most {MAX_TAGS} tags of at most {MAX_TAG_CHARS} characters",
+        )
 
 
 def _header(text: str) -> str:
@@ -139,27 +201,39 @@ def _header(text: str) -> str:
 
 
 def _probe(
-    cache: Any, key: ChatKey, threshold: float | None
-) -> tuple[Hit | None, float | None, float]:
-    """The lookup, how close its nearest candidate came, and how long it took."""
+    cache: Any, key: ChatKey, threshold: float | None, probe: bool
+) -> tuple[Hit | None, float | None, float, int, int]:
+    """The store position and namespace version (read first, in that order: an invalidation
+    after them fences the answer out), then the lookup, its nearest similarity and its time."""
+    position: int = cache.position()
+    version: int = cache.version(key.scope.namespace)
+    if not probe:
+        return None, None, 0.0, position, version
     t0 = time.perf_counter()
     hit, nearest = cache.probe(key.prompt, scope=key.scope, threshold=threshold)
-    return hit, nearest, time.perf_counter() - t0
+    return hit, nearest, time.perf_counter() - t0, position, version
 
 
-async def _lookup(state: ServerState, key: ChatKey, options: CallOptions) -> Hit | None:
+async def _lookup(
+    state: ServerState, key: ChatKey, options: CallOptions, *, probe: bool
+) -> _Seen:
+    """One threadpool trip: position, version and (unless ``probe`` is false) the lookup."""
     cache, metrics = state.require_cache(), state.metrics
-    metrics.lookups.labels("chat").inc()
-    await state.pre_embed(key.prompt)
+    if probe:
+        metrics.lookups.labels("chat").inc()
+        await state.pre_embed(key.prompt)
     try:
-        hit, near, elapsed = await state.run(_probe, cache, key, options.threshold)
+        hit, near, elapsed, position, version = await state.run(
+            _probe, cache, key, options.threshold, probe
+        )
     except SemcacheError as exc:  # the cache fails open: the caller still gets an answer
         log.warning("cache lookup failed, forwarding: %s", exc)
-        return None
-    metrics.looked_up(hit, near, elapsed)
-    if hit is not None:
-        metrics.tokens_saved.inc(tokens_saved(hit))
-    return hit
+        return _Seen(None, None, None)
+    if probe:
+        metrics.looked_up(hit, near, elapsed)
+        if hit is not None:
+            metrics.tokens_saved.inc(tokens_saved(hit))
+    return _Seen(hit, position, version)
 
 
 def _hit_response(hit: Hit, model: str, stream: bool, include_usage: bool) -> Response:
@@ -199,30 +273,60 @@ def _upstream_headers(state: ServerState, request: Request) -> dict[str, str]:
     return headers
 
 
+def _deadline_error(state: ServerState) -> ApiError:
+    state.metrics.upstream_errors.labels("deadline").inc()
+    return ApiError(
+        504,
+        f"the upstream did not finish its answer within {state.settings.upstream_deadline:g}s "
+        "(SEMCACHE_UPSTREAM_DEADLINE)",
+        "upstream_timeout",
+        code="upstream_deadline",
+    )
+
+
 def _relay_error(
-    state: ServerState, status: int, content: bytes, headers: httpx.Headers
+    state: ServerState, request: Request, status: int, content: bytes, headers: httpx.Headers
 ) -> Response:
-    """An upstream error answer: 4xx relayed as is, 5xx as a 502."""
+    """An upstream error answer in the stable shape: a 4xx with its status and the upstream's
+    own message (the caller's to handle), a 5xx as a 502 that names only the status (the
+    upstream's text goes to the log)."""
     state.metrics.upstream_errors.labels("status").inc()
-    message = ""
+    error: Any = None
     try:
         data = json.loads(content)
         error = data.get("error") if isinstance(data, dict) else None
-        message = str(error.get("message", "")) if isinstance(error, dict) else ""
     except ValueError:
-        data = None
+        pass
+    error = error if isinstance(error, dict) else {}
+    message = error.get("message")
     if 400 <= status < 500:
-        if data is not None:
-            keep = {k: v for k, v in headers.items() if k.lower() in ("retry-after",)}
-            return JSONResponse(data, status_code=status, headers=keep)
+        keep = {k: v for k, v in headers.items() if k.lower() == "retry-after"}
+        kind, code = error.get("type"), error.get("code")
         return error_response(
-            status, f"upstream said {status}: {content[:200]!r}", "upstream_error"
+            status,
+            str(message)[:1000] if message else f"the upstream answered {status}",
+            kind if isinstance(kind, str) and kind else "upstream_error",
+            code if isinstance(code, str) and code else f"upstream_{status}",
+            keep,
         )
-    return error_response(
-        502,
-        f"upstream failed with {status}" + (f": {message}" if message else ""),
-        "upstream_error",
+    log.warning(
+        "upstream answered %s [request %s]: %s", status, request_id_of(request), content[:500]
     )
+    return error_response(
+        502, f"the upstream failed with status {status}", "upstream_error", "upstream_failed"
+    )
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytes | None:
+    """The response body, or None when it is over ``cap`` bytes (then it is not read on)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _forward(
@@ -230,9 +334,7 @@ async def _forward(
     request: Request,
     payload: dict[str, Any],
     stream: bool,
-    key: ChatKey | None,
-    options: CallOptions,
-    principal: Principal,
+    call: _Call,
     headers: dict[str, str],
 ) -> Response:
     client = state.upstream
@@ -242,55 +344,69 @@ async def _forward(
     metrics.upstream_requests.inc()
     request_headers = _upstream_headers(state, request)
     t0 = time.perf_counter()
+    response: httpx.Response | None = None
+    content = b""
     try:
-        upstream_request = client.build_request(
-            "POST", "chat/completions", json=payload, headers=request_headers
-        )
-        response = await client.send(upstream_request, stream=stream)
+        async with asyncio.timeout_at(call.deadline):
+            upstream_request = client.build_request(
+                "POST", "chat/completions", json=payload, headers=request_headers
+            )
+            response = await client.send(upstream_request, stream=True)
+            if not stream or response.status_code >= 400:
+                read = await _read_capped(response, state.settings.upstream_max_bytes)
+                await response.aclose()
+                if read is None:
+                    metrics.upstream_errors.labels("invalid").inc()
+                    raise ApiError(
+                        502,
+                        "the upstream answer is over SEMCACHE_UPSTREAM_MAX_BYTES",
+                        "upstream_error",
+                    )
+                content = read
+    except TimeoutError:
+        if response is not None:
+            await response.aclose()
+        metrics.upstream_seconds.observe(time.perf_counter() - t0)
+        raise _deadline_error(state) from None
     except httpx.TimeoutException:
+        if response is not None:
+            await response.aclose()
         metrics.upstream_errors.labels("timeout").inc()
         metrics.upstream_seconds.observe(time.perf_counter() - t0)
         raise ApiError(
             504,
-            f"the upstream did not answer within {state.settings.upstream_timeout}s",
+            f"the upstream did not answer within {state.settings.upstream_timeout:g}s",
             "upstream_timeout",
         ) from None
     except httpx.HTTPError as exc:
+        if response is not None:
+            await response.aclose()
         metrics.upstream_errors.labels("connect").inc()
         raise ApiError(
             502, f"the upstream is unreachable ({type(exc).__name__})", "upstream_error"
         ) from None
+    if response.status_code >= 400:
+        metrics.upstream_seconds.observe(time.perf_counter() - t0)
+        return _relay_error(state, request, response.status_code, content, response.headers)
     if not stream:
         metrics.upstream_seconds.observe(time.perf_counter() - t0)
-        return await _finish_json(state, response, key, options, principal, headers)
-
-    if response.status_code >= 400:
-        content = await response.aread()
-        await response.aclose()
-        return _relay_error(state, response.status_code, content, response.headers)
+        return await _finish_json(state, content, call, headers)
     if "text/event-stream" not in response.headers.get("content-type", ""):
         await response.aclose()
         metrics.upstream_errors.labels("invalid").inc()
         raise ApiError(502, "the upstream did not answer with an event stream", "upstream_error")
     return StreamingResponse(
-        _relay_stream(state, response, key, options, principal, t0),
+        _relay_stream(state, response, call, t0),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
     )
 
 
 async def _finish_json(
-    state: ServerState,
-    response: httpx.Response,
-    key: ChatKey | None,
-    options: CallOptions,
-    principal: Principal,
-    headers: dict[str, str],
+    state: ServerState, content: bytes, call: _Call, headers: dict[str, str]
 ) -> Response:
-    if response.status_code >= 400:
-        return _relay_error(state, response.status_code, response.content, response.headers)
     try:
-        data = response.json()
+        data = json.loads(content)
     except ValueError:
         state.metrics.upstream_errors.labels("invalid").inc()
         raise ApiError(
@@ -300,9 +416,9 @@ async def _finish_json(
         state.metrics.upstream_errors.labels("invalid").inc()
         raise ApiError(502, "the upstream answer is not a chat completion", "upstream_error")
     info: dict[str, Any] = {"hit": False, "stored": False}
-    if key is not None:
+    if call.key is not None:
         answer, reason = answer_from_completion(data)
-        entry_id = await _store(state, key, answer, reason, options, principal)
+        entry_id, reason = await _store(state, call, answer, reason)
         info.update(stored=entry_id is not None, entry_id=entry_id)
         if reason:
             info["reason"] = reason
@@ -311,52 +427,62 @@ async def _finish_json(
 
 
 async def _store(
-    state: ServerState,
-    key: ChatKey,
-    answer: Answer | None,
-    reason: str | None,
-    options: CallOptions,
-    principal: Principal,
-) -> str | None:
+    state: ServerState, call: _Call, answer: Answer | None, reason: str | None
+) -> tuple[str | None, str | None]:
+    """Store the answer behind the call's fence; returns (entry id or None, why not)."""
+    key, options = call.key, call.options
+    if key is None or call.fence is None:
+        return None, reason
     if answer is None:
         state.metrics.skipped(reason)
-        return None
+        return None, reason
+    if len(answer.content) > state.settings.max_response_chars:
+        reason = "answer over SEMCACHE_MAX_RESPONSE_CHARS"
+        state.metrics.skipped(reason)
+        return None, reason
     cache = state.require_cache()
     kwargs: dict[str, Any] = {
         "scope": key.scope,
-        "tags": principal.tags_in(options.tags),
+        "tags": list(options.tags),
         "metadata": answer.metadata(),
+        "fence": call.fence,
     }
     if options.ttl_given:
         kwargs["ttl"] = options.ttl
     try:
-        entry_id: str = await state.run(cache.store, key.prompt, answer.content, **kwargs)
+        entry_id: str | None = await state.run(cache.store, key.prompt, answer.content, **kwargs)
     except SemcacheError as exc:
         log.warning("storing an answer failed: %s", exc)
         state.metrics.skipped("store failed")
-        return None
+        return None, "store failed"
+    if entry_id is None:  # an invalidation overtook the call: the answer may be stale
+        reason = "invalidated during the upstream call"
+        state.metrics.skipped(reason)
+        return None, reason
     state.metrics.stores.inc()
-    return entry_id
+    return entry_id, None
 
 
 async def _relay_stream(
-    state: ServerState,
-    response: httpx.Response,
-    key: ChatKey | None,
-    options: CallOptions,
-    principal: Principal,
-    t0: float,
+    state: ServerState, response: httpx.Response, call: _Call, t0: float
 ) -> AsyncIterator[bytes]:
-    """Pass the upstream's SSE lines through while recording the answer; store at ``[DONE]``."""
+    """Pass the upstream's SSE lines through while recording the answer; store at ``[DONE]``.
+    Each line must come before the call's deadline; past it the stream ends with an error
+    event (its status was sent long ago)."""
     recorder = StreamRecorder()
+    loop = asyncio.get_running_loop()
+    lines = response.aiter_lines()
     try:
-        async for line in response.aiter_lines():
+        while True:
+            try:
+                line = await asyncio.wait_for(anext(lines), call.deadline - loop.time())
+            except StopAsyncIteration:
+                break
             if line.startswith("data:"):
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    if key is not None:
-                        answer, reason = recorder.answer()
-                        await _store(state, key, answer, reason, options, principal)
+                    answer, reason = recorder.answer()
+                    await _store(state, call, answer, reason)
                 elif data:
                     try:
                         chunk = json.loads(data)
@@ -366,18 +492,27 @@ async def _relay_stream(
                         if isinstance(chunk, dict):
                             recorder.feed(chunk)
             yield f"{line}\n".encode()
+    except TimeoutError:
+        _deadline_error(state)  # counts it
+        log.warning("the upstream stream passed its deadline")
+        yield _error_event(
+            "upstream_timeout",
+            f"the upstream did not finish within {state.settings.upstream_deadline:g}s",
+            "upstream_deadline",
+        )
     except httpx.HTTPError as exc:
         state.metrics.upstream_errors.labels("stream").inc()
         log.warning("the upstream stream broke off: %s", type(exc).__name__)
-        error = {
-            "error": {
-                "message": f"the upstream stream broke off ({type(exc).__name__})",
-                "type": "upstream_error",
-                "param": None,
-                "code": None,
-            }
-        }
-        yield f"data: {json.dumps(error)}\n\n".encode()
+        yield _error_event(
+            "upstream_error",
+            f"the upstream stream broke off ({type(exc).__name__})",
+            "upstream_failed",
+        )
     finally:
         await response.aclose()
         state.metrics.upstream_seconds.observe(time.perf_counter() - t0)
+
+
+def _error_event(kind: str, message: str, code: str) -> bytes:
+    error = {"error": {"type": kind, "message": message, "code": code}}
+    return f"data: {json.dumps(error)}\n\n".encode()
