@@ -238,10 +238,11 @@ def server_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         check=True,
         capture_output=True,
         timeout=300,
+        cwd=base,
     )
     (wheel,) = dist.glob("semcache-*.whl")
     venv = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, cwd=base)
     done = subprocess.run(
         [
             str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile",
@@ -251,6 +252,7 @@ def server_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         capture_output=True,
         text=True,
         timeout=900,
+        cwd=base,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     yield venv
