@@ -256,13 +256,17 @@ def run_workload(cfg: Mapping[str, Any]) -> dict[str, Any]:
     def scope(ns: str) -> Any:
         return Scope(namespace=ns)
 
+    # even processes mostly read (so their L1 and index must follow the others' writes, not
+    # their own), odd ones mostly write
+    reads = 0.97 if me % 2 == 0 else 0.3
     while time.monotonic() < end:
-        roll = rng.random()
+        reading = rng.random() < reads
+        roll = 0.5 + rng.random() / 2  # which write: the bands below, 0.5 to 1
         j = rng.randrange(N_PROMPTS)
         ns = rng.choice(NAMESPACES)
         t0 = time.monotonic()
         try:
-            if roll < 0.5:
+            if reading:
                 hit = cache.lookup(prompt_text(j), scope=scope(ns))
                 events.append(
                     {
