@@ -302,13 +302,13 @@ def test_wheel_installs_with_server_extra_and_serves(server_venv: Path, tmp_path
             assert time.monotonic() < deadline, "the installed sidecar never became ready"
             time.sleep(0.5)
         stored = httpx.post(
-            f"{base}/store",
+            f"{base}/v1/cache/store",
             json={"prompt": "How do I reset my password?", "response": "Use the reset link."},
             timeout=60,
         )
         assert stored.status_code == 201, stored.text
         found = httpx.post(
-            f"{base}/lookup", json={"prompt": "How can I reset my password?"}, timeout=60
+            f"{base}/v1/cache/lookup", json={"prompt": "How can I reset my password?"}, timeout=60
         ).json()
         assert found["hit"] is True and found["response"] == "Use the reset link."
         where = subprocess.run(

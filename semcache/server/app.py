@@ -254,4 +254,5 @@ def create_app(
     app.include_router(ops_routes.router)
     app.include_router(chat_routes.router)
     app.include_router(cache_routes.router)
+    app.include_router(__import__(f"{__package__}.ui", fromlist=["router"]).router)  # /ui
     return app
