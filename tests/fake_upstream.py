@@ -14,6 +14,12 @@ calls per last user message. Markers in the last user message change its behavio
   whitespace, or SSE comment lines in a stream), then the answer: no single read ever waits
   long, so only a total deadline can cut it short.
 
+With an ``openai-project`` header the answer also names it and when it was made,
+``"Answer #<n> [project=<p>] (at <unix time>): <message>"`` (evals/soak.py checks served answers
+against what was asked, by whom and when). Run as a process, the environment can make it
+realistic: ``SEMCACHE_FAKE_LATENCY=0.2-0.8`` waits a uniform random time in that range before
+each answer, ``SEMCACHE_FAKE_FAIL_RATE=0.02`` answers that share of calls with a 500.
+
 ``GET /_stats`` returns ``{"total": n, "calls": {prompt: n}, "auth": [...], "last_body": {...}}``;
 ``POST /_reset`` clears it. Run it as a process: ``python tests/fake_upstream.py --port 8001``.
 """
@@ -24,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -43,6 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 app = FastAPI(title="fake OpenAI upstream")
+_LATENCY = tuple(float(x) for x in os.environ.get("SEMCACHE_FAKE_LATENCY", "0-0").split("-"))
+_FAIL_RATE = float(os.environ.get("SEMCACHE_FAKE_FAIL_RATE", "0"))
+_RANDOM = random.Random(int(os.environ.get("SEMCACHE_FAKE_SEED", "0")))
 STATE: dict[str, Any] = {"total": 0, "calls": Counter(), "auth": [], "last_body": None}
 _DELAY = re.compile(r"#delay=([0-9.]+)")
 _TRICKLE = re.compile(r"#trickle=([0-9.]+)")
@@ -98,6 +108,10 @@ async def chat(request: Request) -> Any:
     n = STATE["total"]
     if match := _DELAY.search(prompt):
         await asyncio.sleep(float(match.group(1)))
+    if _LATENCY[1] > 0:
+        await asyncio.sleep(_RANDOM.uniform(*_LATENCY))
+    if _FAIL_RATE and _RANDOM.random() < _FAIL_RATE:
+        return _error(500, "fake upstream failure (random)")
     for status in (500, 400, 429):
         if f"#fail{status}" in prompt:
             return _error(status, f"fake upstream failure {status}")
@@ -106,7 +120,9 @@ async def chat(request: Request) -> Any:
     trickle = _TRICKLE.search(prompt)
 
     model = body.get("model", "fake-model")
-    answer = f"Answer #{n}: {prompt}"
+    project = request.headers.get("openai-project")
+    stamp = f" [project={project}] (at {time.time():.3f})" if project else ""
+    answer = f"Answer #{n}{stamp}: {prompt}"
     finish = "length" if "#truncate" in prompt else "stop"
     tool = "#tool" in prompt
     usage = {
@@ -282,10 +298,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             os.unlink(path)
 
 
-def start_upstream() -> tuple[subprocess.Popen[bytes], str]:
-    """Run this fake upstream as a process; returns (process, base URL ending in /v1)."""
+def start_upstream(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Run this fake upstream as a process (``env``: e.g. ``SEMCACHE_FAKE_LATENCY``); returns
+    (process, base URL ending in /v1)."""
     port = free_port()
-    proc = _spawn([PYTHON, str(Path(__file__).resolve()), "--port", str(port)], _env())
+    proc = _spawn([PYTHON, str(Path(__file__).resolve()), "--port", str(port)], _env(env))
     wait_ready(f"http://127.0.0.1:{port}/healthz", proc, timeout=30)
     return proc, f"http://127.0.0.1:{port}/v1"
 

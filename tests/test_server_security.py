@@ -336,3 +336,25 @@ async def test_size_limits(sidecar: Sidecar) -> None:
     assert sidecar.cache.stats()["entries"] == 0  # nothing refused was stored
     ok = await store(metadata={"blob": "x" * 900}, tags=["t"] * MAX_TAGS)
     assert ok.status_code == 201
+
+
+async def test_an_upstream_answer_over_the_response_limit_is_relayed_not_cached(
+    tmp_path: Path, embedder: Any
+) -> None:
+    cache = SemanticCache(tmp_path / "c", embedder=embedder, threshold=0.85)
+    settings = Settings(upstream="http://fake/v1", max_response_chars=40)
+    app = create_app(settings, cache, upstream_transport=httpx.ASGITransport(app=fake_upstream.app))
+    question = "Describe the moon in as much detail as you can"
+    body = {"model": "m", "messages": [{"role": "user", "content": question}]}
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as c,
+    ):
+        for _ in range(2):
+            r = await c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.headers["x-semcache"] == "miss"
+            assert len(r.json()["choices"][0]["message"]["content"]) > 40  # relayed whole
+            assert r.json()["semcache"]["stored"] is False
+            assert r.json()["semcache"]["reason"] == "answer over SEMCACHE_MAX_RESPONSE_CHARS"
+    assert cache.stats()["entries"] == 0
+    cache.close()

@@ -64,8 +64,18 @@ log = logging.getLogger("semcache.server")
 router = APIRouter(tags=["chat"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse}
-    for code in (400, 401, 403, 404, 409, 413, 422, 429, 502, 503, 504)
+    200: {
+        "description": "a chat completion (JSON), or with ``stream: true`` its chunks as "
+        "server-sent events",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    },
+    **{
+        code: {"model": ErrorResponse}
+        for code in (400, 401, 403, 404, 409, 413, 422, 429, 502, 503, 504)
+    },
 }
 
 
