@@ -2,10 +2,10 @@
 "semcache[langchain]"``).
 
     from langchain_core.globals import set_llm_cache
-    from semcache import SemanticCache
     from semcache.langchain import SemanticLangChainCache
 
-    set_llm_cache(SemanticLangChainCache(SemanticCache("indexes/langchain")))
+    set_llm_cache(SemanticLangChainCache("indexes/langchain"))   # a data folder, or
+    set_llm_cache(SemanticLangChainCache(SemanticCache("indexes/langchain", threshold=0.9)))
 
 LangChain calls ``lookup(prompt, llm_string)`` before a model runs and ``update(...)`` after.
 The key is split the way semcache splits every chat request:
@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -141,7 +142,8 @@ class SemanticLangChainCache(BaseCache):
     """``langchain_core.caches.BaseCache`` on a :class:`~semcache.SemanticCache`.
 
     Args:
-        cache: the semantic cache (its hit policy decides what "the same meaning" is).
+        cache: the semantic cache (its hit policy decides what "the same meaning" is), or the
+            path of a data folder to open one on with the defaults.
         namespace: the scope namespace of every entry; ``clear()`` bumps it.
         ttl: seconds an answer lives (omitted: the cache's ``default_ttl``; None: forever).
         tags: tags put on every stored answer (for ``cache.invalidate_tags``).
@@ -149,12 +151,16 @@ class SemanticLangChainCache(BaseCache):
 
     def __init__(
         self,
-        cache: SemanticCache,
+        cache: SemanticCache | str | os.PathLike[str],
         *,
         namespace: str = "langchain",
         ttl: float | None = MISSING,
         tags: Sequence[str] = (),
     ) -> None:
+        if isinstance(cache, str | os.PathLike):
+            from .cache import SemanticCache
+
+            cache = SemanticCache(cache)
         self.cache = cache
         self.namespace = Scope(namespace=namespace).namespace  # validates it
         self.ttl = ttl

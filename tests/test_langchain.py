@@ -175,3 +175,18 @@ def test_a_prompt_the_cache_refuses_runs_the_model_and_stores_nothing(
     assert model.invoke([image_only]).content == "an answer"
     assert model.invoke([image_only]).content == "another"
     assert lc_cache.cache.stats()["entries"] == 0
+
+
+def test_the_readme_three_lines(tmp_path: Path) -> None:
+    """README: set_llm_cache(SemanticLangChainCache("indexes/langchain")) opens a cache there."""
+    before = get_llm_cache()
+    adapter = SemanticLangChainCache(str(tmp_path / "langchain"))
+    set_llm_cache(adapter)
+    try:
+        model = generic("Paris.", "the model ran again")
+        assert model.invoke(QUESTION).content == "Paris."
+        assert model.invoke(PARAPHRASE).content == "Paris."
+        assert (tmp_path / "langchain").is_dir()
+    finally:
+        set_llm_cache(before)
+        adapter.cache.close()

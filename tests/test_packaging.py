@@ -41,6 +41,9 @@ ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
+# The fresh venv must see only what was installed into it.
+VENV_ENV = {k: v for k, v in ENV.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
 # Makes the named top-level modules (and their submodules) unimportable, as if not installed.
 BLOCKER = """
 import sys
@@ -253,6 +256,7 @@ def server_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         text=True,
         timeout=900,
         cwd=base,
+        env=VENV_ENV,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     yield venv
@@ -270,6 +274,7 @@ def test_wheel_installs_with_server_extra_and_serves(server_venv: Path, tmp_path
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=VENV_ENV,
     )  # fmt: skip
     assert listed.returncode == 0, listed.stderr
     installed = {n.lower().replace("_", "-") for n in json.loads(listed.stdout)}
@@ -283,7 +288,7 @@ def test_wheel_installs_with_server_extra_and_serves(server_venv: Path, tmp_path
             str(server_venv / "bin" / "semcache"), "serve",
             "--data", str(tmp_path / "data"), "--host", "127.0.0.1", "--port", str(port),
         ],
-        env={**ENV, "SEMCACHE_UPSTREAM": "http://127.0.0.1:9"},
+        env={**VENV_ENV, "SEMCACHE_UPSTREAM": "http://127.0.0.1:9"},
         cwd=tmp_path,  # not the repository: the installed package must be the one used
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -316,6 +321,7 @@ def test_wheel_installs_with_server_extra_and_serves(server_venv: Path, tmp_path
             capture_output=True,
             text=True,
             cwd=tmp_path,
+            env=VENV_ENV,
             check=True,
         ).stdout
         assert str(server_venv) in where
