@@ -69,7 +69,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         "server-sent events",
         "content": {
             "application/json": {"schema": {"type": "object"}},
-            "text/event-stream": {"schema": {"type": "string"}},
+            # OpenAPI 3.1: the schema describes each event; its data is a chunk's JSON,
+            # [DONE], or an error object's JSON
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }
+            },
         },
     },
     **{
