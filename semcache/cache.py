@@ -70,6 +70,8 @@ DB_FILE = "semcache.db"
 INDEX_DIR = "index"
 #: The most neighbours a lookup fetches while it skips dead (expired, deleted) candidates.
 MAX_K = 256
+#: Writes between two culls of expired and version-dead entries.
+CULL_EVERY = 8
 
 
 def _check_ttl(ttl: Any) -> float | None:
@@ -204,6 +206,7 @@ class SemanticCache:
         self._closed = False
         self._stats: Counter[str] = Counter()
         self._access: dict[int, tuple[int, float]] = {}
+        self._writes = 0
         self._flights = SingleFlight()
         self.l1 = L1Cache(l1_size)
         if index_factory is None:
@@ -229,6 +232,7 @@ class SemanticCache:
             self._folder = FolderLock(self.path)
             reembedded = self._check_embedder(rebuild)
             self.replica.open(rebuild=rebuild or reembedded)
+            self.replica.start_merger()
         except BaseException:
             self.replica.release()
             if self._folder is not None:
@@ -620,11 +624,14 @@ class SemanticCache:
             return written[1]
 
     def _cull(self, now: float) -> None:
-        """Bounded clean-up on each write: a few expired or version-dead entries."""
-        if self.cull_limit <= 0:
+        """Bounded clean-up on writes: up to ``cull_limit`` expired or version-dead entries per
+        write, in batches every ``CULL_EVERY`` writes (two statements less on most writes)."""
+        self._writes += 1
+        if self.cull_limit <= 0 or self._writes % CULL_EVERY:
             return
-        n = self._db.delete_expired(now - self.max_stale, self.cull_limit)
-        n += self._db.delete_dead_versions(self.cull_limit)
+        limit = self.cull_limit * CULL_EVERY
+        n = self._db.delete_expired(now - self.max_stale, limit)
+        n += self._db.delete_dead_versions(limit)
         self._stats["culled"] += n
 
     # ------------------------------------------------------------------------ get or compute
@@ -1121,6 +1128,7 @@ class SemanticCache:
             return
         if self._sweeper is not None:
             self._sweeper.stop()
+        self.replica.stop_merger()
         with self._lock:
             try:
                 self.replica.catch_up()

@@ -165,6 +165,12 @@ class FaissIndex:
     :class:`~semcache.radius.RadiusIndex` mirror, built on the first such search once the
     shard holds ``radius_mirror_min`` vectors and kept in step afterwards; smaller shards are
     scanned exactly.
+
+    Once it is a graph, new vectors first land in a small exact segment of recent writes in
+    front of it (searched by a matrix product and merged with the graph's answers), so a write
+    never waits on a graph insertion; :meth:`merge` moves them into the graph in batches (the
+    replica's background merger does it, and a segment of ``recent_max`` vectors is merged at
+    once), as Lucene's and Milvus's segments do.
     """
 
     def __init__(
@@ -176,6 +182,7 @@ class FaissIndex:
         ef_search: int = 64,
         ef_construction: int = 80,
         radius_mirror_min: int = 50_000,
+        recent_max: int = 8192,
     ) -> None:
         if hnsw_threshold < 1:
             raise ValueError("hnsw_threshold must be >= 1")
@@ -193,6 +200,11 @@ class FaissIndex:
         self._tombs: set[int] = set()
         self._params: faiss.SearchParametersHNSW | None = None
         self._mirror: Any = None  # RadiusIndex over the live vectors, once needed
+        self.recent_max = recent_max
+        self._rids = np.zeros(0, dtype=np.int64)  # the recent segment (graph mode only)
+        self._rmat = np.zeros((0, dim), dtype=np.float32)
+        self._rn = 0
+        self._rpos: dict[int, int] = {}
         self._lock = threading.RLock()
 
     # -- size and membership -------------------------------------------------------------
@@ -215,19 +227,76 @@ class FaissIndex:
             self._remove_locked(ids)
             self._present.update(ids.tolist())
             if self._hnsw is not None:
-                start = self._hnsw.ntotal
-                with _build_threads(len(ids) >= 64):  # batches insert in parallel
-                    self._hnsw.add(vectors)
-                self._labels = np.concatenate([self._labels, ids])
-                for offset, id_ in enumerate(ids.tolist()):
-                    self._label_of[id_] = start + offset
+                self._append_recent(ids, vectors)
                 if self._mirror is not None:
                     self._mirror.add(ids, vectors)
+                if self._rn >= self.recent_max:
+                    self._merge_locked(self._rn)
                 return
             assert self._flat is not None
             self._flat.add_with_ids(vectors, ids)
             if len(self._present) >= self.hnsw_threshold:
                 self._build_hnsw(*self._all_vectors())
+
+    def _append_recent(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        need = self._rn + len(ids)
+        if need > len(self._rids):
+            cap = max(need, 2 * len(self._rids), 64)
+            rids = np.zeros(cap, dtype=np.int64)
+            rmat = np.zeros((cap, self.dim), dtype=np.float32)
+            rids[: self._rn] = self._rids[: self._rn]
+            rmat[: self._rn] = self._rmat[: self._rn]
+            self._rids, self._rmat = rids, rmat
+        self._rids[self._rn : need] = ids
+        self._rmat[self._rn : need] = vectors
+        for offset, id_ in enumerate(ids.tolist()):
+            self._rpos[id_] = self._rn + offset
+        self._rn = need
+
+    def _drop_recent(self, id_: int) -> None:
+        row = self._rpos.pop(id_)
+        last = self._rn - 1
+        if row != last:  # move the last row into the hole
+            moved = int(self._rids[last])
+            self._rids[row] = moved
+            self._rmat[row] = self._rmat[last]
+            self._rpos[moved] = row
+        self._rn = last
+
+    def _clear_recent(self) -> None:
+        self._rids = np.zeros(0, dtype=np.int64)
+        self._rmat = np.zeros((0, self.dim), dtype=np.float32)
+        self._rn = 0
+        self._rpos = {}
+
+    @property
+    def pending(self) -> int:
+        """Vectors in the recent segment, not yet in the graph."""
+        return self._rn
+
+    def merge(self, limit: int | None = None) -> int:
+        """Move up to ``limit`` (all, if None) recent vectors into the graph; returns how many
+        are still pending."""
+        with self._lock:
+            if self._hnsw is not None and self._rn:
+                self._merge_locked(self._rn if limit is None else min(limit, self._rn))
+            return self._rn
+
+    def _merge_locked(self, n: int) -> None:
+        assert self._hnsw is not None
+        ids = self._rids[:n].copy()
+        vectors = self._rmat[:n].copy()
+        start = self._hnsw.ntotal
+        with _build_threads(n >= 64):  # batches insert in parallel
+            self._hnsw.add(vectors)
+        self._labels = np.concatenate([self._labels, ids])
+        for offset, id_ in enumerate(ids.tolist()):
+            self._label_of[id_] = start + offset
+        rest_ids = self._rids[n : self._rn].copy()
+        rest = self._rmat[n : self._rn].copy()
+        self._clear_recent()
+        if len(rest_ids):
+            self._append_recent(rest_ids, rest)
 
     def remove(self, ids: np.ndarray) -> int:
         with self._lock:
@@ -243,9 +312,15 @@ class FaissIndex:
             assert self._flat is not None
             self._flat.remove_ids(faiss.IDSelectorBatch(arr))
             return len(present)
+        tombed = False
         for id_ in present:
-            self._tombs.add(self._label_of.pop(id_))
-        self._params = None
+            if id_ in self._rpos:
+                self._drop_recent(id_)
+            else:
+                self._tombs.add(self._label_of.pop(id_))
+                tombed = True
+        if tombed:
+            self._params = None
         if self._mirror is not None:
             self._mirror.remove(arr)
         if len(self._present) < self.hnsw_threshold // 2:
@@ -270,7 +345,10 @@ class FaissIndex:
         if self._hnsw is not None:
             labels = np.fromiter(self._label_of.values(), dtype=np.int64, count=len(self._label_of))
             labels.sort()
-            return self._labels[labels].copy(), self._hnsw_matrix()[labels].copy()
+            return (
+                np.concatenate([self._labels[labels], self._rids[: self._rn]]),
+                np.concatenate([self._hnsw_matrix()[labels], self._rmat[: self._rn]]),
+            )
         assert self._flat is not None
         n = self._flat.ntotal
         if n == 0:
@@ -291,8 +369,10 @@ class FaissIndex:
         self._label_of = {id_: label for label, id_ in enumerate(ids.tolist())}
         self._tombs = set()
         self._params = None
+        self._clear_recent()
 
     def _drop_hnsw(self) -> None:
+        self._clear_recent()
         self._hnsw = None
         self._labels = _EMPTY_IDS
         self._label_of = {}
@@ -314,7 +394,15 @@ class FaissIndex:
             params = self._search_params(k)
             sims, labels = self._hnsw.search(q, k, params=params)
             keep = labels[0] >= 0
-            return sims[0][keep], self._labels[labels[0][keep]]
+            sims, ids = sims[0][keep], self._labels[labels[0][keep]]
+            if self._rn:
+                rsims = self._rmat[: self._rn] @ q[0]
+                top = np.argpartition(-rsims, min(k, self._rn) - 1)[:k]
+                sims = np.concatenate([sims, rsims[top]])
+                ids = np.concatenate([ids, self._rids[top]])
+                order = np.argsort(-sims, kind="stable")[:k]
+                sims, ids = sims[order], ids[order]
+            return sims, ids
 
     def _search_params(self, k: int) -> faiss.SearchParametersHNSW:
         if self._params is None:
@@ -348,8 +436,14 @@ class FaissIndex:
         with self._lock:
             wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
             if self._hnsw is not None:
-                labels = [self._label_of[int(i)] for i in wanted]
-                return self._hnsw_matrix()[labels].copy()
+                out = np.zeros((len(wanted), self.dim), dtype=np.float32)
+                matrix = self._hnsw_matrix()
+                for row, id_ in enumerate(wanted.tolist()):
+                    if id_ in self._rpos:
+                        out[row] = self._rmat[self._rpos[id_]]
+                    else:
+                        out[row] = matrix[self._label_of[id_]]
+                return out
             assert self._flat is not None
             out = np.zeros((len(wanted), self.dim), dtype=np.float32)
             for row, id_ in enumerate(wanted.tolist()):
@@ -364,6 +458,8 @@ class FaissIndex:
                     "hnsw": faiss.serialize_index(self._hnsw),
                     "labels": self._labels,
                     "tombs": np.fromiter(self._tombs, dtype=np.int64, count=len(self._tombs)),
+                    "recent_ids": self._rids[: self._rn],
+                    "recent_mat": self._rmat[: self._rn],
                 }
             else:
                 arrays = {"flat": faiss.serialize_index(self._flat)}
@@ -374,6 +470,7 @@ class FaissIndex:
                 "ef_search": self.ef_search,
                 "ef_construction": self.ef_construction,
                 "radius_mirror_min": self.radius_mirror_min,
+                "recent_max": self.recent_max,
             }
             return _pack("faiss", meta, arrays)
 
@@ -386,6 +483,7 @@ class FaissIndex:
             ef_search=int(meta["ef_search"]),
             ef_construction=int(meta["ef_construction"]),
             radius_mirror_min=int(meta.get("radius_mirror_min", 50_000)),
+            recent_max=int(meta.get("recent_max", 8192)),
         )
         if "hnsw" in arrays:
             hnsw = faiss.deserialize_index(arrays["hnsw"])
@@ -402,7 +500,13 @@ class FaissIndex:
                 for label, id_ in enumerate(index._labels.tolist())
                 if label not in index._tombs
             }
-            index._present = set(index._label_of)
+            if "recent_ids" in arrays and len(arrays["recent_ids"]):
+                recent_ids = arrays["recent_ids"].astype(np.int64)
+                recent = arrays["recent_mat"].astype(np.float32)
+                if recent.shape != (len(recent_ids), index.dim):
+                    raise IndexCorruptError("index file's recent segment has the wrong shape")
+                index._append_recent(recent_ids, recent)
+            index._present = set(index._label_of) | set(index._rpos)
             return index
         flat = faiss.deserialize_index(arrays["flat"])  # already the concrete, owning type
         if flat.d != index.dim or not isinstance(flat, faiss.IndexIDMap2):

@@ -13,6 +13,11 @@ One process at a time owns the folder's checkpoints (an ``flock``); when the own
 dies, the next replica that wants to checkpoint takes the lock over and writes every shard
 afresh. Only the owner trims the log, and only up to a checkpoint it has made durable; a
 follower further behind finds the gap and rebuilds.
+
+Writes land in each graph's small exact segment of recent vectors (see
+:class:`~semcache.index.FaissIndex`); a background merger moves them into the graph in chunks,
+each under the replica's lock, so a write never waits on a graph insertion and a lookup waits at
+most for one chunk.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 from .errors import IndexCorruptError, StoreError
 from .l1 import L1Cache
 from .shards import ShardSet
-from .store import Store
+from .store import Change, Store
 
 log = logging.getLogger("semcache")
 
@@ -50,6 +55,21 @@ class Replica:
         self.data_version = -1
         self.rebuilds = 0
         self._checkpoint_seq = 0
+        self._merger: _Merger | None = None
+
+    def start_merger(self, chunk: int = 64, idle: float = 0.05) -> None:
+        """Merge recent writes into the graphs in the background (a daemon thread)."""
+        if self._merger is None:
+            self._merger = _Merger(self, chunk, idle)
+
+    def merge_step(self, chunk: int) -> bool:
+        """Merge one chunk of one shard's recent writes; False when nothing is pending."""
+        with self.lock:
+            for _, index in self.shards.items():
+                if getattr(index, "pending", 0):
+                    index.merge(chunk)  # type: ignore[attr-defined]
+                    return True
+        return False
 
     # -- opening ----------------------------------------------------------------------------
     def open(self, *, rebuild: bool) -> None:
@@ -114,17 +134,24 @@ class Replica:
 
     def _follow(self, *, allow_rebuild: bool) -> None:
         dv = self.store.data_version()  # before the scan: a later commit changes it again
+        limit = 10_000
         while True:
-            changes = self.store.changes_since(self.shards.seq)
+            changes = self.store.changes_since(self.shards.seq, limit)
             if changes and changes[0].seq != self.shards.seq + 1:
                 self._gap(allow_rebuild, f"the log resumes at {changes[0].seq}")
                 return
             if not changes:
-                if self.store.last_seq() < self.shards.seq:
+                last = self.store.last_seq()
+                if last < self.shards.seq:
                     self._gap(allow_rebuild, "the store is behind this replica")
+                    return
+                if last > self.shards.seq:  # there were changes, and they are trimmed away
+                    self._gap(allow_rebuild, f"the log up to {last} is trimmed")
                     return
                 break
             self._apply(changes)
+            if len(changes) < limit:
+                break
         self.data_version = dv
 
     def _gap(self, allow_rebuild: bool, why: str) -> None:
@@ -138,25 +165,25 @@ class Replica:
         )
         self.rebuild()
 
-    def _apply(self, changes: list) -> None:  # type: ignore[type-arg]
-        reindex: dict[int, str] = {}
+    def _apply(self, changes: list[Change]) -> None:
+        present: dict[int, tuple[str, np.ndarray]] = {}
         removed: dict[int, str] = {}
         for change in changes:
             if change.op == "ver":
                 self.versions.pop(change.shard, None)
                 continue
-            rowid = int(change.entry_id)
+            rowid = int(change.entry_id)  # type: ignore[arg-type]
             self.l1.discard(rowid)
             if change.op in ("add", "vec"):
-                reindex[rowid] = change.shard
-                removed.pop(rowid, None)
+                present.pop(rowid, None)
+                if change.current is None:  # gone again since: a later change removes it
+                    removed[rowid] = change.shard
+                else:
+                    present[rowid] = change.current
+                    removed.pop(rowid, None)
             elif change.op == "del":
                 removed[rowid] = change.shard
-                reindex.pop(rowid, None)
-        present = self.store.vectors_of(list(reindex))
-        for rowid, shard in reindex.items():
-            if rowid not in present:
-                removed[rowid] = shard
+                present.pop(rowid, None)
         by_shard: dict[str, list[int]] = {}
         for rowid, shard in removed.items():
             by_shard.setdefault(shard, []).append(rowid)
@@ -201,5 +228,36 @@ class Replica:
             self._checkpoint_seq = self.shards.seq
             return True
 
+    def stop_merger(self) -> None:
+        """Stop the background merger (call without holding :attr:`lock`: it may be waiting
+        for it)."""
+        if self._merger is not None:
+            self._merger.stop()
+            self._merger = None
+
     def release(self) -> None:
+        self.stop_merger()
         self.shards.release()
+
+
+class _Merger:
+    def __init__(self, replica: Replica, chunk: int, idle: float) -> None:
+        self._replica = replica
+        self._chunk = chunk
+        self._idle = idle
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="semcache-merger", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._idle):
+            try:
+                while not self._stop.is_set() and self._replica.merge_step(self._chunk):
+                    pass
+            except Exception:  # pragma: no cover - logged; the segment is still searched
+                log.exception("merging recent writes failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)

@@ -90,6 +90,7 @@ class Change:
     entry_id: int | None
     shard: str
     op: str  # add | del | vec | upd | ver
+    current: tuple[str, np.ndarray] | None = None  # add/vec: the entry's shard and vector now
 
 
 def _row(r: sqlite3.Row | tuple[Any, ...]) -> Row:
@@ -646,11 +647,24 @@ class Store:
 
     # -- the change log ---------------------------------------------------------------------------
     def changes_since(self, seq: int, limit: int = 10_000) -> list[Change]:
+        """The log after ``seq``, oldest first; an add or a vector change carries the entry's
+        current shard and vector (None when the entry is already gone)."""
         rows = self.execute(
-            "SELECT seq, entry_id, shard, op FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT c.seq, c.entry_id, c.shard, c.op, e.shard, e.vector FROM changes c "
+            "LEFT JOIN entries e ON e.id = c.entry_id AND c.op IN ('add', 'vec') "
+            "WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
             (seq, limit),
         )
-        return [Change(int(r[0]), r[1], r[2], r[3]) for r in rows]
+        return [
+            Change(
+                int(r[0]),
+                r[1],
+                r[2],
+                r[3],
+                None if r[5] is None else (r[4], np.frombuffer(r[5], dtype=np.float32)),
+            )
+            for r in rows
+        ]
 
     def last_seq(self) -> int:
         rows = self.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'")

@@ -117,8 +117,22 @@ def test_ttl_with_injected_clock(fast_cache: SemanticCache, clock: FakeClock) ->
     assert fast_cache.lookup("alpha beta gamma") is None  # L1 held it; expiry still applies
     assert fast_cache.lookup("gamma beta alpha") is None  # nor the semantic tier
     assert fast_cache.lookup("delta epsilon") is not None
-    assert fast_cache.expire() == 1  # the ttl=0 entry was already culled by its own write
+    assert fast_cache.expire() == 2  # alpha and the ttl=0 entry
     assert fast_cache.stats()["entries"] == 1
+
+
+def test_writes_cull_expired_entries_in_bounded_batches(
+    fast_cache: SemanticCache, clock: FakeClock
+) -> None:
+    from semcache.cache import CULL_EVERY
+
+    for i in range(5):
+        fast_cache.store(f"short lived {i}", "x", ttl=1)
+    clock.advance(2)
+    for i in range(CULL_EVERY):
+        fast_cache.store(f"long lived {i}", "y", ttl=None)
+    assert fast_cache.stats()["culled"] == 5  # no expire() call: the writes removed them
+    assert fast_cache.expire() == 0
 
 
 def test_default_and_max_ttl(tmp_path: Path, clock: FakeClock) -> None:

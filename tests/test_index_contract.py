@@ -17,6 +17,8 @@ FACTORIES: dict[str, Callable[[], VectorIndex]] = {
     "faiss-flat": lambda: FaissIndex(DIM, hnsw_threshold=10_000),
     "faiss-hnsw": lambda: FaissIndex(DIM, hnsw_threshold=50),
     "faiss-hnsw-radius-mirror": lambda: FaissIndex(DIM, hnsw_threshold=50, radius_mirror_min=60),
+    # a recent segment that fills and merges into the graph every 7 vectors
+    "faiss-hnsw-small-segment": lambda: FaissIndex(DIM, hnsw_threshold=50, recent_max=7),
 }
 
 
@@ -131,3 +133,27 @@ def test_radius_mirror_follows_mutations() -> None:
 def test_corrupt_bytes() -> None:
     with pytest.raises(IndexCorruptError):
         load_index(b"not an index")
+
+
+def test_recent_writes_are_searchable_before_and_after_a_merge() -> None:
+    """Vectors added to a graph first sit in the exact recent segment: found at once, found
+    the same after merge(), removable from either place, and persisted with the index."""
+    index = FaissIndex(DIM, hnsw_threshold=50)
+    x = unit(120, seed=5)
+    index.add(np.arange(50), x[:50])  # becomes a graph
+    index.add(np.arange(50, 120), x[50:])
+    assert index.kind == "hnsw" and index.pending == 70
+    for i in (0, 60, 119):
+        assert index.search(x[i], 1)[1][0] == i
+    index.remove(np.array([60, 10]))
+    assert 60 not in index and index.pending == 69
+    restored = load_index(index.to_bytes())
+    assert restored.pending == 69 and len(restored) == 118
+    assert restored.search(x[119], 1)[1][0] == 119
+    assert index.merge(limit=30) == 39 and index.merge() == 0
+    for i in (0, 61, 119):
+        assert index.search(x[i], 1)[1][0] == i
+    assert index.search(x[60], 1)[1][0] != 60
+    assert sorted(index.ids().tolist()) == sorted(set(range(120)) - {10, 60})
+    found, _ = index.range_search(x[70], 0.999)
+    assert found.tolist() == [70]
