@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import random
 import signal
@@ -246,6 +247,17 @@ def read_log(path: Path) -> tuple[list[tuple[dict[str, Any], Any, float, float]]
     return acked, inflight
 
 
+class _Warnings(logging.Handler):
+    """Collects what the reopen logged at WARNING or above (a rebuild says so)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def check(path: str, mode: str, seed: int, log: Path) -> tuple[list[str], dict[str, Any]]:
     """Reopen the killed folder and compare it with the model; (problems, facts)."""
     from semcache import EntryNotFoundError, Scope, SemcacheError
@@ -262,10 +274,16 @@ def check(path: str, mode: str, seed: int, log: Path) -> tuple[list[str], dict[s
         "inflight": None if inflight is None else inflight[0]["op"],
     }
     problems: list[str] = []
+    warnings = _Warnings()
+    logger = logging.getLogger("semcache")
+    logger.addHandler(warnings)
     try:
         cache = _open(path, mode, seed)
     except SemcacheError as exc:
         return [f"the cache did not reopen: {type(exc).__name__}: {exc}"], facts
+    finally:
+        logger.removeHandler(warnings)
+    facts["open_warnings"] = warnings.messages
     try:
         problems += [f"verify: {p}" for p in cache.verify()]
         now = time.time()
@@ -316,7 +334,7 @@ def check(path: str, mode: str, seed: int, log: Path) -> tuple[list[str], dict[s
     return problems, facts
 
 
-def crash_run(folder: Path, seed: int, max_delay: float = 1.5) -> dict[str, Any]:
+def crash_run(folder: Path, seed: int, max_delay: float = 1.0) -> dict[str, Any]:
     """One run: start the child, kill it after a seeded delay, reopen and check."""
     rng = random.Random(seed)
     mode = "evict" if seed % 3 == 0 else "mixed"
