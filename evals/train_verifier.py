@@ -1,7 +1,9 @@
 """Train the shipped hard-negative verifier and calibrate its operating point.
 
-Data (all shippable, see semcache/data/PROVENANCE.md): BANKING77 pairs, GPTCache mock data
-(with mined retrieval negatives), PAWS-Wiki dev, and the hand-written near-miss intents.
+Data (all shippable, see semcache/data/README.md): BANKING77 pairs, GPTCache mock data
+(with mined retrieval negatives), PAWS-Wiki dev, the hand-written near-miss intents, and the
+``train`` split of the generated near-miss families (``semcache/eval/families.py``; their
+``validation`` split is the held-out part here, and their ``test`` split is never read).
 Each set is split by answer group (70/30): the model is fit on the 70%, and the operating
 point (``min_score`` at a fixed cosine floor) is calibrated on the held-out 30% of BANKING77,
 GPTCache mock and the hand-written intents with an exact Clopper-Pearson bound (default: FHR
@@ -26,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from semcache.embed import SentenceTransformerEmbedder
 from semcache.eval.data import Pair, split_pairs, texts_of
 from semcache.eval.embcache import EmbeddingCache
+from semcache.eval.families import load_families, to_pairs
 from semcache.eval.metrics import Confusion
-from semcache.eval.sources import load_named, mine_retrieval_negatives
+from semcache.eval.sources import PACKAGE_DATA, load_named, mine_retrieval_negatives
 from semcache.verifier import (
     SHIPPED_MODEL,
     VerifierModel,
@@ -35,6 +38,8 @@ from semcache.verifier import (
     featurize,
     train_verifier,
 )
+
+FAMILIES = PACKAGE_DATA / "near_miss_families.jsonl"
 
 
 def sims_of(cache: EmbeddingCache, pairs: list[Pair]) -> np.ndarray:
@@ -62,6 +67,10 @@ def build_sets(cache: EmbeddingCache, seed: int) -> dict[str, tuple[list[Pair], 
     sets["paws_wiki"] = split_pairs(paws, test_fraction=0.3, seed=seed)
     hand = load_named("near_miss_intents")
     sets["near_miss_intents"] = split_pairs(hand, test_fraction=0.3, seed=seed)
+    fam_train = to_pairs(load_families(FAMILIES, split="train"))
+    fam_val = to_pairs(load_families(FAMILIES, split="validation"))
+    cache.preload(texts_of(fam_train + fam_val))
+    sets["near_miss_families"] = (fam_train, fam_val)
     return sets
 
 
@@ -71,6 +80,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--paws-weight", type=float, default=0.1)
     ap.add_argument("--hand-weight", type=float, default=2.0)
+    ap.add_argument("--families-weight", type=float, default=3.0)
     ap.add_argument("--floor", type=float, default=0.5, help="cosine floor (min_similarity)")
     ap.add_argument("--target-fhr", type=float, default=0.02)
     ap.add_argument("--veto", type=float, default=0.5, help="default policy: veto below this score")
@@ -81,7 +91,11 @@ def main() -> None:
     t0 = time.time()
     cache = EmbeddingCache(SentenceTransformerEmbedder())
     sets = build_sets(cache, args.seed)
-    weights = {"paws_wiki": args.paws_weight, "near_miss_intents": args.hand_weight}
+    weights = {
+        "paws_wiki": args.paws_weight,
+        "near_miss_intents": args.hand_weight,
+        "near_miss_families": args.families_weight,
+    }
     train: list[Pair] = []
     w: list[float] = []
     for name, (tr, _) in sets.items():

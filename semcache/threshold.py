@@ -74,15 +74,15 @@ def default_policy() -> HitPolicy:
     The near-miss guards (:class:`semcache.nearmiss.GuardedPolicy`) come first: prompts whose
     numbers, units or dates differ are never a hit ("item 366" / "item 367"), and prompts
     longer than the model's 256-token window are a hit only with the same words. Then the
-    shipped verifier (:mod:`semcache.verifier`) at its "veto" operating point: a cosine
-    threshold calibrated on held-out shippable data, and the verifier vetoes candidates it
-    scores below 0.5. The measured error rates are in the README. Pass ``threshold=0.85`` (or
-    any float) for the plain cosine rule, without the guards.
+    shipped verifier (:mod:`semcache.verifier`) at its ``"default"`` operating point (a cosine
+    floor and a verifier score), chosen on a mix of validation workloads by
+    ``evals/choose_default.py``. The measured error rates are in the README. Pass
+    ``threshold=0.85`` (or any float) for the plain cosine rule, without the guards.
     """
     from .nearmiss import GuardedPolicy
     from .verifier import shipped_policy
 
-    return GuardedPolicy(shipped_policy("veto"))
+    return GuardedPolicy(shipped_policy("default"))
 
 
 # --------------------------------------------------------------------------------------------

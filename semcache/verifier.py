@@ -258,7 +258,7 @@ _CONTRACTIONS = (
     (re.compile(r"'(s|re|ve|ll|d|m)\b"), ""),
 )
 _TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[a-z]+")
-_CAP = re.compile(r"\b[A-Z][A-Za-z0-9]*\b|\b[A-Z0-9]{2,}\b")
+_CAP = re.compile(r"\b[A-Z][A-Za-z0-9]*\b|\b(?=[A-Z0-9]*[A-Z])[A-Z0-9]{2,}\b")  # a letter, not "000"
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
@@ -660,16 +660,20 @@ class VerifierPolicy:
 
 
 def shipped_policy(shape: str = "veto") -> VerifierPolicy:
-    """The shipped verifier at an operating point calibrated when it was trained.
+    """The shipped verifier at an operating point recorded when it was trained.
 
-    ``"veto"`` (the default policy): a calibrated cosine threshold, and the verifier rejects
-    candidates it scores below 0.5. ``"score"``: a low cosine floor (0.5) and a calibrated
-    verifier score. Both bound the false-hit rate at <= 2% (95%) on held-out shippable data;
-    see ``evals/bench_quality.py`` for how they fare on data they never saw.
+    ``"veto"``: a calibrated cosine threshold, and the verifier rejects candidates it scores
+    below 0.5. ``"score"``: a low cosine floor (0.5) and a calibrated verifier score. Both
+    bound the false-hit rate at <= 2% (95%) on held-out shippable pairs. ``"default"``: the
+    point the default policy uses behind the near-miss guards, chosen by
+    ``evals/choose_default.py`` on a mix of validation workloads. See
+    ``evals/bench_quality.py`` for how they fare on data they never saw.
     """
-    key = {"veto": "policy", "score": "policy_score"}.get(shape)
+    key = {"veto": "policy", "score": "policy_score", "default": "policy_default"}.get(shape)
     if key is None:
-        raise InvalidInputError(f"unknown operating point {shape!r}: 'veto' or 'score'")
+        raise InvalidInputError(
+            f"unknown operating point {shape!r}: 'veto', 'score' or 'default'"
+        )
     rec = dict(shipped_model().meta.get(key, {}))
     if not rec:
         raise InvalidInputError(f"the shipped verifier has no {shape!r} operating point")

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..embed import Embedder
 from ..threshold import HitPolicy
 from .data import IntentGroup, Pair, pairs_to_groups
@@ -129,5 +131,65 @@ def replay(
                         result.wrong_examples.append((prompt, hit.prompt, hit.similarity))
                 if progress is not None and (i % 200 == 0 or i == len(workload) - 1):
                     progress(i + 1, len(workload))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def replay_in_memory(
+    workload: Workload,
+    policy: HitPolicy,
+    vectors: dict[str, np.ndarray] | Embedder,
+    *,
+    k: int = 4,
+    name: str | None = None,
+) -> ReplayResult:
+    """The same replay as :func:`replay`, with the cache's decision rule but no store.
+
+    Exact repeats hit; otherwise the ``k`` most similar stored prompts at or above
+    ``policy.min_similarity`` are offered to the policy, most similar first, and the first it
+    accepts is served; a miss stores the prompt. It is for sweeping many operating points
+    quickly (``evals/choose_default.py``); figures that are reported come from :func:`replay`
+    through the real cache.
+    """
+    texts = [t for t, _ in workload]
+    if isinstance(vectors, dict):
+        mat = np.stack([vectors[t] for t in texts]).astype(np.float32)
+    else:
+        mat = np.asarray(vectors.embed(texts), dtype=np.float32)
+    result = ReplayResult(name or repr(policy))
+    store = np.zeros_like(mat)  # stored vectors, in the order they were stored
+    stored_rows: list[int] = []
+    stored_text: dict[str, int] = {}
+    stored_ids: set[int] = set()
+    t0 = time.perf_counter()
+    for i, (prompt, answer) in enumerate(workload):
+        repeatable = answer in stored_ids
+        result.lookups += 1
+        result.repeatable += repeatable
+        served: int | None = None
+        if prompt in stored_text:
+            served = workload[stored_text[prompt]][1]
+        elif stored_rows:
+            sims = store[: len(stored_rows)] @ mat[i]
+            top = np.argsort(-sims)[:k] if len(sims) > k else np.argsort(-sims)
+            for j in top:
+                sim = float(sims[j])
+                if sim < policy.min_similarity:
+                    break
+                row = stored_rows[int(j)]
+                if policy.accept(prompt, workload[row][0], min(sim, 1.0)):
+                    served = workload[row][1]
+                    break
+        if served is None:
+            result.misses += 1
+            store[len(stored_rows)] = mat[i]
+            stored_rows.append(i)
+            stored_text[prompt] = i
+            stored_ids.add(answer)
+        elif served == answer:
+            result.correct_hits += 1
+            result.repeatable_answered += 1
+        else:
+            result.wrong_hits += 1
     result.seconds = time.perf_counter() - t0
     return result
