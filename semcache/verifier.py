@@ -258,7 +258,8 @@ _CONTRACTIONS = (
     (re.compile(r"'(s|re|ve|ll|d|m)\b"), ""),
 )
 _TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[a-z]+")
-_CAP = re.compile(r"\b[A-Z][A-Za-z0-9]*\b|\b(?=[A-Z0-9]*[A-Z])[A-Z0-9]{2,}\b")  # a letter, not "000"
+# Capitalised words and acronyms (with a letter: "000" in "1,000" is no name).
+_CAP = re.compile(r"\b[A-Z][A-Za-z0-9]*\b|\b(?=[A-Z0-9]*[A-Z])[A-Z0-9]{2,}\b")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
