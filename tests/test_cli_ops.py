@@ -231,3 +231,34 @@ def test_invalidate_refuses_unclear_requests(
     done = semcache_cli("invalidate", "--data", str(tmp_path), *args)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_the_cli_works_on_the_folder_a_running_sidecar_serves(tmp_path: Path) -> None:
+    """Import and invalidate from the CLI while the sidecar has the folder open: the sidecar
+    serves what was imported and stops serving what was invalidated."""
+    import httpx
+
+    from .fake_upstream import start_sidecar, stop
+
+    data = tmp_path / "shared"
+    proc, url = start_sidecar(data, None, {"SEMCACHE_LOG_LEVEL": "warning"})
+    base = url.removesuffix("/v1")
+    try:
+        source = write_jsonl(
+            tmp_path / "faq.jsonl",
+            [{"prompt": "How do I reset my password?", "response": "Use it.", "tags": ["faq"]}],
+        )
+        done = semcache_cli("import", str(source), "--data", str(data), "--no-progress")
+        assert done.returncode == 0, done.stderr
+        found = httpx.post(
+            f"{base}/v1/cache/lookup", json={"prompt": "How can I reset my password?"}, timeout=60
+        ).json()
+        assert found["hit"] is True and found["response"] == "Use it."
+        gone = semcache_cli("invalidate", "--data", str(data), "--tag", "faq")
+        assert gone.returncode == 0 and "removed 1 entries" in gone.stdout
+        after = httpx.post(
+            f"{base}/v1/cache/lookup", json={"prompt": "How can I reset my password?"}, timeout=60
+        ).json()
+        assert after["hit"] is False
+    finally:
+        stop(proc)
