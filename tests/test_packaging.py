@@ -146,6 +146,8 @@ def test_import_semcache_works_without_any_extra() -> None:
     [
         ("import semcache; semcache.wrap(object(), None)", ("openai",), "openai"),
         ("import semcache.langchain", ("langchain_core",), "langchain"),
+        ("from semcache.server import create_app", ("fastapi",), "server"),
+        ("from semcache.cdc import ChangeConsumer", ("psycopg2",), "postgres"),
         ("from semcache.extras import require; require('server', 'x')", ("fastapi",), "server"),
         (
             "from semcache.extras import require; require('postgres', 'x')",

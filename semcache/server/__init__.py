@@ -13,11 +13,15 @@ __all__ = ["Settings", "create_app"]
 
 
 def __getattr__(name: str) -> Any:
+    from ..extras import require
+
     if name == "create_app":
+        require("server", "semcache.server.create_app")  # names pip install "semcache[server]"
         from .app import create_app
 
         return create_app
     if name == "Settings":
+        require("server", "semcache.server.Settings")
         from .settings import Settings
 
         return Settings
