@@ -37,6 +37,7 @@ DataOption = Annotated[
 ]
 DEFAULT_DATA = Path("indexes/default")
 IMPORT_FIELDS = frozenset({"prompt", "response", "scope", "tags", "ttl", "metadata"})
+SCOPE_FIELDS = frozenset({"namespace", "model", "params", "system", "context"})
 
 
 def _fail(command: str, message: str, code: int = 1) -> typer.Exit:
@@ -156,6 +157,11 @@ def parse_line(text: str) -> dict[str, Any]:
     if "scope" in raw:
         if not isinstance(raw["scope"], dict):
             raise BadLine("'scope' must be an object (namespace, model, params, system, context)")
+        unknown = set(raw["scope"]) - SCOPE_FIELDS
+        if unknown:  # a misspelt field would silently put the answer in another scope
+            raise BadLine(
+                f"unknown scope field(s) {sorted(unknown)}; allowed: {sorted(SCOPE_FIELDS)}"
+            )
         try:
             item["scope"] = Scope.from_dict(raw["scope"])
         except SemcacheError as exc:

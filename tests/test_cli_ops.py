@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -262,3 +263,35 @@ def test_the_cli_works_on_the_folder_a_running_sidecar_serves(tmp_path: Path) ->
         assert after["hit"] is False
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"prompt": "p"}', "'response' must be a non-empty string"),
+        ('{"prompt": "  ", "response": "r"}', "'prompt' must be a non-empty string"),
+        ('["p", "r"]', "not a JSON object"),
+        ('{"prompt": "p", "response": "r", "tag": ["x"]}', "unknown field(s) ['tag']"),
+        ('{"prompt": "p", "response": "r", "scope": {"namespce": "a"}}', "unknown scope field"),
+        ('{"prompt": "p", "response": "r", "scope": {"params": [1]}}', "bad scope"),
+        ('{"prompt": "p", "response": "r", "tags": "x"}', "'tags' must be a list"),
+        ('{"prompt": "p", "response": "r", "ttl": true}', "'ttl' must be seconds"),
+        ('{"prompt": "p", "response": "r", "ttl": NaN}', "'ttl' must be seconds"),
+        ('{"prompt": "p", "response": "r", "metadata": 3}', "'metadata' must be an object"),
+    ],
+)
+def test_each_kind_of_bad_line_is_named(line: str, reason: str) -> None:
+    from semcache.cli_ops import BadLine, parse_line
+
+    with pytest.raises(BadLine, match=re.escape(reason)):
+        parse_line(line)
+
+
+def test_a_good_line_becomes_a_store_many_item() -> None:
+    from semcache.cli_ops import parse_line
+
+    item = parse_line(json.dumps({**LINES[1], "metadata": {"k": 1}}))  # type: ignore[dict-item]
+    assert item["scope"] == Scope.from_dict(SUPPORT)
+    assert item["tags"] == ["account"] and item["ttl"] == 3600 and item["metadata"] == {"k": 1}
+    assert "ttl" not in parse_line('{"prompt": "p", "response": "r"}')  # the cache's default
+    assert parse_line('{"prompt": "p", "response": "r", "ttl": null}')["ttl"] is None
