@@ -6,8 +6,11 @@ seconds a run on two idle cores; ``--runs 70 --seed 0``, ``--seed 70``... splits
 Each run starts a process doing a seeded workload (stores, ``store_many``, updates, deletes,
 tag / namespace-tag / bump / delete_prompt / semantic invalidations, ``expire()``, explicit and
 automatic checkpoints, close-and-reopen; FIFO eviction at ``max_entries`` in every third run),
-which logs each operation it begins and, fsynced, each one acknowledged. The parent SIGKILLs it
-after a seeded random delay, reopens the folder and checks that the cache opens without
+which logs each operation it begins and, fsynced, each one acknowledged. Even seeds: the parent
+SIGKILLs it after a seeded random delay; odd seeds: it SIGKILLs itself at a seeded point inside
+an operation of one kind (store, store_many, update, delete, delete_prompt, tags, bump,
+invalidate_similar, expire, checkpoint, close-and-reopen, in turn). The parent then reopens the
+folder and checks that the cache opens without
 ``rebuild=True``, ``verify()`` is clean, every acknowledged store is present unless a later
 acknowledged operation (or the one in flight, eviction or its TTL) could have removed it, and
 nothing acknowledged-invalidated is served (``tests/crash.py`` has the model). Prints a summary:
@@ -71,6 +74,10 @@ def main() -> int:
     print(f"  acknowledged stores checked present after reopen: {sum(required)}")
     print("  operation in flight at the kill: "
           + ", ".join(f"{k} {v}" for k, v in inflight.most_common()))  # fmt: skip
+    aimed = [r for r in results if r.get("target")]
+    hit = Counter(r["target"] for r in aimed if r.get("inflight") == r["target"])
+    print(f"  runs killed inside a chosen operation: {sum(hit.values())} of {len(aimed)} aimed; "
+          + ", ".join(f"{k} {v}" for k, v in sorted(hit.items())))  # fmt: skip
     warned = Counter(str(r.get("inflight")) for r in results if r.get("open_warnings"))
     print(f"  reopens that logged a warning (e.g. an index rebuild): {sum(warned.values())}; "
           "by operation in flight: " + ", ".join(f"{k} {v}" for k, v in warned.most_common()))

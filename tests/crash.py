@@ -5,7 +5,9 @@ stores, ``store_many``, updates, deletes, every invalidation kind, ``expire()``,
 checkpoints (and automatic ones: ``checkpoint_every`` is small) and close-and-reopen, with
 eviction on in ``"evict"`` mode. Around each call it appends a line to a log: ``B`` (begun,
 flushed) before, ``A`` (acknowledged, flushed and fsynced) after it returned. The parent kills
-it after a seeded random delay, reopens the folder and checks:
+it after a seeded random delay (even seeds) or the child kills itself with SIGKILL at a seeded
+point inside an operation of one kind (odd seeds: each kind of ``TARGETS`` in turn), and the
+parent reopens the folder and checks:
 
 - the cache opens (no ``rebuild=True``) and ``verify() == []``;
 - every acknowledged store is present (``get`` and ``lookup`` find it with its latest
@@ -18,6 +20,7 @@ it after a seeded random delay, reopens the folder and checks:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -154,6 +157,26 @@ def _apply_to_cache(cache: Any, op: Mapping[str, Any], reopen: Any) -> tuple[Any
     raise ValueError(kind)
 
 
+#: Operation kinds a targeted run kills inside (with eviction on, "store" evicts too).
+TARGETS = (
+    "store", "store_many", "update", "delete", "delete_prompt", "tags", "bump", "similar",
+    "expire", "checkpoint", "reopen",
+)  # fmt: skip
+
+
+def _kill_after(events: int) -> None:
+    """SIGKILL this process after ``events`` more Python or C calls and returns: a seeded point
+    inside the operation about to run (between two SQL statements, two file writes...)."""
+    left = [events]
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        left[0] -= 1
+        if left[0] <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.setprofile(count)
+
+
 def child(cfg: Mapping[str, Any]) -> None:
     """The killed process: a seeded workload logging each begun and acknowledged operation."""
     rng = random.Random(int(cfg["seed"]))
@@ -166,11 +189,22 @@ def child(cfg: Mapping[str, Any]) -> None:
     print("ready", flush=True)
     counter = [0]
     ids: list[str] = []
+    target = cfg.get("target")
+    kill_rng = random.Random(int(cfg["seed"]) * 7 + 1)
+    skip, span = kill_rng.randrange(4), 3000
     for _ in range(100_000):
         op = next_op(rng, counter, ids)
         log.write(json.dumps({"B": op, "t": time.time()}) + "\n")
         log.flush()
-        result, cache = _apply_to_cache(cache, op, reopen)
+        armed = op["op"] == target and skip <= 0
+        skip -= op["op"] == target
+        if armed:  # die at a seeded point inside this call; if it ends first, try a nearer one
+            _kill_after(kill_rng.randint(1, span))
+        try:
+            result, cache = _apply_to_cache(cache, op, reopen)
+        finally:
+            sys.setprofile(None)
+        span = max(1, span // 2) if armed else span
         log.write(json.dumps({"A": op, "result": result, "t": time.time()}) + "\n")
         log.flush()
         os.fsync(log.fileno())
@@ -335,12 +369,20 @@ def check(path: str, mode: str, seed: int, log: Path) -> tuple[list[str], dict[s
 
 
 def crash_run(folder: Path, seed: int, max_delay: float = 1.0) -> dict[str, Any]:
-    """One run: start the child, kill it after a seeded delay, reopen and check."""
+    """One run: start the child, kill it, reopen and check.
+
+    Even seeds kill after a seeded random delay; odd seeds kill inside an operation of one kind
+    (``TARGETS``, in turn), at a seeded point of its calls.
+    """
     rng = random.Random(seed)
     mode = "evict" if seed % 3 == 0 else "mixed"
+    target = TARGETS[(seed // 2) % len(TARGETS)] if seed % 2 else None
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "ops.log"
-    cfg = {"path": str(folder / "data"), "seed": seed, "mode": mode, "log": str(log)}
+    cfg = {
+        "path": str(folder / "data"), "seed": seed, "mode": mode, "log": str(log),
+        "target": target,
+    }  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.crash", "child", json.dumps(cfg)],
         cwd=ROOT,
@@ -352,13 +394,21 @@ def crash_run(folder: Path, seed: int, max_delay: float = 1.0) -> dict[str, Any]
     assert proc.stdout is not None
     ready = proc.stdout.readline().strip() == "ready"
     delay = rng.uniform(0.02, max_delay)
-    if ready:
+    died_first = False
+    if ready and target is None:
         time.sleep(delay)
-    died_first = proc.poll() is not None
-    if not died_first:
+        died_first = proc.poll() is not None
+    elif ready:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)  # it kills itself inside its target operation
+        died_first = proc.poll() is not None and proc.returncode != -signal.SIGKILL
+    if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
-    result: dict[str, Any] = {"seed": seed, "mode": mode, "delay": round(delay, 3)}
+    result: dict[str, Any] = {
+        "seed": seed, "mode": mode, "target": target,
+        "delay": None if target else round(delay, 3),
+    }  # fmt: skip
     if not ready or died_first:
         result["problems"] = [f"the child failed before the kill:\n{err[-3000:]}"]
         return result
