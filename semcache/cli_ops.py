@@ -101,8 +101,11 @@ def verify(
         bool, typer.Option("--fix", help="rebuild the index from the store when unsound")
     ] = False,
 ) -> None:
-    """Check that the store and the index agree; exit 1 when they do not (after --fix: when
-    the repair did not make them agree)."""
+    """Check that the store and the index agree; exit 1 when they do not.
+
+    With --fix the index is rebuilt from the store and the counters recomputed; the exit code
+    is then 1 only when they still disagree.
+    """
     cache = _open(data, "verify", embed=False)
     try:
         problems = cache.verify(fix=fix)
@@ -261,11 +264,11 @@ def import_command(
         ),
     ] = "fp32",
 ) -> None:
-    """Load known answers: one JSON object per line with ``prompt``, ``response`` and optional
-    ``scope``, ``tags``, ``ttl`` (seconds; null: never expires) and ``metadata``.
+    """Load known answers from JSONL, embedding them in batches behind a progress bar.
 
-    Prompts are embedded in batches. A bad line is reported with its number and nothing from
-    it is stored; every other line is. Exits 1 when any line was bad.
+    Each line is an object with "prompt", "response" and optional "scope", "tags", "ttl"
+    (seconds; null: never expires) and "metadata". A bad line is reported with its number and
+    nothing from it is stored; every other line is. Exits 1 when any line was bad.
     """
     if not file.is_file():
         raise _fail("import", f"{file} is not a file", 2)
@@ -331,8 +334,10 @@ def export(
         str | None, typer.Option(help="only this namespace's entries")
     ] = None,
 ) -> None:
-    """Write every live entry as JSONL in the format ``semcache import`` reads (``ttl`` is the
-    time it has left; null: never expires), so an export can be imported elsewhere."""
+    """Write every live entry as JSONL that `semcache import` reads back.
+
+    "ttl" is the time an entry has left (null: never expires).
+    """
     cache = _open(data, "export", embed=False)
     count = 0
     try:
