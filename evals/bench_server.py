@@ -123,13 +123,15 @@ def seed_prompt(i: int) -> str:
 def workload_prompt(rng: random.Random) -> tuple[str, str]:
     """(prompt, expected): "hit", a paraphrase of a seeded question, or "miss", a new prompt.
 
-    Every prompt is a new string (a user number in the paraphrases), so no request is answered
-    by the exact-repeat tier or a remembered vector: each one costs an embedding.
+    Every prompt is all but surely a new string (a sign-off of two random words in the
+    paraphrases: not a number, which the hit policy's near-miss guard would rightly refuse to
+    match), so no request is answered by the exact-repeat tier or a remembered vector: each one
+    costs an embedding.
     """
     if rng.random() < 0.5:
         s = rng.choice(SUBJECTS)
         text = rng.choice(PARAPHRASES[1:]).format(s=s)
-        return f"{text} Thanks, user {rng.randrange(10**6)}.", "hit"
+        return f"{text} Thanks, {rng.choice(WORDS)} {rng.choice(WORDS)}.", "hit"
     words = " ".join(rng.sample(WORDS, 7))
     return f"Write a short note mentioning {words} (#{rng.randrange(10**9)})", "miss"
 
