@@ -17,6 +17,11 @@ BANKING77, GPTCache mock and PAWS rows use the splits the verifier was *not* tra
 anything. Then a workload replay (prompts in pair order, store on a miss) through the real
 ``SemanticCache`` on the evaluation half.
 
+``families:validation`` and ``families:test`` are the generated near-miss families
+(``semcache/eval/families.py``): the default's operating point was chosen on the validation
+families (``evals/choose_default.py``); the test families come from templates nothing was fit
+or chosen on. Their replay is the issue's: every phrasing of every group in a seeded order.
+
     HF_HUB_OFFLINE=1 .venv/bin/python evals/bench_quality.py [--datasets qqp_gptcache,mrpc:test]
         [--replay-limit 6000] [--target-fhr 0.02]
 """
@@ -34,19 +39,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_verifier import build_sets
+from train_verifier import FAMILIES, build_sets
 
 from semcache.embed import SentenceTransformerEmbedder
 from semcache.eval.compare import fit_calibration, similarities
 from semcache.eval.data import Pair, split_pairs, texts_of
 from semcache.eval.embcache import EmbeddingCache
+from semcache.eval.families import load_families, to_groups, to_pairs
 from semcache.eval.metrics import Confusion
 from semcache.eval.policies import NamedPolicy, decide, standard_policies
-from semcache.eval.replay import replay, workload_from_pairs
+from semcache.eval.replay import replay, workload_from_groups, workload_from_pairs
 from semcache.eval.sources import load_named
 from semcache.verifier import VerifierPolicy, shipped_policy
 
-ALL = ("banking77", "gptcache_mock", "paws_wiki", "qqp_gptcache", "mrpc", "stsb")
+ALL = (
+    "families:validation", "families:test", "banking77", "gptcache_mock", "paws_wiki",
+    "qqp_gptcache", "mrpc", "stsb",
+)  # fmt: skip
 
 
 def eval_half(name: str, cache: EmbeddingCache, held: dict[str, list[Pair]]) -> list[Pair]:
@@ -81,6 +90,13 @@ def main() -> None:
     cache = EmbeddingCache(SentenceTransformerEmbedder())
     sets = build_sets(cache, 0)
     held = {k: v[1] for k, v in sets.items()}
+    families = {
+        f"families:{split}": load_families(FAMILIES, split=split)
+        for split in ("validation", "test")
+    }
+    for name, fams in families.items():
+        held[name] = to_pairs(fams)
+        cache.preload(texts_of(held[name]))
     calib_ship = held["banking77"] + held["gptcache_mock"] + held["near_miss_intents"]
     cal_ship = fit_calibration(
         calib_ship, similarities(cache, calib_ship), target_fhr=args.target_fhr,
@@ -102,7 +118,10 @@ def main() -> None:
     for name in args.datasets.split(","):
         t0 = time.time()
         pairs = eval_half(name, cache, held)
-        if name in held:
+        if name in families:
+            calib, evaluation = [], pairs
+            note = "generated families, pairs within each family"
+        elif name in held:
             calib, evaluation = [], pairs
             note = "verifier-held-out split"
         else:
@@ -134,10 +153,15 @@ def main() -> None:
             c = Confusion.from_decisions(decide(p.policy, evaluation, sims), labels)
             print(row(p.name, c))
         if args.replay_limit:
-            wl = workload_from_pairs(evaluation, limit=args.replay_limit)
+            if name in families:
+                wl = workload_from_groups(to_groups(families[name]), seed=0)
+                order = "seeded order"
+            else:
+                wl = workload_from_pairs(evaluation, limit=args.replay_limit)
+                order = "pair order"
             cache.embed([t for t, _ in wl])
             print(
-                f"  replay: {len(wl)} prompts in pair order, store on miss "
+                f"  replay: {len(wl)} prompts in {order}, store on miss "
                 f"(wrong answers per lookup | answered of repeatable | precision of hits)"
             )
             for p in policies:
@@ -153,6 +177,7 @@ def main() -> None:
 
 def latency(pairs: list[Pair], cache: EmbeddingCache) -> None:
     """Cost of one default-policy decision (features + trees), texts not seen before."""
+    from semcache import nearmiss
     from semcache.threshold import default_policy
     from semcache.verifier import _parse
 
@@ -162,6 +187,8 @@ def latency(pairs: list[Pair], cache: EmbeddingCache) -> None:
     t = time.perf_counter()
     for p, s in zip(pairs[:2000], sims[:2000], strict=True):
         _parse.cache_clear()  # both texts parsed afresh, the worst case
+        nearmiss.quantities.cache_clear()
+        nearmiss.exceeds_window.cache_clear()
         policy.accept(p.b, p.a, max(float(s), policy.min_similarity))
         n += 1
     per = (time.perf_counter() - t) / n
