@@ -149,6 +149,22 @@ async def test_a_tenant_named_user_cannot_reach_the_user_tags_of_other_namespace
         assert not await sidecar.hit(ADMIN, q, namespace)
 
 
+async def test_entries_tagged_under_the_old_prefix_stay_invalidatable_by_their_tenant(
+    sidecar: Sidecar,
+) -> None:
+    """Earlier sidecars stored a tenant's tag ``t`` as ``<tenant>:t``: the tenant's ``t`` still
+    reaches those entries of its own namespace, and nothing in another namespace."""
+    from semcache import Scope
+
+    q = "Where do I download the quarterly report?"
+    for namespace in ("acme", "globex"):  # as the old sidecar stored acme's tag "reports"
+        sidecar.cache.store(q, "r", scope=Scope(namespace=namespace), tags=["acme:reports"])
+    r = await sidecar.as_(ACME).post("/v1/cache/invalidate/tags", json={"tags": ["reports"]})
+    assert r.json() == {"removed": 1}
+    assert not await sidecar.hit(ACME, q)
+    assert await sidecar.hit(ADMIN, q, "globex")
+
+
 async def test_chat_tags_are_confined_too(sidecar: Sidecar) -> None:
     q = "What does the premium plan include?"
     body = {"model": "m", "messages": [{"role": "user", "content": q}],

@@ -197,12 +197,18 @@ async def delete_prompt(request: Request, body: DeletePromptRequest) -> CountRes
 @router.post("/invalidate/tags")
 async def invalidate_tags(request: Request, body: TagsRequest) -> CountResponse:
     """Delete every entry carrying any of the tags: a tenant token's entries only (the cache
-    matches the tags within its namespace); an admin token's across every namespace."""
+    matches the tags within its namespace); an admin token's across every namespace.
+
+    A tenant's tag also matches its ``<tenant>:<tag>`` spelling, which earlier sidecars stored
+    for tenants (a string prefix, not a wall): entries cached then stay invalidatable by the
+    tags their tenant gave, still only within the tenant's namespace."""
     state, principal = state_of(request), principal_of(request)
     cache = state.require_cache()
-    removed = await run_in_threadpool(
-        lambda: cache.invalidate_tags(*body.tags, namespace=principal.confined_to)
-    )
+    tenant = principal.confined_to
+    tags = list(body.tags)
+    if tenant is not None:
+        tags += [f"{tenant}:{tag}" for tag in body.tags]
+    removed = await run_in_threadpool(lambda: cache.invalidate_tags(*tags, namespace=tenant))
     state.metrics.invalidation("tags", removed)
     return CountResponse(removed=removed)
 
