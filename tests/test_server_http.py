@@ -581,7 +581,7 @@ def test_a_trickling_upstream_is_cut_at_the_total_deadline(sidecar: str, upstrea
     elapsed = time.monotonic() - t0
     assert err.value.status_code == 504
     assert err.value.body["code"] == "upstream_deadline"  # type: ignore[index]
-    assert 2.9 <= elapsed < 6.0
+    assert 2.9 <= elapsed < 8.0  # cut at the deadline, before the trickle would have ended
     t0 = time.monotonic()
     with pytest.raises(openai.APIError) as stream_err:
         list(
@@ -590,7 +590,7 @@ def test_a_trickling_upstream_is_cut_at_the_total_deadline(sidecar: str, upstrea
             )
         )
     assert "did not finish within 3s" in str(stream_err.value)
-    assert 2.9 <= time.monotonic() - t0 < 6.0
+    assert 2.9 <= time.monotonic() - t0 < 8.0
 
 
 def test_single_flight_followers_wait_at_most_the_deadline(sidecar: str, upstream: str) -> None:
@@ -608,5 +608,6 @@ def test_single_flight_followers_wait_at_most_the_deadline(sidecar: str, upstrea
         r = out["value"]
         assert r.status_code == 504, r.text
         assert r.json()["error"]["code"] == "upstream_deadline"
+    # unbounded, they would wait for the leader's 504 (3 s) and then make their own 3 s call
     assert waited < 6.0
     assert calls(upstream, prompt) <= 4
