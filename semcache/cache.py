@@ -527,19 +527,59 @@ class SemanticCache:
         if given is not None and len(given) != len(prepared):
             raise InvalidInputError(f"{len(given)} vectors for {len(prepared)} items")
         ids: list[str] = []
-        for start in range(0, len(prepared), 256):
-            batch = prepared[start : start + 256]
+        step = 256 if given is None else 5000
+        for start in range(0, len(prepared), step):
+            batch = prepared[start : start + step]
             if given is None:
                 batch_vectors = self.embed([p["norm"] for p in batch])
             else:
-                batch_vectors = given[start : start + 256]
-            with self._lock, self._db.transaction():
-                for p, v in zip(batch, batch_vectors, strict=True):
-                    uid = self._write(p, v, None, apply=False)
-                    assert uid is not None  # unfenced writes always happen
-                    ids.append(uid)
-            self.replica.catch_up()
+                batch_vectors = given[start : start + step]
+            ids += self._write_many(batch, batch_vectors)
         return ids
+
+    def _write_many(self, items: list[dict[str, Any]], vectors: np.ndarray) -> list[str]:
+        """Commit a batch of entries in one transaction (unfenced), then catch up."""
+        with self._lock:
+            self._check_open()
+            now = self.clock.now()
+            self.replica.sync()
+            rows: list[dict[str, Any]] = []
+            scopes: dict[str, tuple[str, str]] = {}  # digest -> (shard, scope JSON)
+            for item, vector in zip(items, vectors, strict=True):
+                scope = item["scope"]
+                if scope.digest not in scopes:
+                    version = self.replica.version(scope.namespace)
+                    scopes[scope.digest] = (shard_key(scope.digest, version), scope.to_json())
+                shard, scope_json = scopes[scope.digest]
+                values = {
+                    "uid": uuid.uuid4().hex,
+                    "shard": shard,
+                    "namespace": scope.namespace,
+                    "version": int(shard.rsplit(":", 1)[1]),
+                    "scope_digest": scope.digest,
+                    "scope": scope_json,
+                    "prompt": item["norm"],
+                    "l1_key": exact_key(shard, item["norm"]),
+                    "response": item["response"],
+                    "vector": np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
+                    "created_at": now,
+                    "updated_at": now,
+                    "accessed_at": now,
+                    "expires_at": self._expiry(item["ttl"], now),
+                    "size": 0,
+                    "metadata": item["metadata"],
+                }
+                values["size"] = entry_size(values, item["tags"])
+                self.evictor.check_size(values["size"])
+                rows.append(values)
+            with self._db.transaction():
+                written = self._db.insert_many(rows, [item["tags"] for item in items])
+                self._cull(now)
+                first = min(rowid for rowid, _ in written)
+                self._stats["evictions"] += self.evictor.enforce(first, self._flush_access)
+            self._stats["stores"] += len(rows)
+            self.replica.catch_up()
+            return [uid for _, uid in written]
 
     def _prepare(
         self,
@@ -569,8 +609,6 @@ class SemanticCache:
         item: dict[str, Any],
         vector: np.ndarray,
         observed: Observed | None,
-        *,
-        apply: bool = True,
     ) -> str | None:
         """Commit one entry (fenced when ``observed`` is given); None when the fence refused."""
         norm, scope, tags = item["norm"], item["scope"], item["tags"]
@@ -617,10 +655,8 @@ class SemanticCache:
                 self._cull(now)
                 self._stats["evictions"] += self.evictor.enforce(written[0], self._flush_access)
             self._stats["stores"] += 1
-            if apply:
-                self.replica.catch_up()
-            # L1 fills on the first exact repeat (from the store), never here: the row may not
-            # be committed yet (store_many's batch).
+            self.replica.catch_up()
+            # L1 fills on the first exact repeat (from the store), never here
             return written[1]
 
     def _cull(self, now: float) -> None:

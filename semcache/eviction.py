@@ -42,8 +42,9 @@ class Evictor:
                 f"the entry takes {size} bytes, more than max_bytes={self.max_bytes}"
             )
 
-    def enforce(self, keep: int | None, flush: Callable[[], None]) -> int:
-        """Evict until within bounds, never the row ``keep``; returns how many went.
+    def enforce(self, keep_from: int | None, flush: Callable[[], None]) -> int:
+        """Evict until within bounds, never a row with id ``keep_from`` or later (the write or
+        batch that caused it); returns how many went.
 
         ``flush`` writes buffered hits first, so LRU and LFU order include them.
         """
@@ -60,7 +61,7 @@ class Evictor:
             if not over:
                 break
             flush()
-            n = self.store.evict(self.policy, min(over, 1000), keep)
+            n = self.store.evict(self.policy, min(over, 1000), keep_from)
             evicted += n
             if n == 0:
                 break

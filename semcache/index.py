@@ -169,8 +169,8 @@ class FaissIndex:
     Once it is a graph, new vectors first land in a small exact segment of recent writes in
     front of it (searched by a matrix product and merged with the graph's answers), so a write
     never waits on a graph insertion; :meth:`merge` moves them into the graph in batches (the
-    replica's background merger does it, and a segment of ``recent_max`` vectors is merged at
-    once), as Lucene's and Milvus's segments do.
+    replica's background merger does it, in larger batches while more than ``recent_max`` are
+    pending), as Lucene's and Milvus's segments do.
     """
 
     def __init__(
@@ -230,8 +230,6 @@ class FaissIndex:
                 self._append_recent(ids, vectors)
                 if self._mirror is not None:
                     self._mirror.add(ids, vectors)
-                if self._rn >= self.recent_max:
-                    self._merge_locked(self._rn)
                 return
             assert self._flat is not None
             self._flat.add_with_ids(vectors, ids)

@@ -62,12 +62,15 @@ class Replica:
         if self._merger is None:
             self._merger = _Merger(self, chunk, idle)
 
-    def merge_step(self, chunk: int) -> bool:
-        """Merge one chunk of one shard's recent writes; False when nothing is pending."""
+    def merge_step(self, chunk: int, at_least: int = 1) -> bool:
+        """Merge one chunk of one shard's recent writes, if it has ``at_least`` pending; False
+        when no shard has."""
         with self.lock:
             for _, index in self.shards.items():
-                if getattr(index, "pending", 0):
-                    index.merge(chunk)  # type: ignore[attr-defined]
+                pending = getattr(index, "pending", 0)
+                if pending >= at_least:
+                    behind = pending > getattr(index, "recent_max", pending)
+                    index.merge(chunk * 16 if behind else chunk)  # type: ignore[attr-defined]
                     return True
         return False
 
@@ -250,10 +253,16 @@ class _Merger:
         self._thread.start()
 
     def _run(self) -> None:
+        ticks = 0
         while not self._stop.wait(self._idle):
+            ticks += 1
+            # a graph insertion has a fixed cost per call: merge full chunks as they fill, and
+            # whatever is left every second
+            at_least = 1 if ticks % 20 == 0 else self._chunk
             try:
-                while not self._stop.is_set() and self._replica.merge_step(self._chunk):
-                    pass
+                while self._replica.merge_step(self._chunk, at_least):
+                    if self._stop.wait(0.002):  # between chunks, let waiting callers in
+                        return
             except Exception:  # pragma: no cover - logged; the segment is still searched
                 log.exception("merging recent writes failed")
 

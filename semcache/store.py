@@ -343,6 +343,44 @@ class Store:
             )
             return rowid, values["uid"]
 
+    def insert_many(
+        self, rows: Sequence[dict[str, Any]], tags: Sequence[Sequence[str]]
+    ) -> list[tuple[int, str]]:
+        """Insert many entries in one transaction (unfenced: bulk loads); an exact repeat,
+        stored before or earlier in ``rows``, is replaced by the later one. Returns each row's
+        (id, uid); rows replaced within the batch get the id of the one that replaced them."""
+        if not rows:
+            return []
+        last: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            last[row["l1_key"]] = i
+        keep = sorted(last.values())
+        cols = list(rows[0])
+        sql = f"INSERT INTO entries({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
+        with self.transaction() as conn:
+            conn.executemany(
+                "DELETE FROM entries WHERE l1_key = ?", [(key,) for key in last]
+            )
+            first = int(
+                conn.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence "
+                             "WHERE name = 'entries'").fetchone()[0]
+            ) + 1
+            conn.executemany(sql, [tuple(rows[i][c] for c in cols) for i in keep])
+            # AUTOINCREMENT in one transaction hands out consecutive ids: check, never assume
+            got = conn.execute(
+                "SELECT count(*), min(id), max(id) FROM entries WHERE id >= ?", (first,)
+            ).fetchone()
+            if tuple(got) != (len(keep), first, first + len(keep) - 1):
+                raise StoreError("bulk insert ids were not consecutive")
+            ids = {i: first + n for n, i in enumerate(keep)}
+            conn.executemany(
+                "INSERT OR IGNORE INTO tags(tag, entry_id) VALUES (?, ?)",
+                [(tag, ids[i]) for i in keep for tag in tags[i]],
+            )
+        return [
+            (ids[last[row["l1_key"]]], rows[last[row["l1_key"]]]["uid"]) for row in rows
+        ]
+
     def find_exact(self, l1_key: str, now: float) -> Row | None:
         rows = self.execute(
             f"SELECT {_ROW_COLUMNS} FROM entries WHERE l1_key = ? "
@@ -593,15 +631,16 @@ class Store:
                 f"DELETE FROM entries WHERE id IN ({_DEAD_VERSIONS} LIMIT ?)", (limit,)
             ).rowcount
 
-    def evict(self, order: str, count: int, keep: int | None) -> int:
+    def evict(self, order: str, count: int, keep_from: int | None) -> int:
         """Delete the first ``count`` entries in eviction ``order`` (a key of
-        :data:`EVICTION_POLICIES`), never the row ``keep`` (the write that caused it)."""
+        :data:`EVICTION_POLICIES`), never a row whose id is ``keep_from`` or later (the writes
+        that caused it)."""
         sql = EVICTION_POLICIES[order]
         with self.transaction() as conn:
             return conn.execute(
-                "DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id != ? "
+                "DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id < ? "
                 f"ORDER BY {sql} LIMIT ?)",
-                (-1 if keep is None else keep, count),
+                (2**62 if keep_from is None else keep_from, count),
             ).rowcount
 
     # -- access and feedback ------------------------------------------------------------------

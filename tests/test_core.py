@@ -503,3 +503,21 @@ def test_a_file_where_the_folder_should_be_is_a_typed_error(tmp_path, hash_embed
     with pytest.raises(StoreError, match="cache folder"):
         SemanticCache(blocker, embedder=hash_embedder)
     assert blocker.read_text() == "precious"
+
+
+def test_store_many_replaces_exact_repeats_and_never_evicts_its_own_batch(tmp_path: Path) -> None:
+    with SemanticCache(
+        tmp_path, embedder=HashEmbedder(), threshold=0.99, max_entries=3, eviction="fifo"
+    ) as c:
+        old = c.store("first words", "old")
+        ids = c.store_many(
+            [("first words", "new"), ("second words", "2"), ("first words", "newer")]
+        )
+        assert ids[0] == ids[2] != old  # the later repeat replaced the earlier one, in the batch
+        assert c.get(ids[0]).response == "newer" and c.lookup("first words").response == "newer"
+        with pytest.raises(EntryNotFoundError):
+            c.get(old)
+        more = c.store_many([(f"bulk words {i}", str(i)) for i in range(3)])
+        assert all(c.get(i) for i in more)  # the batch evicted the older entries, not itself
+        assert c.stats()["entries"] == 3
+        assert c.verify() == []

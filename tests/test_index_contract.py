@@ -17,7 +17,7 @@ FACTORIES: dict[str, Callable[[], VectorIndex]] = {
     "faiss-flat": lambda: FaissIndex(DIM, hnsw_threshold=10_000),
     "faiss-hnsw": lambda: FaissIndex(DIM, hnsw_threshold=50),
     "faiss-hnsw-radius-mirror": lambda: FaissIndex(DIM, hnsw_threshold=50, radius_mirror_min=60),
-    # a recent segment that fills and merges into the graph every 7 vectors
+    # a graph whose recent segment is past its bound (the merger behind a bulk load)
     "faiss-hnsw-small-segment": lambda: FaissIndex(DIM, hnsw_threshold=50, recent_max=7),
 }
 
