@@ -1,0 +1,180 @@
+"""The store of record's contract, run against every store (SQLite today; the shared PostgreSQL
+store of the next issue runs the same tests)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from semcache.errors import StoreError
+from semcache.fence import Candidate, any_covers
+from semcache.store import Store, entry_size
+
+DIM = 8
+STORES: dict[str, Callable[[Path], Store]] = {"sqlite": lambda tmp: Store(tmp / "semcache.db")}
+
+
+@pytest.fixture(params=list(STORES))
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    return lambda: STORES[request.param](tmp_path)
+
+
+@pytest.fixture
+def store(opener: Callable[[], Store]) -> Iterator[Store]:
+    s = opener()
+    yield s
+    s.close()
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def row(prompt: str, *, namespace: str = "ns", version: int = 0, seed: int = 0) -> dict:
+    shard = f"digest-{namespace}:{version}"
+    values = {
+        "uid": uuid.uuid4().hex,
+        "shard": shard,
+        "namespace": namespace,
+        "version": version,
+        "scope_digest": f"digest-{namespace}",
+        "scope": "{}",
+        "prompt": prompt,
+        "l1_key": f"{shard}/{prompt}",
+        "response": f"answer to {prompt}",
+        "vector": unit(seed).tobytes(),
+        "created_at": 0.0,
+        "updated_at": 0.0,
+        "accessed_at": 0.0,
+        "expires_at": None,
+        "size": 0,
+        "metadata": None,
+    }
+    values["size"] = entry_size(values, ())
+    return values
+
+
+def candidate(values: dict, tags: tuple[str, ...] = ()) -> Candidate:
+    return Candidate(
+        values["namespace"],
+        values["scope_digest"],
+        values["l1_key"],
+        tags,
+        np.frombuffer(values["vector"], dtype=np.float32),
+    )
+
+
+def test_identity_is_made_once_and_kept(opener: Callable[[], Store], tmp_path: Path) -> None:
+    first = opener()
+    identity = first.store_id
+    first.close()
+    again = opener()
+    assert again.store_id == identity and len(identity) == 32
+    again.close()
+    other = Store(tmp_path / "other.db")
+    assert other.store_id != identity
+    other.close()
+
+
+def test_every_committed_change_has_a_contiguous_log_position(store: Store) -> None:
+    a = store.insert(row("a", seed=1), ())
+    b = store.insert(row("b", seed=2), ("t",))
+    assert a is not None and b is not None
+    store.delete_entry(a[0], now=1.0)
+    store.bump("ns", now=1.0)
+    changes = store.changes_since(0)
+    assert [c.seq for c in changes] == list(range(1, len(changes) + 1))
+    assert [c.op for c in changes] == ["add", "add", "del", "ver"]
+    assert changes[0].current is None  # a is gone: an add carries the vector only while alive
+    shard, vector = changes[1].current  # type: ignore[misc]
+    assert shard == "digest-ns:0" and np.allclose(vector, unit(2))
+    assert store.last_seq() == changes[-1].seq
+    store.trim_changes(2)
+    assert store.trimmed_upto() == 2 and [c.seq for c in store.changes_since(0)] == [3, 4]
+
+
+def test_an_exact_repeat_is_replaced(store: Store) -> None:
+    first = store.insert(row("same"), ())
+    second = store.insert(row("same"), ())
+    assert first is not None and second is not None and first[0] != second[0]
+    assert store.rowid_of(first[1]) is None and store.counters()[0] == 1
+
+
+def test_invalidations_are_fenced_and_a_fenced_insert_refuses_what_they_cover(
+    store: Store,
+) -> None:
+    start = store.position()
+    store.fence_tags(["policy"], "ns", now=1.0)
+    store.bump("other", now=1.0)
+    store.delete_prompt("digest-ns:0/gone", now=1.0)
+    store.delete_similar([], unit(7), 0.9, None, now=1.0)
+    fences = store.fences_since(start)
+    assert fences is not None and [f.kind for f in fences] == ["tag", "ver", "key", "similar"]
+    assert store.position() == start + 4
+    cases = [
+        (row("tagged"), ("policy",), True),
+        (row("tagged elsewhere", namespace="ns2"), ("policy",), False),  # tag was ns's only
+        (row("bumped", namespace="other"), (), True),
+        (row("gone"), (), True),
+        (row("near", seed=7), (), True),  # inside the semantic radius
+        (row("far", seed=8), (), False),
+    ]
+    for values, tags, covered in cases:
+        entry = candidate(values, tags)
+        got = store.insert(values, tags, fence=start, covered=lambda f: any_covers(f, entry))  # noqa: B023
+        assert (got is None) == covered, values["prompt"]
+        assert (store.rowid_of(values["uid"]) is None) == covered
+    fresh = row("after the fences")
+    assert store.insert(fresh, (), fence=store.position(), covered=lambda f: bool(f)) is not None
+
+
+def test_a_fence_older_than_the_trimmed_log_refuses(store: Store) -> None:
+    position = store.position()
+    store.bump("ns", now=1.0)
+    store.trim_fences(before=2.0)
+    assert store.fences_since(position) is None
+    assert store.insert(row("late"), (), fence=position, covered=lambda f: False) is None
+    assert store.fences_since(store.position()) == []
+
+
+def test_tags_are_confined_to_a_namespace_when_asked(store: Store) -> None:
+    ours = store.insert(row("ours", namespace="acme"), ("eu:x",))
+    theirs = store.insert(row("theirs", namespace="acme:eu"), ("x", "eu:x"))
+    assert ours and theirs
+    assert store.delete_tagged(["eu:x"], "acme", 1000) == 1
+    assert store.rowid_of(theirs[1]) is not None
+    assert store.delete_tagged(["eu:x"], None, 1000) == 1  # admin: every namespace
+
+
+def test_many_tags_at_once(store: Store) -> None:
+    tags = [f"tag{i}" for i in range(40_000)]
+    for i in range(3):
+        store.insert(row(f"p{i}"), (tags[i * 10_000],))
+    store.fence_tags(tags, None, now=1.0)
+    assert store.delete_tagged(tags, None, 1000) == 3
+
+
+def test_eviction_never_takes_the_writes_that_caused_it(store: Store) -> None:
+    ids = [store.insert(row(f"p{i}"), ()) for i in range(5)]
+    assert store.evict("fifo", 10, ids[3][0]) == 3  # type: ignore[index]
+    assert [store.rowid_of(uid) is None for _, uid in ids] == [True] * 3 + [False] * 2  # type: ignore[misc]
+
+
+def test_insert_many_replaces_repeats_and_returns_each_rows_id(store: Store) -> None:
+    rows = [row("x"), row("y"), row("x")]
+    written = store.insert_many(rows, [(), ("t",), ("u",)])
+    assert written[0] == written[2] and written[0][1] == rows[2]["uid"]
+    assert store.counters()[0] == 2 and store.tags_of(written[2][0]) == ("u",)
+
+
+def test_errors_are_store_errors(store: Store) -> None:
+    with pytest.raises(StoreError), store.transaction() as conn:
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+    store.close()
+    with pytest.raises(StoreError):
+        store.position()
