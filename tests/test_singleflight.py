@@ -104,3 +104,70 @@ def test_leader_failure_is_shared_and_nothing_cached(cache: SemanticCache) -> No
                 future.result()
     assert cache.lookup("What is the capital of Spain?") is None
     assert len(cache._flights) == 0
+
+
+async def test_a_cancelled_leader_hands_over_to_a_follower(fast_cache: SemanticCache) -> None:
+    """Cancelling the task that leads a flight does not fail the tasks waiting on it: one of
+    them leads a new flight and every survivor gets an answer."""
+    calls: list[str] = []
+    started = asyncio.Event()
+
+    async def llm(prompt: str) -> str:
+        calls.append(prompt)
+        started.set()
+        await asyncio.sleep(0.3)
+        return "answer"
+
+    leader = asyncio.create_task(fast_cache.aget_or_compute("handover words here", llm))
+    await started.wait()
+    followers = [
+        asyncio.create_task(fast_cache.aget_or_compute("handover words here", llm))
+        for _ in range(3)
+    ]
+    await asyncio.sleep(0.1)  # the followers have joined the leader's flight
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert await asyncio.gather(*followers) == ["answer"] * 3
+    assert len(calls) == 2  # the cancelled leader's call and its successor's, no more
+    assert fast_cache.lookup("handover words here").response == "answer"
+    assert len(fast_cache._flights) == 0
+
+
+def test_a_miss_after_a_bump_never_joins_a_flight_from_before_it(
+    fast_cache: SemanticCache,
+) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def old_llm(prompt: str) -> str:
+        started.set()
+        release.wait(5)
+        return "old answer"
+
+    with ThreadPoolExecutor(1) as pool:
+        before = pool.submit(fast_cache.get_or_compute, "versioned words here", old_llm)
+        assert started.wait(5)
+        fast_cache.bump("default")
+        after = fast_cache.get_or_compute("versioned words here", lambda p: "new answer")
+        release.set()
+        assert before.result() == "old answer"  # its caller still gets its answer
+    assert after == "new answer"
+    assert fast_cache.lookup("versioned words here").response == "new answer"
+    assert fast_cache.stats()["fenced"] == 1
+
+
+def test_a_fenced_answers_ttl_counts_from_its_lookup(fast_cache: SemanticCache, clock) -> None:  # type: ignore[no-untyped-def]
+    """An answer that took 30 s to compute is 30 s old when stored: with ttl=60 it expires 60 s
+    after the lookup, so the TTL bounds how stale it can be."""
+    start = clock.now()
+
+    def slow(prompt: str) -> str:
+        clock.advance(30)
+        return "answer"
+
+    fast_cache.get_or_compute("slow words here", slow, ttl=60)
+    hit = fast_cache.lookup("slow words here")
+    assert hit is not None and fast_cache.get(hit.entry_id).expires_at == start + 60
+    clock.advance(31)
+    assert fast_cache.lookup("slow words here") is None
