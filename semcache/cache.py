@@ -37,6 +37,7 @@ from .errors import (
     EmbedderMismatchError,
     EntryNotFoundError,
     InvalidInputError,
+    SemcacheError,
     StoreError,
 )
 from .eviction import Evictor
@@ -113,12 +114,33 @@ def _check_response(response: Any) -> str:
     return response
 
 
+async def _call(fn: Callable[[str], Any], prompt: str) -> Any:
+    """Call a compute function from asyncio: awaited if async, in a thread if not."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(prompt)
+    result = await asyncio.to_thread(fn, prompt)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
 def _scope(scope: Scope | None) -> Scope:
     if scope is None:
         return DEFAULT_SCOPE
     if not isinstance(scope, Scope):
         raise InvalidInputError(f"scope must be a semcache.Scope, not {type(scope).__name__}")
     return scope
+
+
+@dataclass
+class _Choice:
+    """What the policy made of a lookup's candidates. ``decision`` is a learning policy's
+    verdict on the served candidate; ``refused`` the best candidate it refused with a score
+    (a free label once the LLM answers the prompt)."""
+
+    served: tuple[int, Hit] | None = None
+    decision: Any = None
+    refused: tuple[Row, Any] | None = None
 
 
 @dataclass
@@ -130,6 +152,7 @@ class _Looked:
     shard: str
     nearest: float | None
     observed: Observed
+    choice: _Choice | None = None
 
 
 class SemanticCache:
@@ -160,6 +183,13 @@ class SemanticCache:
         max_stale: stale-while-revalidate window in seconds: ``get_or_compute`` may serve an
             answer expired less than this long ago while one caller refreshes it. ``lookup``
             never serves expired answers. None: off.
+        target_error: hold the rate of wrong answers served at or under this share, at 95%
+            confidence, with :class:`~semcache.errorbudget.ErrorBudget` as the hit policy (it
+            cannot be combined with ``threshold``). It learns per namespace from labels the
+            cache gets on its own traffic (a refused candidate whose prompt the LLM then
+            answers, a small share of uncertain hits answered by the LLM anyway where a
+            compute function exists, and ``feedback``); its state is kept in the store and
+            survives restarts, and ``stats()["policy_state"]`` reports its operating point.
     """
 
     def __init__(
@@ -184,6 +214,7 @@ class SemanticCache:
         cull_limit: int = 16,
         synchronous: str = "NORMAL",
         max_stale: float | None = None,
+        target_error: float | None = None,
     ) -> None:
         if not isinstance(k, int) or k < 1:
             raise InvalidInputError("k must be a positive int")
@@ -196,6 +227,14 @@ class SemanticCache:
         if not isinstance(self.embedder, Embedder):
             raise InvalidInputError("embedder must have model_id, dim and embed(texts)")
         self.dim = int(self.embedder.dim)
+        if target_error is not None:
+            if threshold is not None:
+                raise InvalidInputError("give threshold or target_error, not both")
+            from .errorbudget import ErrorBudget
+
+            if isinstance(target_error, bool) or not isinstance(target_error, int | float):
+                raise InvalidInputError(f"target_error must be a rate, not {target_error!r}")
+            threshold = ErrorBudget(float(target_error))
         self.policy: HitPolicy = as_policy(threshold)
         self.default_ttl = _check_ttl(default_ttl)
         self.max_ttl = _check_ttl(max_ttl)
@@ -232,6 +271,7 @@ class SemanticCache:
             self._folder = FolderLock(self.path)
             reembedded = self._check_embedder(rebuild)
             self.replica.open(rebuild=rebuild or reembedded)
+            self._load_policy_state()
             self.replica.start_merger()
         except BaseException:
             self.replica.release()
@@ -270,6 +310,21 @@ class SemanticCache:
             self._db.set_meta("model_id", self.embedder.model_id)
             self._db.set_meta("dim", str(self.dim))
         return True
+
+    def _load_policy_state(self) -> None:
+        """A learning policy resumes from the labels it had (kept in the store)."""
+        load = getattr(self.policy, "load_state", None)
+        state = self._db.get_meta("policy_state") if load is not None else None
+        if state:
+            try:
+                load(json.loads(state))  # type: ignore[misc]
+            except (ValueError, SemcacheError) as exc:
+                log.warning("policy state in %s not restored: %s", self.path, exc)
+
+    def _save_policy_state(self) -> None:
+        state_dict = getattr(self.policy, "state_dict", None)
+        if state_dict is not None:
+            self._db.set_meta("policy_state", json.dumps(state_dict()))
 
     # ------------------------------------------------------------------------ derived state
     def _check_open(self) -> None:
@@ -364,14 +419,16 @@ class SemanticCache:
             shard = self._shard(scope)
             now = self.clock.now()
             nearest, rows = self._candidates(vector, shard, policy, now)
-        hit = self._choose(norm, rows, policy)  # the policy runs outside the cache-wide lock
+        # the policy runs outside the cache-wide lock
+        choice = self._choose(norm, rows, policy, scope.namespace)
         with self._lock:
-            if hit is None:
+            if choice.served is None:
                 self._stats["misses"] += 1
                 self._stats["near_misses" if rows else "rejected"] += int(nearest is not None)
             else:
-                self._served(hit[0], hit[1], now)
-        return _Looked(hit[1] if hit else None, vector, shard, nearest, observed)
+                self._served(*choice.served, now, choice.decision, scope.namespace)
+        hit = None if choice.served is None else choice.served[1]
+        return _Looked(hit, vector, shard, nearest, observed, choice)
 
     def nearest_similarity(
         self, prompt: str, *, scope: Scope | None = None, vector: Any = None
@@ -427,23 +484,37 @@ class SemanticCache:
 
     @staticmethod
     def _choose(
-        norm: str, rows: list[tuple[float, Row]], policy: HitPolicy
-    ) -> tuple[int, Hit] | None:
-        """The best candidate the policy (and the entry's own floor) accepts, as (rowid, hit)."""
+        norm: str, rows: list[tuple[float, Row]], policy: HitPolicy, namespace: str
+    ) -> _Choice:
+        """The best candidate the policy (and the entry's own floor) accepts."""
+        decide = getattr(policy, "decide", None)
+        choice = _Choice()
         for sim, row in rows:
             if row.min_similarity is not None and sim < row.min_similarity:
                 continue
-            if not policy.accept(norm, row.prompt, sim):
-                continue
+            if decide is None:
+                if not policy.accept(norm, row.prompt, sim):
+                    continue
+            else:
+                decision = decide(norm, row.prompt, sim, namespace=namespace)
+                if not decision.serve:
+                    if choice.refused is None and decision.score is not None:
+                        choice.refused = (row, decision)
+                    continue
+                choice.decision = decision
             hit = Hit(
                 row.response, min(float(sim), 1.0), row.uid, "semantic", row.prompt, row.metadata
             )
-            return row.id, hit
-        return None
+            choice.served = (row.id, hit)
+            return choice
+        return choice
 
-    def _served(self, rowid: int, hit: Hit, now: float) -> None:
+    def _served(
+        self, rowid: int, hit: Hit, now: float, decision: Any = None, namespace: str = ""
+    ) -> None:
         self._touch(rowid, now)
-        self._feedback.served(hit.entry_id, hit.similarity)
+        score = None if decision is None else decision.score
+        self._feedback.served(hit.entry_id, hit.similarity, score, namespace)
         self._stats["hits_semantic"] += 1
 
     def _touch(self, rowid: int, now: float) -> None:
@@ -676,9 +747,16 @@ class SemanticCache:
     ) -> tuple[str | None, Flight | None, _Looked | None]:
         """Look up; on a miss join a flight or lead one. Returns (answer, None, None) when
         answered now, (None, flight, looked) for a leader, (None, flight, None) for a follower
-        that must wait for ``flight``."""
+        that must wait for ``flight``, and (None, None, looked) for a hit that a learning
+        policy wants answered by the LLM anyway, to label it (exploration)."""
         looked = self._lookup(prompt, item["scope"], policy, None)
         if looked.hit is not None:
+            decision = None if looked.choice is None else looked.choice.decision
+            explore = getattr(policy, "should_explore", None)
+            if decision is not None and explore is not None and explore(
+                decision, can_compute=True
+            ):
+                return None, None, looked
             return looked.hit.response, None, None
         assert looked.vector is not None
         stale = self._stale(item["norm"], looked.vector, looked.shard, policy)
@@ -700,16 +778,46 @@ class SemanticCache:
         with self._lock:
             self.replica.sync()
             _, rows = self._candidates(looked.vector, looked.shard, policy, self.clock.now())
-        found = self._choose(item["norm"], rows, policy)
-        return None if found is None else found[1]
+        served = self._choose(item["norm"], rows, policy, item["scope"].namespace).served
+        return None if served is None else served[1]
 
-    def _land(self, item: dict[str, Any], looked: _Looked, result: Any) -> str:
-        """A leader's answer: checked, counted and written behind the lookup's fence."""
+    def _land(self, item: dict[str, Any], looked: _Looked, result: Any, policy: HitPolicy) -> str:
+        """A leader's answer: checked, counted and written behind the lookup's fence; a
+        candidate the policy refused gets its free label (did the LLM answer the same?)."""
         result = _check_response(result)
         self._stats["computes"] += 1
         assert looked.vector is not None
         self._write({**item, "response": result}, looked.vector, looked.observed)
+        refused = None if looked.choice is None else looked.choice.refused
+        if refused is not None:
+            self._label(policy, refused[0].response, result, refused[1], item, "free")
         return result
+
+    def _explored(
+        self, item: dict[str, Any], looked: _Looked, fresh: Any, policy: HitPolicy
+    ) -> str:
+        """An explored hit: the LLM's answer is returned, and labels the cached one."""
+        fresh = _check_response(fresh)
+        assert looked.hit is not None and looked.choice is not None
+        self._stats["explored"] += 1
+        self._label(policy, looked.hit.response, fresh, looked.choice.decision, item, "explore")
+        return fresh
+
+    def _label(
+        self,
+        policy: HitPolicy,
+        cached: str,
+        fresh: str,
+        decision: Any,
+        item: dict[str, Any],
+        source: str,
+    ) -> None:
+        observe = getattr(policy, "observe", None)
+        if observe is None or decision is None or decision.score is None:
+            return
+        agree = policy.agree(cached, fresh)  # type: ignore[attr-defined]
+        observe(agree, decision.score, namespace=item["scope"].namespace, source=source)
+        self._stats[f"labels_{source}"] += 1
 
     def get_or_compute(
         self,
@@ -734,6 +842,8 @@ class SemanticCache:
         while True:
             answer, flight, looked = self._lead_or_follow(item, prompt, policy)
             if flight is None:
+                if looked is not None:  # an explored hit
+                    return self._explored(item, looked, fn(prompt), policy)
                 return answer  # type: ignore[return-value]
             if looked is not None:
                 break
@@ -743,7 +853,10 @@ class SemanticCache:
         result, error = None, None
         try:
             again = self._recheck(item, looked, policy)
-            result = again.response if again is not None else self._land(item, looked, fn(prompt))
+            if again is not None:
+                result = again.response
+            else:
+                result = self._land(item, looked, fn(prompt), policy)
             return result
         except BaseException as exc:
             error = exc
@@ -772,6 +885,9 @@ class SemanticCache:
                 self._lead_or_follow, item, prompt, policy
             )
             if flight is None:
+                if looked is not None:  # an explored hit
+                    fresh = await _call(fn, prompt)
+                    return await asyncio.to_thread(self._explored, item, looked, fresh, policy)
                 return answer  # type: ignore[return-value]
             if looked is not None:
                 break
@@ -784,13 +900,8 @@ class SemanticCache:
             if again is not None:
                 result = again.response
                 return result
-            if inspect.iscoroutinefunction(fn):
-                computed = await fn(prompt)
-            else:
-                computed = await asyncio.to_thread(fn, prompt)
-                if inspect.isawaitable(computed):
-                    computed = await computed
-            result = await asyncio.to_thread(self._land, item, looked, computed)
+            computed = await _call(fn, prompt)
+            result = await asyncio.to_thread(self._land, item, looked, computed, policy)
             return result
         except BaseException as exc:
             error = exc
@@ -809,8 +920,8 @@ class SemanticCache:
             if exact is not None:
                 return exact
             _, rows = self._candidates(vector, shard, policy, horizon)
-        found = self._choose(norm, rows, policy)
-        return None if found is None else found[1]
+        served = self._choose(norm, rows, policy, "").served
+        return None if served is None else served[1]
 
     async def alookup(
         self, prompt: str, *, scope: Scope | None = None, threshold: float | HitPolicy | None = None
@@ -946,6 +1057,10 @@ class SemanticCache:
                 raise EntryNotFoundError(f"no entry {entry_id!r}")
             if not correct:
                 self._stats["feedback_wrong"] += 1
+            observe = getattr(self.policy, "observe", None)
+            score, namespace = self._feedback.score_of(entry_id)
+            if observe is not None and score is not None:
+                observe(correct, score, namespace=namespace, source="feedback")
             if self._feedback.apply(rowid, entry_id, correct, similarity):
                 self.replica.catch_up()
 
@@ -1074,6 +1189,7 @@ class SemanticCache:
         with self._lock:
             self.replica.catch_up()
             self._flush_access()
+            self._save_policy_state()
             self.replica.checkpoint(self.clock.now())
 
     def verify(self, fix: bool = False) -> list[str]:
@@ -1155,8 +1271,20 @@ class SemanticCache:
                 "model_id": self.embedder.model_id,
                 "dim": self.dim,
                 "policy": repr(self.policy),
+                "policy_state": self._policy_stats(),
+                "explored": s.get("explored", 0),
+                "labels": {src: s.get(f"labels_{src}", 0) for src in ("free", "explore")},
                 "path": str(self.path),
             }
+
+    def _policy_stats(self) -> dict[str, Any] | None:
+        """A learning policy's operating point per namespace, with the labels behind it."""
+        report = getattr(self.policy, "stats", None)
+        state_dict = getattr(self.policy, "state_dict", None)
+        if report is None or state_dict is None:
+            return None
+        namespaces = {"default", *state_dict().get("namespaces", {})}
+        return {ns: report(ns) for ns in sorted(namespaces)}
 
     def close(self) -> None:
         """Persist the index and release the data folder. Idempotent."""
@@ -1169,6 +1297,7 @@ class SemanticCache:
             try:
                 self.replica.catch_up()
                 self._flush_access()
+                self._save_policy_state()
                 self.replica.checkpoint(self.clock.now())
             finally:
                 self._closed = True

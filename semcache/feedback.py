@@ -22,18 +22,26 @@ class Feedback:
 
     def __init__(self, store: Store, remember: int = 10_000) -> None:
         self.store = store
-        self._served: OrderedDict[str, float] = OrderedDict()
+        # uid -> (similarity, a learning policy's score, namespace) of its last semantic hit
+        self._served: OrderedDict[str, tuple[float, float | None, str]] = OrderedDict()
         self._remember = remember
 
-    def served(self, uid: str, similarity: float) -> None:
-        self._served[uid] = similarity
+    def served(
+        self, uid: str, similarity: float, score: float | None = None, namespace: str = ""
+    ) -> None:
+        self._served[uid] = (similarity, score, namespace)
         self._served.move_to_end(uid)
         if len(self._served) > self._remember:
             self._served.popitem(last=False)
 
+    def score_of(self, uid: str) -> tuple[float | None, str]:
+        """The learning policy's score of the entry's last semantic hit, and its namespace."""
+        _, score, namespace = self._served.get(uid, (1.0, None, ""))
+        return score, namespace
+
     def apply(self, rowid: int, uid: str, correct: bool, similarity: float | None) -> bool:
         """Record a verdict; True when the entry was deleted (a wrong exact answer)."""
-        sim = self._served.get(uid, 1.0) if similarity is None else similarity
+        sim = self._served.get(uid, (1.0, None, ""))[0] if similarity is None else similarity
         if isinstance(sim, float) and 1.0 < sim < 1.0 + 1e-5:
             sim = 1.0  # float32 rounding of a unit vector's self-similarity
         sim = check_threshold(sim)
