@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
 
 from .app import principal_of, state_of
+from .schemas import ErrorResponse
 
 router = APIRouter(tags=["ui"])
 
@@ -334,8 +335,15 @@ def _read(cache: Any) -> tuple[dict[str, Any], int | None]:
     return stats, position
 
 
-@router.get("/ui", response_class=HTMLResponse)
-async def ui(request: Request) -> HTMLResponse:
+@router.get(
+    "/ui",
+    response_class=Response,  # as /metrics: the errors stay documented as JSON
+    responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}}},
+        **{code: {"model": ErrorResponse} for code in (401, 403, 503)},
+    },
+)
+async def ui(request: Request) -> Response:
     """The status page (HTML); admin tokens only, like ``/metrics``."""
     principal_of(request).require_admin("/ui")
     state = state_of(request)
