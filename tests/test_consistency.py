@@ -22,6 +22,7 @@ import shutil
 import sqlite3
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -420,6 +421,48 @@ def test_a_follower_behind_a_trimmed_log_rebuilds_instead_of_missing_changes(
             follower.close()
 
 
+def test_a_follower_keeps_serving_while_the_owner_trims_during_its_rebuild(
+    tmp_path: Path,
+) -> None:
+    """The owner checkpoints (and trims its log) all the time while a follower, idle between
+    lookups and so behind the trim, rebuilds: no follower call may fail, none may miss."""
+    seed = [(f"seed prompt {i} words {i * 7}", f"seed {i}") for i in range(3000)]
+    with Worker(tmp_path, options={"threshold": 0.9, "checkpoint_every": 10}) as owner:
+        owner.call("store_many", seed)
+        follower = SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9)
+        stop = threading.Event()
+        failures: list[str] = []
+
+        def churn() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                owner.call("store_many", [[f"churn {i} item {j}", "c"] for j in range(20)])
+                owner.call("checkpoint")
+
+        writer = threading.Thread(target=churn)
+        writer.start()
+        try:
+            for i in range(150):
+                time.sleep(0.03)  # idle long enough to fall behind the owner's trim
+                prompt, response = seed[(i * 37) % len(seed)]
+                try:
+                    hit = follower.lookup(prompt)
+                except SemcacheError as exc:
+                    failures.append(f"lookup {i}: {type(exc).__name__}: {exc}")
+                    continue
+                if hit is None or hit.response != response:
+                    failures.append(f"lookup {i}: {prompt!r} served {hit}")
+        finally:
+            stop.set()
+            writer.join(60)
+        try:
+            assert failures == [], f"{len(failures)} failed lookups, e.g. {failures[:3]}"
+            assert follower.verify() == []
+        finally:
+            follower.close()
+
+
 def _manifest_seq(folder: Path) -> int:
     return int(json.loads((folder / "index" / "manifest.json").read_text())["seq"])
 
@@ -605,6 +648,28 @@ def test_a_corrupted_database_raises_store_errors_only(tmp_path: Path) -> None:
         data[offset + 8 : offset + 200] = b"\xa5" * 192
     db.write_bytes(bytes(data))
     assert _only_store_errors(tmp_path) == []
+
+
+def test_a_database_made_read_only_while_open_raises_store_errors_and_recovers(
+    tmp_path: Path,
+) -> None:
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        c.store("before words here", "kept", tags=["t"])
+        files = _db_files(tmp_path)
+        if subprocess.run(["chattr", "+i", *map(str, files)], capture_output=True).returncode:
+            pytest.skip("cannot make the files immutable here (chattr +i)")
+        try:
+            for name, operation in _each_operation(c):
+                try:
+                    operation()
+                except SemcacheError as exc:
+                    assert isinstance(exc, StoreError), (name, exc)
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, files)], check=True)
+        assert c.lookup("before words here").response == "kept"  # nothing stored was harmed
+        assert c.store("after words here", "new") is not None
+        assert c.lookup("after words here").response == "new"
+        assert c.verify() == []
 
 
 def test_a_read_only_database_raises_store_errors_only(tmp_path: Path) -> None:
