@@ -15,7 +15,6 @@ cache load when a command runs.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ DataOption = Annotated[
 DEFAULT_DATA = Path("indexes/default")
 IMPORT_FIELDS = frozenset({"prompt", "response", "scope", "tags", "ttl", "metadata"})
 SCOPE_FIELDS = frozenset({"namespace", "model", "params", "system", "context"})
+MAX_TTL = 1e12  # seconds (about 31,700 years): anything longer is a mistake; null never expires
 
 
 def _fail(command: str, message: str, code: int = 1) -> typer.Exit:
@@ -179,10 +179,9 @@ def parse_line(text: str) -> dict[str, Any]:
         if ttl is not None and (
             isinstance(ttl, bool)
             or not isinstance(ttl, int | float)
-            or not math.isfinite(ttl)
-            or ttl < 0
+            or not 0 <= ttl <= MAX_TTL  # also NaN, JSON's 1e999 (inf) and ints past floats
         ):
-            raise BadLine("'ttl' must be seconds (a number >= 0) or null")
+            raise BadLine(f"'ttl' must be seconds (a number from 0 to {MAX_TTL:.0e}) or null")
         item["ttl"] = ttl
     if "metadata" in raw:
         if not isinstance(raw["metadata"], dict):
@@ -227,22 +226,23 @@ def _count_lines(path: Path) -> int:
 def _store_batch(
     cache: SemanticCache, batch: list[tuple[int, dict[str, Any]]], errors: list[tuple[int, str]]
 ) -> int:
-    """Store a batch with one embedding pass; when the cache refuses it (one bad item makes
-    ``store_many`` store nothing), store its items one by one and report the refused lines."""
-    from .errors import SemcacheError
+    """Store a batch with one embedding pass; when the cache refuses an item of it (one bad
+    item makes ``store_many`` store nothing), store its items one by one and report the refused
+    lines. Any other error (the store failing) is not a line's fault and propagates."""
+    from .errors import InvalidInputError
 
     if not batch:
         return 0
     try:
         return len(cache.store_many([item for _, item in batch]))
-    except SemcacheError:
+    except InvalidInputError:
         pass
     stored = 0
     for number, item in batch:
         try:
             cache.store_many([item])
             stored += 1
-        except SemcacheError as exc:
+        except InvalidInputError as exc:
             errors.append((number, str(exc)))
     return stored
 
@@ -282,9 +282,12 @@ def import_command(
         TimeRemainingColumn,
     )
 
+    from .errors import SemcacheError
+
     total = _count_lines(file)
     errors: list[tuple[int, str]] = []
-    stored = 0
+    stored = done = 0
+    failure: str | None = None
     console = Console(stderr=True)
     opened = time.perf_counter()
     cache = _open(data, "import", embed=True, precision=precision)
@@ -302,9 +305,13 @@ def import_command(
             disable=not progress,
         ) as bar:
             task = bar.add_task("import", total=total or None)
-            for read, batch in _batches(file, batch_size, errors):
-                stored += _store_batch(cache, batch, errors)
-                bar.advance(task, read)
+            try:
+                for read, batch in _batches(file, batch_size, errors):
+                    stored += _store_batch(cache, batch, errors)
+                    done += read
+                    bar.advance(task, read)
+            except SemcacheError as exc:  # the store failed: stop, saying how far it got
+                failure = f"stopped after line {done}: {type(exc).__name__}: {exc}"
     finally:
         cache.close()
     seconds = time.perf_counter() - started
@@ -316,6 +323,8 @@ def import_command(
         f"stored {stored} entries from {file} in {seconds:.1f}s ({rate:.0f}/s; the model "
         f"loaded in {started - opened:.1f}s before); {len(errors)} bad line(s)"
     )
+    if failure is not None:
+        raise _fail("import", f"{failure} (lines up to {done} were imported as reported)")
     if errors:
         raise typer.Exit(1)
 

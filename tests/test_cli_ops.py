@@ -277,6 +277,8 @@ def test_the_cli_works_on_the_folder_a_running_sidecar_serves(tmp_path: Path) ->
         ('{"prompt": "p", "response": "r", "tags": "x"}', "'tags' must be a list"),
         ('{"prompt": "p", "response": "r", "ttl": true}', "'ttl' must be seconds"),
         ('{"prompt": "p", "response": "r", "ttl": NaN}', "'ttl' must be seconds"),
+        ('{"prompt": "p", "response": "r", "ttl": 1e999}', "'ttl' must be seconds"),
+        ('{"prompt": "p", "response": "r", "ttl": 1' + "0" * 400 + "}", "'ttl' must be seconds"),
         ('{"prompt": "p", "response": "r", "metadata": 3}', "'metadata' must be an object"),
     ],
 )
@@ -295,3 +297,41 @@ def test_a_good_line_becomes_a_store_many_item() -> None:
     assert item["tags"] == ["account"] and item["ttl"] == 3600 and item["metadata"] == {"k": 1}
     assert "ttl" not in parse_line('{"prompt": "p", "response": "r"}')  # the cache's default
     assert parse_line('{"prompt": "p", "response": "r", "ttl": null}')["ttl"] is None
+
+
+class RefusesOne:
+    """Refuses (as the cache does, with InvalidInputError) any batch holding the prompt "bad"."""
+
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+
+    def store_many(self, items: list[dict[str, object]]) -> list[str]:
+        from semcache import InvalidInputError
+
+        if any(item["prompt"] == "bad" for item in items):
+            raise InvalidInputError("refused")
+        self.stored += [str(item["prompt"]) for item in items]
+        return [f"id{len(self.stored)}"] * len(items)
+
+
+def test_a_batch_the_cache_refuses_is_stored_line_by_line() -> None:
+    from semcache.cli_ops import _store_batch
+
+    fake = RefusesOne()
+    errors: list[tuple[int, str]] = []
+    batch = [(1, {"prompt": "a"}), (2, {"prompt": "bad"}), (3, {"prompt": "c"})]
+    assert _store_batch(fake, batch, errors) == 2  # type: ignore[arg-type]
+    assert fake.stored == ["a", "c"] and errors == [(2, "refused")]
+
+
+def test_a_failing_store_stops_the_batch_instead_of_blaming_lines(
+    fast_cache: SemanticCache,
+) -> None:
+    from semcache import CacheClosedError
+    from semcache.cli_ops import _store_batch
+
+    fast_cache.close()
+    errors: list[tuple[int, str]] = []
+    with pytest.raises(CacheClosedError):
+        _store_batch(fast_cache, [(1, {"prompt": "a", "response": "b"})], errors)
+    assert errors == []
