@@ -1,11 +1,14 @@
-"""The store of record's contract, run against every store (SQLite today; the shared PostgreSQL
-store of the next issue runs the same tests)."""
+"""The store of record's contract, run against every store: the embedded SQLite one and the
+shared PostgreSQL one (real PostgreSQL on 127.0.0.1:5432, a fresh schema per test, dropped
+afterwards)."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,12 +18,40 @@ from semcache.fence import Candidate, any_covers
 from semcache.store import Store, entry_size
 
 DIM = 8
-STORES: dict[str, Callable[[Path], Store]] = {"sqlite": lambda tmp: Store(tmp / "semcache.db")}
+PG_URL = "postgresql://root@127.0.0.1:5432/test"
 
 
-@pytest.fixture(params=list(STORES))
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
-    return lambda: STORES[request.param](tmp_path)
+def pg_schema(tmp: Path) -> str:
+    """The test's own schema, named after its tmp folder (unique per test)."""
+    return "semcache_test_" + hashlib.sha1(str(tmp).encode()).hexdigest()[:16]
+
+
+def open_postgres(tmp: Path) -> Any:
+    from semcache.pgstore import PostgresStore
+
+    return PostgresStore(PG_URL, schema=pg_schema(tmp))
+
+
+def drop_postgres(tmp: Path) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {pg_schema(tmp)} CASCADE")  # type: ignore[arg-type]
+
+
+# name -> (open the store for a test's tmp folder, clean up after the test)
+STORES: dict[str, tuple[Callable[[Path], Any], Callable[[Path], None]]] = {
+    "sqlite": (lambda tmp: Store(tmp / "semcache.db"), lambda tmp: None),
+    "postgres": (open_postgres, drop_postgres),
+}
+MARKS = {"postgres": [pytest.mark.postgres]}
+
+
+@pytest.fixture(params=[pytest.param(name, marks=MARKS.get(name, [])) for name in STORES])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    open_, cleanup = STORES[request.param]
+    yield lambda: open_(tmp_path)
+    cleanup(tmp_path)
 
 
 @pytest.fixture
