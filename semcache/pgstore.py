@@ -127,6 +127,8 @@ class PostgresStore:
             )
             self._pool.open(wait=True, timeout=connect_timeout)
         except psycopg.Error as exc:
+            with contextlib.suppress(Exception):  # stop its reconnection attempts
+                self._pool.close()
             raise StoreError(
                 f"cannot connect to the PostgreSQL store {self.path}: {exc}"
             ) from exc
