@@ -49,6 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from .errors import InvalidInputError, StoreError
@@ -106,6 +107,10 @@ class PostgresStore:
         level = synchronous.upper()
         if level not in _SYNCHRONOUS:
             raise InvalidInputError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}")
+        try:
+            conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise InvalidInputError(f"not a PostgreSQL connection string: {exc}") from exc
         self.url = url
         self.schema = schema
         self.path = f"{redact(url)} (schema {schema})"

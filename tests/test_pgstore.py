@@ -268,3 +268,8 @@ def test_importing_semcache_does_not_import_the_driver() -> None:
     code = "import sys, semcache; print('psycopg' in sys.modules, 'psycopg_pool' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_malformed_connection_string_is_a_typed_error() -> None:
+    with pytest.raises(InvalidInputError, match="connection string"):
+        PostgresStore("host=127.0.0.1 port")
