@@ -6,9 +6,9 @@ and it moves that point from labels it gets on the cache's own traffic, so that 
 one-sided Clopper-Pearson upper bound of the wrong-answer rate among served candidates stays
 at or under the target at the stated confidence:
 
-* **from the first lookup** the point is the default policy's (the verifier's ``"default"``
-  operating point, chosen offline on validation workloads), kept until the labels say
-  otherwise;
+* **from the first lookup** the point is the shipped verifier's ``"score"`` operating point (a
+  cosine floor of 0.5 and a verifier score calibrated offline to a false-hit rate <= 2% at 95%
+  on held-out shippable pairs), kept until the labels say otherwise;
 * **free labels**: a candidate the policy refused is answered by the LLM and stored; whether
   the new answer agrees with the candidate's answer labels that candidate's score;
 * **exploration**: a share (``explore``) of would-be hits in the uncertain band just above the
@@ -174,10 +174,11 @@ class ErrorBudget:
 
     ``scorer`` maps (query, candidate, similarity) to a score in [0, 1] or None (refused
     outright); the default is the near-miss guards then the shipped verifier's P(same
-    answer). ``prior`` is the score threshold used until labels move it (default: the shipped
-    verifier's ``"default"`` operating point). ``min_similarity`` is the cosine floor below
-    which no candidate is scored. ``explore`` is the share of uncertain would-be hits (score
-    within ``band`` above the point) that :meth:`should_explore` sends to the LLM.
+    answer). ``prior`` is the score threshold used until labels move it, and
+    ``min_similarity`` the cosine floor below which no candidate is scored (defaults: the
+    shipped verifier's ``"score"`` operating point). ``explore`` is the share of uncertain
+    would-be hits (score within ``band`` above the point) that :meth:`should_explore` sends
+    to the LLM.
     """
 
     kind = "error_budget"
@@ -213,7 +214,7 @@ class ErrorBudget:
             from .nearmiss import GuardedPolicy
             from .verifier import shipped_policy
 
-            point = shipped_policy("default")
+            point = shipped_policy("score")
             if scorer is None:
                 guard = GuardedPolicy(_Always(point.min_similarity))
 

@@ -16,7 +16,9 @@ from semcache.errorbudget import (
     upper_bound,
 )
 from semcache.errors import InvalidInputError
-from semcache.threshold import HitPolicy, default_policy
+from semcache.nearmiss import GuardedPolicy
+from semcache.threshold import HitPolicy
+from semcache.verifier import shipped_policy
 
 PAIRS = [
     ("What is the capital of France?", "What's France's capital city?"),
@@ -28,11 +30,13 @@ PAIRS = [
 ]  # fmt: skip
 
 
-def test_from_the_first_lookup_it_is_the_default_policy(embedder) -> None:  # type: ignore[no-untyped-def]
+def test_from_the_first_lookup_it_is_the_calibrated_point(embedder) -> None:  # type: ignore[no-untyped-def]
+    """Before any label: the guards, then the verifier's calibrated "score" operating point."""
     budget = ErrorBudget(0.02)
     assert isinstance(budget, HitPolicy)
-    default = default_policy()
+    default = GuardedPolicy(shipped_policy("score"))
     assert budget.min_similarity == default.min_similarity
+    assert budget.prior == shipped_policy("score").min_score
     for cached, new in PAIRS:
         v = embedder.embed([cached, new])
         sim = float(v[0] @ v[1])
