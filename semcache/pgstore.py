@@ -206,8 +206,31 @@ class PostgresStore:
             except psycopg.Error as exc:
                 raise StoreError(f"store query failed: {exc}") from exc
 
+    def _read(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
+        """:meth:`execute` for a read: outside a transaction, a read that finds its pooled
+        connection dead (a server restart, a failover, an idle timeout) has the pool drop every
+        dead connection and runs once more, so one lost connection is not a failed lookup.
+        Writes are never retried: a commit may have landed before the connection died."""
+        if getattr(self._local, "conn", None) is not None:
+            return self.execute(query, params)
+        for attempt in (1, 2):
+            self._check_open()
+            conn: psycopg.Connection[Any] | None = None
+            try:
+                with self._pool.connection() as conn:
+                    cur = conn.execute(query, params)  # type: ignore[arg-type]
+                    return cur.fetchall() if cur.description else []
+            except psycopg.OperationalError as exc:
+                if attempt == 2 or conn is None or not conn.closed:
+                    raise StoreError(f"store query failed: {exc}") from exc
+                with contextlib.suppress(psycopg.Error):
+                    self._pool.check()
+            except psycopg.Error as exc:
+                raise StoreError(f"store query failed: {exc}") from exc
+        raise AssertionError("unreachable")
+
     def _one(self, query: str, params: Sequence[Any] = ()) -> Any:
-        rows = self.execute(query, params)
+        rows = self._read(query, params)
         return rows[0][0] if rows else None
 
     def data_version(self) -> int:
@@ -316,7 +339,7 @@ class PostgresStore:
         """The invalidations recorded after ``position``; None when the log no longer reaches
         back that far (so nothing can be proven and a fenced write must not commit)."""
         # one statement, one snapshot: a trim committing meanwhile cannot split the answer
-        rows = self.execute(
+        rows = self._read(
             "SELECT t.trimmed, f.kind, f.namespace, f.key, f.scope_digest, f.vector, f.radius "
             "FROM (SELECT coalesce((SELECT value::bigint FROM meta "
             "WHERE key = 'fences_trimmed'), 0) AS trimmed) t "
@@ -426,7 +449,7 @@ class PostgresStore:
         return out
 
     def find_exact(self, l1_key: str, now: float) -> Row | None:
-        rows = self.execute(
+        rows = self._read(
             f"SELECT {_ROW_COLUMNS} FROM entries WHERE l1_key = %s "
             "AND (expires_at IS NULL OR expires_at > %s)",
             (l1_key, now),
@@ -437,7 +460,7 @@ class PostgresStore:
         """The live rows among ``ids`` in ``shard``: the index's answers, re-checked."""
         if not len(ids):
             return {}
-        rows = self.execute(
+        rows = self._read(
             f"SELECT {_ROW_COLUMNS} FROM entries WHERE id = ANY(%s::bigint[]) AND shard = %s "
             "AND (expires_at IS NULL OR expires_at > %s)",
             ([int(i) for i in ids], shard, now),
@@ -462,7 +485,7 @@ class PostgresStore:
     def tags_of(self, rowid: int) -> tuple[str, ...]:
         return tuple(
             r[0]
-            for r in self.execute(
+            for r in self._read(
                 "SELECT tag FROM tags WHERE entry_id = %s ORDER BY tag COLLATE \"C\"", (rowid,)
             )
         )
@@ -495,7 +518,7 @@ class PostgresStore:
 
     def vectors_of(self, ids: Sequence[int]) -> dict[int, tuple[str, np.ndarray]]:
         """(shard, vector) of each of ``ids`` still present."""
-        rows = self.execute(
+        rows = self._read(
             "SELECT id, shard, vector FROM entries WHERE id = ANY(%s::bigint[])",
             ([int(i) for i in ids],),
         )
@@ -507,7 +530,7 @@ class PostgresStore:
         """Every entry's (ids, shards, vectors), in id order, in batches: for rebuilds."""
         last = -1
         while True:
-            rows = self.execute(
+            rows = self._read(
                 "SELECT id, shard, vector FROM entries WHERE id > %s ORDER BY id LIMIT %s",
                 (last, batch),
             )
@@ -522,7 +545,7 @@ class PostgresStore:
         """Every entry's (id, prompt), in id order, in batches: for re-embedding."""
         last = -1
         while True:
-            rows = self.execute(
+            rows = self._read(
                 "SELECT id, prompt FROM entries WHERE id > %s ORDER BY id LIMIT %s", (last, batch)
             )
             if not rows:
@@ -717,7 +740,7 @@ class PostgresStore:
 
     # -- sizes ------------------------------------------------------------------------------------
     def counters(self) -> tuple[int, int]:
-        entries, size = self.execute("SELECT entries, bytes FROM counters WHERE id = 0")[0]
+        entries, size = self._read("SELECT entries, bytes FROM counters WHERE id = 0")[0]
         return int(entries), int(size)
 
     def recount(self) -> tuple[int, int]:
@@ -737,7 +760,7 @@ class PostgresStore:
     def changes_since(self, seq: int, limit: int = 10_000) -> list[Change]:
         """The log after ``seq``, oldest first; an add or a vector change carries the entry's
         current shard and vector (None when the entry is already gone)."""
-        rows = self.execute(
+        rows = self._read(
             "SELECT c.seq, c.entry_id, c.shard, c.op, e.shard, e.vector FROM changes c "
             "LEFT JOIN entries e ON e.id = c.entry_id AND c.op IN ('add', 'vec') "
             "WHERE c.seq > %s ORDER BY c.seq LIMIT %s",
@@ -776,7 +799,7 @@ class PostgresStore:
     def quick_check(self) -> list[str]:
         """What ``verify()`` reports about the store itself: the log heads must be at or past
         every position written (PostgreSQL checks its own pages)."""
-        row = self.execute(
+        row = self._read(
             "SELECT h.changes, h.fences, (SELECT max(seq) FROM changes), "
             "(SELECT max(seq) FROM fences) FROM log_head h WHERE h.id = 0"
         )

@@ -273,3 +273,29 @@ def test_importing_semcache_does_not_import_the_driver() -> None:
 def test_a_malformed_connection_string_is_a_typed_error() -> None:
     with pytest.raises(InvalidInputError, match="connection string"):
         PostgresStore("host=127.0.0.1 port")
+
+
+def _terminate(pid: int) -> None:
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_lost_connection_is_recovered_and_a_broken_write_is_a_store_error(
+    schema: str,
+) -> None:
+    store = PostgresStore(URL, schema=schema, pool_size=1)  # one connection: the one we kill
+    try:
+        kept = store.insert(values("kept"), ())
+        assert kept is not None
+        _terminate(store.execute("SELECT pg_backend_pid()")[0][0])
+        assert store.counters()[0] == 1  # a read on a dead connection runs again on a new one
+        lost = values("lost")
+        with pytest.raises(StoreError), store.transaction() as conn:
+            store.insert(lost, ())
+            _terminate(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+            store.insert(values("after the kill"), ())
+        assert store.rowid_of(lost["uid"]) is None  # never committed
+        assert store.insert(values("next"), ()) is not None  # the store carries on
+        assert [c.seq for c in store.changes_since(0)] == [1, 2]
+    finally:
+        store.close()
