@@ -25,6 +25,7 @@ SAME = [
     ("I have five apples", "I have 5 apples"),
     ("the first item", "the 1st item"),
     ("item 007", "item 7"),
+    ("price of item366", "price of item 366"),
     ("What happened in 1990 in Paris", "What happened in Paris in 1990"),
     ("mp3 or mp4?", "mp3 or mp4 ?"),
     ("Can I go?", "May I go?"),  # "may" is a date only beside a number
