@@ -59,8 +59,17 @@ from .store import EVICTION_POLICIES, Change, Fence, Row
 SCHEMA_VERSION = 1
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _ROW_COLUMNS = "id, uid, shard, prompt, response, expires_at, metadata, min_similarity"
-#: Rows per multi-row INSERT (PostgreSQL binds at most 65,535 parameters per statement).
-_INSERT_CHUNK = 500
+#: Rows per bulk INSERT statement (one array per column).
+_INSERT_CHUNK = 2000
+#: The entries columns a caller may give, with their types (bulk inserts cast arrays to them).
+_COLUMN_TYPES = {
+    "uid": "text", "shard": "text", "namespace": "text", "version": "bigint",
+    "scope_digest": "text", "scope": "text", "prompt": "text", "l1_key": "text",
+    "response": "text", "vector": "bytea", "created_at": "float8", "updated_at": "float8",
+    "accessed_at": "float8", "expires_at": "float8", "hits": "bigint", "size": "bigint",
+    "metadata": "text", "min_similarity": "float8", "feedback_good": "bigint",
+    "feedback_bad": "bigint",
+}
 _SYNCHRONOUS = {"OFF": "off", "NORMAL": None, "FULL": None, "EXTRA": None}
 
 
@@ -118,7 +127,7 @@ class PostgresStore:
         self._sync = _SYNCHRONOUS[level]
         self._local = threading.local()
         self._closed = False
-        self._insert_sql: dict[tuple[str, ...], sql.Composed] = {}
+        self._insert_sql: dict[tuple[str, ...], str] = {}
         try:
             self._pool = ConnectionPool(
                 url,
@@ -368,23 +377,37 @@ class PostgresStore:
         )
 
     # -- entries --------------------------------------------------------------------------------
-    def _insert_statement(self, cols: tuple[str, ...], rows: int) -> sql.Composed:
-        key = (*cols, str(rows))
+    def _insert_statement(self, cols: tuple[str, ...], *, many: bool) -> str:
+        """``INSERT ... RETURNING id, uid`` for these columns: one row of values, or (``many``)
+        one array per column (sent in binary), unnested: a bulk insert binds as many parameters
+        as there are columns, whatever the number of rows (the driver's parsing of thousands of
+        placeholders, and its text escaping of arrays, cost more than the server's insert)."""
+        key = (*cols, str(many))
         statement = self._insert_sql.get(key)
         if statement is None:
-            marks = sql.SQL("({})").format(sql.SQL(", ").join(sql.Placeholder() for _ in cols))
-            statement = sql.SQL("INSERT INTO entries ({}) VALUES {} RETURNING id, uid").format(
-                sql.SQL(", ").join(sql.Identifier(c) for c in cols),
-                sql.SQL(", ").join(marks for _ in range(rows)),
-            )
-            self._insert_sql[key] = statement
+            unknown = [c for c in cols if c not in _COLUMN_TYPES]
+            if unknown:
+                raise StoreError(f"entries has no column {', '.join(unknown)}")
+            names = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+            if many:
+                arrays = sql.SQL(", ").join(
+                    sql.SQL("%b::{}[]").format(sql.SQL(_COLUMN_TYPES[c])) for c in cols
+                )
+                query = sql.SQL("INSERT INTO entries ({}) SELECT * FROM unnest({}) "
+                                "RETURNING id, uid").format(names, arrays)
+            else:
+                marks = sql.SQL(", ").join(sql.Placeholder() for _ in cols)
+                query = sql.SQL("INSERT INTO entries ({}) VALUES ({}) RETURNING id, uid").format(
+                    names, marks
+                )
+            statement = self._insert_sql[key] = query.as_string(None)
         return statement
 
     @staticmethod
     def _add_tags(conn: psycopg.Connection[Any], pairs: Sequence[tuple[str, int]]) -> None:
         if pairs:
             conn.execute(
-                "INSERT INTO tags(tag, entry_id) SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+                "INSERT INTO tags(tag, entry_id) SELECT * FROM unnest(%b::text[], %b::bigint[]) "
                 "ON CONFLICT DO NOTHING",
                 ([p[0] for p in pairs], [p[1] for p in pairs]),
             )
@@ -411,7 +434,8 @@ class PostgresStore:
                     return None
             conn.execute("DELETE FROM entries WHERE l1_key = %s", (values["l1_key"],))
             row = conn.execute(
-                self._insert_statement(tuple(values), 1), tuple(values.values())
+                self._insert_statement(tuple(values), many=False),  # type: ignore[arg-type]
+                tuple(values.values()),
             ).fetchone()
             assert row is not None
             rowid = int(row[0])
@@ -433,11 +457,13 @@ class PostgresStore:
         cols = tuple(rows[0])
         ids: dict[str, int] = {}
         with self.transaction() as conn:
-            conn.execute("DELETE FROM entries WHERE l1_key = ANY(%s::text[])", (list(last),))
+            conn.execute("DELETE FROM entries WHERE l1_key = ANY(%b::text[])", (list(last),))
             for start in range(0, len(keep), _INSERT_CHUNK):
                 chunk = keep[start : start + _INSERT_CHUNK]
-                params = [rows[i][c] for i in chunk for c in cols]
-                cur = conn.execute(self._insert_statement(cols, len(chunk)), params)
+                params = [[rows[i][c] for i in chunk] for c in cols]
+                cur = conn.execute(
+                    self._insert_statement(cols, many=True), params  # type: ignore[arg-type]
+                )
                 ids.update((uid, int(rowid)) for rowid, uid in cur.fetchall())
             self._add_tags(
                 conn, [(tag, ids[rows[i]["uid"]]) for i in keep for tag in tags[i]]
