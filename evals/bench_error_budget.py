@@ -6,8 +6,9 @@ answer id), with ErrorBudget driven through the hooks the facade will call
 ``decide``; a would-be hit is served unless ``should_explore`` sends it to the LLM (then the
 two answers label it); on a miss the LLM answers, the prompt is stored, and the best refused
 candidate that had a score gets a free label (does its answer agree with the new one?).
-The cache facade is not wired to ErrorBudget yet, so this is an in-memory replay with the
-cache's decision rule (``semcache.eval.replay.replay_in_memory``'s), not ``SemanticCache``.
+This is an in-memory replay with the cache's decision rule (``replay_in_memory``'s) calling
+the hooks ``SemanticCache(target_error=...)`` calls, so four policies and five workloads take
+a minute rather than an hour; it is not ``SemanticCache`` itself.
 
 Printed per workload: wrong answers per lookup after the first 500 lookups (and its exact
 95% upper bound), repeatable prompts answered, LLM calls per lookup and how many of them
