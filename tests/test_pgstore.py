@@ -299,3 +299,19 @@ def test_a_lost_connection_is_recovered_and_a_broken_write_is_a_store_error(
         assert [c.seq for c in store.changes_since(0)] == [1, 2]
     finally:
         store.close()
+
+
+def test_a_bulk_insert_larger_than_one_statement(store: PostgresStore) -> None:
+    rows = [values(f"p{i % 4000}", seed=i) for i in range(4500)]  # 500 repeats, 3 statements
+    tags = [(f"t{i % 7}",) for i in range(4500)]
+    written = store.insert_many(rows, tags)
+    assert len(written) == 4500 and len({rowid for rowid, _ in written}) == 4000
+    assert written[0] == written[4000] and written[0][1] == rows[4000]["uid"]
+    assert store.counters()[0] == 4000
+    assert store.tags_of(written[4000][0]) == ("t3",)  # 4000 % 7: the later row's tags
+    changes = store.changes_since(0)
+    assert [c.seq for c in changes] == list(range(1, 4001))
+    assert {c.op for c in changes} == {"add"}
+    with pytest.raises(StoreError, match="no column"):
+        store.insert_many([{**values("x"), "colour": "red"}], [()])
+    assert store.counters()[0] == 4000
