@@ -178,6 +178,8 @@ class SemanticCache:
         l1_size: entries held by the in-process exact tier (0 disables it).
         sweep_interval: seconds between background expiry sweeps; None: no sweeper thread.
         checkpoint_every: persist the index after this many changes (and always on close).
+        log_keep: changes the checkpoint owner keeps in the store's log behind its checkpoint,
+            so another process that far behind catches up from the log instead of rebuilding.
         synchronous: SQLite's synchronous setting; NORMAL survives a killed process, FULL
             also a power cut.
         max_stale: stale-while-revalidate window in seconds: ``get_or_compute`` may serve an
@@ -211,6 +213,7 @@ class SemanticCache:
         l1_size: int = 10_000,
         sweep_interval: float | None = None,
         checkpoint_every: int = 20_000,
+        log_keep: int = 10_000,
         cull_limit: int = 16,
         synchronous: str = "NORMAL",
         max_stale: float | None = None,
@@ -263,7 +266,15 @@ class SemanticCache:
         self.shards = ShardSet(
             self.path / INDEX_DIR, self.dim, self.embedder.model_id, index_factory
         )
-        self.replica = Replica(self._db, self.shards, self.l1, checkpoint_every=checkpoint_every)
+        if isinstance(log_keep, bool) or not isinstance(log_keep, int) or log_keep < 0:
+            raise InvalidInputError("log_keep must be a non-negative int")
+        self.replica = Replica(
+            self._db,
+            self.shards,
+            self.l1,
+            checkpoint_every=checkpoint_every,
+            log_keep=log_keep,
+        )
         self._lock = self.replica.lock
         self._feedback = Feedback(self._db)
         self._folder: FolderLock | None = None

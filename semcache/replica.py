@@ -11,8 +11,10 @@ during the scan changes it again, so the next :meth:`sync` scans again instead o
 
 One process at a time owns the folder's checkpoints (an ``flock``); when the owner closes or
 dies, the next replica that wants to checkpoint takes the lock over and writes every shard
-afresh. Only the owner trims the log, and only up to a checkpoint it has made durable; a
-follower further behind finds the gap and rebuilds.
+afresh. Only the owner trims the log, and only up to ``log_keep`` changes behind a checkpoint
+it has made durable; a follower further behind finds the gap and rebuilds from a consistent
+snapshot of the store. A checkpoint is announced to the store before its files are written and
+recorded after, so a crash in between leaves a checkpoint the store still recognises.
 
 Writes land in each graph's small exact segment of recent vectors (see
 :class:`~semcache.index.FaissIndex`); a background merger moves them into the graph in chunks,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -31,12 +34,17 @@ import numpy as np
 from .errors import IndexCorruptError, StoreError
 from .l1 import L1Cache
 from .shards import ShardSet
-from .store import Change, Store
+from .store import HOLD_TTL, Change, Store
 
 log = logging.getLogger("semcache")
 
 #: How long the fence log is kept: a computation running longer than this is not cached.
 FENCE_HORIZON = 3600.0
+#: Changes kept in the log behind a checkpoint, so a follower a little behind the owner catches
+#: up from the log instead of rebuilding.
+LOG_KEEP = 10_000
+#: Snapshots a rebuild takes before it gives up on a log that keeps being trimmed past it.
+REBUILD_ATTEMPTS = 5
 _EMPTY = (np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64))
 
 
@@ -44,9 +52,16 @@ class Replica:
     """Index shards, L1 and namespace versions, kept in step with one :class:`Store`."""
 
     def __init__(
-        self, store: Store, shards: ShardSet, l1: L1Cache, *, checkpoint_every: int
+        self,
+        store: Store,
+        shards: ShardSet,
+        l1: L1Cache,
+        *,
+        checkpoint_every: int,
+        log_keep: int = LOG_KEEP,
     ) -> None:
         self.store = store
+        self.log_keep = log_keep
         self.shards = shards
         self.l1 = l1
         self.checkpoint_every = checkpoint_every
@@ -55,6 +70,8 @@ class Replica:
         self.data_version = -1
         self.rebuilds = 0
         self._checkpoint_seq = 0
+        self._holder = uuid.uuid4().hex  # this replica's name for its hold on the log
+        self._held: tuple[int, float] | None = None  # (seq, when) of the last hold written
         self._merger: _Merger | None = None
 
     def start_merger(self, chunk: int = 64, idle: float = 0.05) -> None:
@@ -97,7 +114,8 @@ class Replica:
             return str(exc)
         if self.shards.store_id != self.store.store_id:
             return "its files were derived from another store"
-        if self.shards.token != self.store.get_meta("checkpoint_token"):
+        known = {self.store.get_meta("checkpoint_token"), self.store.get_meta("checkpoint_pending")}
+        if self.shards.token not in known:
             return "its files are not the store's latest checkpoint (a restored or older store)"
         if self.shards.seq > self.store.last_seq():
             return "its files are ahead of the store"
@@ -106,21 +124,33 @@ class Replica:
         return None
 
     def rebuild(self) -> None:
-        """Rebuild every shard from the vectors in the store, then catch up."""
+        """Rebuild every shard from a consistent snapshot of the store, then catch up; if the
+        owner trims the log past the snapshot meanwhile, take a new snapshot (a few times)."""
         with self.lock:
-            seq = self.store.last_seq()
-            self.shards.clear()
-            for ids, shards, vectors in self.store.iter_vectors():
-                groups: dict[str, list[int]] = {}
-                for row, shard in enumerate(shards):
-                    groups.setdefault(shard, []).append(row)
-                for shard, rows in groups.items():
-                    self.shards.add(shard, ids[rows], vectors[rows])
-            self.shards.seq = seq
-            self.l1.clear()
-            self.versions.clear()
-            self.rebuilds += 1
-            self._follow(allow_rebuild=False)
+            for _ in range(REBUILD_ATTEMPTS):
+                self._hold(self.store.last_seq(), force=True)  # no trim past the snapshot
+                with self.store.read_snapshot():
+                    seq = self.store.last_seq()
+                    self.shards.clear()
+                    for ids, shards, vectors in self.store.iter_vectors():
+                        groups: dict[str, list[int]] = {}
+                        for row, shard in enumerate(shards):
+                            groups.setdefault(shard, []).append(row)
+                        for shard, rows in groups.items():
+                            self.shards.add(shard, ids[rows], vectors[rows])
+                self.shards.seq = seq
+                self.l1.clear()
+                self.versions.clear()
+                self.rebuilds += 1
+                try:
+                    self._follow(allow_rebuild=False)
+                    return
+                except _LogMoved as exc:
+                    log.warning("the log moved during a rebuild of %s (%s)", self.store.path, exc)
+            raise StoreError(
+                f"the change log of {self.store.path} kept moving past {REBUILD_ATTEMPTS} "
+                "rebuilds of the index"
+            )
 
     # -- following the log ------------------------------------------------------------------
     def sync(self) -> None:
@@ -132,6 +162,7 @@ class Replica:
         """Apply every change after this replica's position (after this process's own writes)."""
         with self.lock:
             self._follow(allow_rebuild=True)
+            self._hold(self.shards.seq)
             if self.shards.seq - self._checkpoint_seq >= self.checkpoint_every:
                 self.checkpoint(None)
 
@@ -159,7 +190,7 @@ class Replica:
 
     def _gap(self, allow_rebuild: bool, why: str) -> None:
         if not allow_rebuild:
-            raise StoreError(f"the change log moved while the index was rebuilt ({why})")
+            raise _LogMoved(why)
         log.warning(
             "index of %s missed changes after %d (%s): rebuilding",
             self.store.path,
@@ -200,6 +231,20 @@ class Replica:
             self.shards.add(shard, ids_, np.stack([p[1] for p in pairs]))
         self.shards.seq = changes[-1].seq
 
+    def _hold(self, seq: int, *, force: bool = False) -> None:
+        """Tell the owner not to trim the log past ``seq`` (a follower's position). Written
+        when the position moved ``log_keep / 2`` past the last hold, or a third of
+        ``HOLD_TTL`` passed: a few writes per minute, not one per change."""
+        if self.shards.owner and not force:
+            return
+        now = time.time()
+        if not force and self._held is not None:
+            held_seq, at = self._held
+            if seq - held_seq < max(1, self.log_keep // 2) and now - at < HOLD_TTL / 3:
+                return
+        self.store.hold_log(self._holder, seq, now)
+        self._held = (seq, now)
+
     # -- reading ----------------------------------------------------------------------------
     def version(self, namespace: str) -> int:
         version = self.versions.get(namespace)
@@ -224,8 +269,11 @@ class Replica:
                     return False
                 self.shards.mark_all_dirty()  # trust no file another owner wrote
             token = uuid.uuid4().hex
+            self.store.begin_checkpoint(token)  # a crash from here on keeps either checkpoint
             self.shards.save(self.store.store_id, token)
-            self.store.record_checkpoint(token, self.shards.seq)
+            self.store.record_checkpoint(
+                token, max(0, self.shards.seq - self.log_keep), time.time()
+            )
             if now is not None:
                 self.store.trim_fences(now - FENCE_HORIZON)
             self._checkpoint_seq = self.shards.seq
@@ -240,7 +288,17 @@ class Replica:
 
     def release(self) -> None:
         self.stop_merger()
+        if self._held is not None:
+            try:
+                self.store.release_hold(self._holder)
+            except StoreError as exc:  # the store itself is failing: the hold just expires
+                log.warning("could not release the log hold of %s: %s", self.store.path, exc)
+            self._held = None
         self.shards.release()
+
+
+class _LogMoved(StoreError):
+    """The log was trimmed past a rebuild's snapshot before it caught up."""
 
 
 class _Merger:

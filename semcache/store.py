@@ -35,7 +35,10 @@ import sqlite_utils
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+#: Seconds a follower's hold on the change log lasts unless refreshed (wall-clock time: it is
+#: compared across processes).
+HOLD_TTL = 60.0
 #: Rows per statement where a list of ids or tags is bound (SQLite allows 32,766 variables).
 CHUNK = 500
 
@@ -194,6 +197,24 @@ class Store:
                 return self._conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"store query failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """Reads in the block see one consistent state of the store (a read transaction);
+        writers in other processes go on meanwhile. Not for use inside a write transaction."""
+        with self._lock:
+            if self._depth:  # inside a write transaction: already one consistent state
+                yield
+                return
+            try:
+                self._conn.execute("BEGIN")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot start a read transaction: {exc}") from exc
+            try:
+                yield
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("COMMIT")
 
     def data_version(self) -> int:
         """Changes when another connection commits (``PRAGMA data_version``)."""
@@ -720,12 +741,40 @@ class Store:
                 (str(upto),),
             )
 
-    def record_checkpoint(self, token: str, seq: int) -> None:
-        """A replica checkpoint at ``seq`` is durable: remember its token (so a manifest that
-        is not this store's latest checkpoint is never trusted) and trim the log up to it."""
-        with self.transaction():
+    def begin_checkpoint(self, token: str) -> None:
+        """A replica is about to write a checkpoint under ``token``: until it is recorded, a
+        manifest with either this token or the last recorded one is this store's."""
+        self.set_meta("checkpoint_pending", token)
+
+    def record_checkpoint(self, token: str, trim_upto: int, now: float) -> int:
+        """A replica checkpoint is durable: remember its token (so a manifest that is not this
+        store's latest checkpoint is never trusted) and trim the log up to ``trim_upto``, but
+        never past a position a live follower holds (one whose hold is younger than
+        ``HOLD_TTL`` seconds at ``now``). Returns where the log was trimmed to."""
+        with self.transaction() as conn:
             self.set_meta("checkpoint_token", token)
-            self.trim_changes(seq)
+            held = conn.execute(
+                "SELECT min(seq) FROM holds WHERE at > ?", (now - HOLD_TTL,)
+            ).fetchone()[0]
+            upto = trim_upto if held is None else min(trim_upto, int(held))
+            if upto > self.trimmed_upto():
+                self.trim_changes(upto)
+            return upto
+
+    def hold_log(self, holder: str, seq: int, now: float) -> None:
+        """A follower needs the log from ``seq`` on: the owner does not trim past it while the
+        hold is refreshed (at least every ``HOLD_TTL`` seconds)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO holds(holder, seq, at) VALUES (?, ?, ?) ON CONFLICT(holder) "
+                "DO UPDATE SET seq = excluded.seq, at = excluded.at",
+                (holder, seq, now),
+            )
+            conn.execute("DELETE FROM holds WHERE at <= ?", (now - 10 * HOLD_TTL,))
+
+    def release_hold(self, holder: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM holds WHERE holder = ?", (holder,))
 
     def trimmed_upto(self) -> int:
         return int(self.get_meta("changes_trimmed") or 0)
@@ -813,4 +862,11 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX entries_lfu ON entries(hits, accessed_at, id)")
 
 
-_MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3}
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """Followers' holds on the change log (the owner never trims past a live one)."""
+    db.execute(
+        "CREATE TABLE holds (holder TEXT PRIMARY KEY, seq INTEGER NOT NULL, at REAL NOT NULL)"
+    )
+
+
+_MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4}

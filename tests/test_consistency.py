@@ -398,7 +398,8 @@ def test_a_follower_behind_a_trimmed_log_rebuilds_instead_of_missing_changes(
     tmp_path: Path,
 ) -> None:
     prompts = [f"owner prompt {i} words {i * 3}" for i in range(400)]
-    with Worker(tmp_path, options={"threshold": 0.9, "checkpoint_every": 50}) as owner:
+    options = {"threshold": 0.9, "checkpoint_every": 50, "log_keep": 0}  # trim all it can
+    with Worker(tmp_path, options=options) as owner:
         follower = SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9)
         try:
             eid = follower.store("follower words only", "mine", tags=["x"])
@@ -427,7 +428,8 @@ def test_a_follower_keeps_serving_while_the_owner_trims_during_its_rebuild(
     """The owner checkpoints (and trims its log) all the time while a follower, idle between
     lookups and so behind the trim, rebuilds: no follower call may fail, none may miss."""
     seed = [(f"seed prompt {i} words {i * 7}", f"seed {i}") for i in range(3000)]
-    with Worker(tmp_path, options={"threshold": 0.9, "checkpoint_every": 10}) as owner:
+    options = {"threshold": 0.9, "checkpoint_every": 10, "log_keep": 0}
+    with Worker(tmp_path, options=options) as owner:
         owner.call("store_many", seed)
         follower = SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9)
         stop = threading.Event()
@@ -459,6 +461,21 @@ def test_a_follower_keeps_serving_while_the_owner_trims_during_its_rebuild(
         try:
             assert failures == [], f"{len(failures)} failed lookups, e.g. {failures[:3]}"
             assert follower.verify() == []
+        finally:
+            follower.close()
+
+
+def test_a_follower_a_little_behind_catches_up_from_the_kept_log(tmp_path: Path) -> None:
+    """The owner keeps ``log_keep`` changes behind its checkpoints: a follower that many
+    changes behind catches up from the log, without rebuilding its index."""
+    with Worker(tmp_path, options={"threshold": 0.9, "log_keep": 1000}) as owner:
+        follower = SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9)
+        try:
+            built = follower.stats()["index_rebuilds"]  # its first build, at open
+            owner.call("store_many", [[f"kept log prompt {i}", f"a{i}"] for i in range(300)])
+            owner.call("checkpoint")
+            assert follower.lookup("kept log prompt 123").response == "a123"
+            assert follower.stats()["index_rebuilds"] == built
         finally:
             follower.close()
 

@@ -417,7 +417,8 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         c.store("migrate me", "ok")
     conn = sqlite3.connect(tmp_path / "semcache.db")
-    conn.execute("DROP INDEX entries_lfu")  # back to schema 1: undo migrations 3 and 2
+    conn.execute("DROP TABLE holds")  # back to schema 1: undo migrations 4, 3 and 2
+    conn.execute("DROP INDEX entries_lfu")
     conn.execute("DROP TABLE fences")
     for col in ("min_similarity", "feedback_good", "feedback_bad"):
         conn.execute(f"ALTER TABLE entries DROP COLUMN {col}")
@@ -426,7 +427,7 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
     conn.close()
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         assert c.lookup("migrate me").response == "ok"
-        assert c._db.get_meta("schema_version") == "3"
+        assert c._db.get_meta("schema_version") == "4"
         assert c.store("fenced after migration", "ok", fence=c.position()) is not None
 
 

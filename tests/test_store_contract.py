@@ -15,7 +15,7 @@ import pytest
 
 from semcache.errors import StoreError
 from semcache.fence import Candidate, any_covers
-from semcache.store import Store, entry_size
+from semcache.store import HOLD_TTL, Store, entry_size
 
 DIM = 8
 PG_URL = "postgresql://root@127.0.0.1:5432/test"
@@ -209,3 +209,35 @@ def test_errors_are_store_errors(store: Store) -> None:
     store.close()
     with pytest.raises(StoreError):
         store.position()
+
+
+def test_a_read_snapshot_sees_one_state_while_others_commit(
+    opener: Callable[[], Store],
+) -> None:
+    ours, theirs = opener(), opener()
+    ours.insert(row("before", seed=1), ())
+    with ours.read_snapshot():
+        seq, n = ours.last_seq(), ours.counters()[0]
+        theirs.insert(row("during", seed=2), ())
+        assert ours.last_seq() == seq and ours.counters()[0] == n
+        assert sum(len(ids) for ids, _, _ in ours.iter_vectors()) == n
+    assert ours.last_seq() == seq + 1 and ours.counters()[0] == n + 1
+    theirs.close()
+    ours.close()
+
+
+def test_a_checkpoint_is_announced_then_recorded_and_trims_up_to_live_holds(
+    store: Store,
+) -> None:
+    for i in range(6):
+        store.insert(row(f"p{i}", seed=i), ())
+    store.begin_checkpoint("first")
+    assert store.get_meta("checkpoint_pending") == "first"
+    store.hold_log("follower", 2, now=100.0)
+    assert store.record_checkpoint("first", 4, now=110.0) == 2  # the live hold wins
+    assert store.get_meta("checkpoint_token") == "first" and store.trimmed_upto() == 2
+    assert store.record_checkpoint("second", 4, now=100.0 + HOLD_TTL + 1) == 4  # hold expired
+    assert [c.seq for c in store.changes_since(0)] == [5, 6]
+    store.hold_log("follower", 5, now=1000.0)
+    store.release_hold("follower")
+    assert store.record_checkpoint("third", 5, now=1000.0) == 5
