@@ -53,10 +53,10 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from .errors import InvalidInputError, StoreError
-from .store import EVICTION_POLICIES, Change, Fence, Row
+from .store import EVICTION_POLICIES, HOLD_TTL, Change, Fence, Row
 
 #: The PostgreSQL schema's own version (independent of the SQLite store's).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _ROW_COLUMNS = "id, uid, shard, prompt, response, expires_at, metadata, min_similarity"
 #: Rows per bulk INSERT statement (one array per column).
@@ -185,10 +185,34 @@ class PostgresStore:
         are contiguous and in commit order, and row locks are always taken in the same order
         (no deadlocks between writers)."""
         if getattr(self._local, "conn", None) is not None:
+            if getattr(self._local, "snapshot", False):
+                raise StoreError("a write inside read_snapshot(): the snapshot is read-only")
             yield self._local.conn
             return
         with self._transaction(lock=True) as conn:
             yield conn
+
+    @contextlib.contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """Reads in the block (this thread's) see one consistent state of the store: a
+        ``REPEATABLE READ READ ONLY`` transaction on one connection; writers go on meanwhile.
+        Inside a write transaction it adds nothing: that transaction holds the log head, so no
+        logged change commits while it runs. Writes inside the block are refused."""
+        if getattr(self._local, "conn", None) is not None:
+            yield
+            return
+        self._check_open()
+        try:
+            with self._pool.connection() as conn:
+                self._local.conn, self._local.snapshot = conn, True
+                try:
+                    with conn.transaction():
+                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                        yield
+                finally:
+                    self._local.conn, self._local.snapshot = None, False
+        except psycopg.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
 
     @contextlib.contextmanager
     def _transaction(self, *, lock: bool) -> Iterator[psycopg.Connection[Any]]:
@@ -206,11 +230,11 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
 
-    def execute(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement (``%s`` placeholders); its rows, or [] when it returns none."""
         with self._connection() as conn:
             try:
-                cur = conn.execute(query, params)  # type: ignore[arg-type]
+                cur = conn.execute(sql, params)  # type: ignore[arg-type]
                 return cur.fetchall() if cur.description else []
             except psycopg.Error as exc:
                 raise StoreError(f"store query failed: {exc}") from exc
@@ -812,12 +836,41 @@ class PostgresStore:
             conn.execute("DELETE FROM changes WHERE seq <= %s", (upto,))
             self._raise_meta(conn, "changes_trimmed", upto)
 
-    def record_checkpoint(self, token: str, seq: int) -> None:
-        """A replica checkpoint at ``seq`` is durable: remember its token (so a manifest that
-        is not this store's latest checkpoint is never trusted) and trim the log up to it."""
-        with self.transaction():
+    def begin_checkpoint(self, token: str) -> None:
+        """A replica is about to write a checkpoint under ``token``: until it is recorded, a
+        manifest with either this token or the last recorded one is this store's."""
+        self.set_meta("checkpoint_pending", token)
+
+    def record_checkpoint(self, token: str, trim_upto: int, now: float) -> int:
+        """A replica checkpoint is durable: remember its token (so a manifest that is not this
+        store's latest checkpoint is never trusted) and trim the log up to ``trim_upto``, but
+        never past a position a live follower holds (one whose hold is younger than
+        ``HOLD_TTL`` seconds at ``now``). Returns where the log was trimmed to."""
+        with self.transaction() as conn:
             self.set_meta("checkpoint_token", token)
-            self.trim_changes(seq)
+            row = conn.execute(
+                "SELECT min(seq) FROM holds WHERE at > %s", (now - HOLD_TTL,)
+            ).fetchone()
+            held = None if row is None else row[0]
+            upto = trim_upto if held is None else min(trim_upto, int(held))
+            if upto > self.trimmed_upto():
+                self.trim_changes(upto)
+            return upto
+
+    def hold_log(self, holder: str, seq: int, now: float) -> None:
+        """A follower needs the log from ``seq`` on: the owner does not trim past it while the
+        hold is refreshed (at least every ``HOLD_TTL`` seconds)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO holds(holder, seq, at) VALUES (%s, %s, %s) ON CONFLICT (holder) "
+                "DO UPDATE SET seq = excluded.seq, at = excluded.at",
+                (holder, seq, now),
+            )
+            conn.execute("DELETE FROM holds WHERE at <= %s", (now - 10 * HOLD_TTL,))
+
+    def release_hold(self, holder: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM holds WHERE holder = %s", (holder,))
 
     def trimmed_upto(self) -> int:
         return int(self.get_meta("changes_trimmed") or 0)
@@ -964,4 +1017,10 @@ _MIGRATION_1 = [
     "old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.namespaces_updated()",
 ]
 
-_MIGRATIONS: dict[int, list[str]] = {1: _MIGRATION_1}
+# Followers' holds on the change log (the owner never trims past a live one).
+_MIGRATION_2 = [
+    "CREATE TABLE {s}.holds (holder TEXT PRIMARY KEY, seq BIGINT NOT NULL, "
+    "at DOUBLE PRECISION NOT NULL)",
+]
+
+_MIGRATIONS: dict[int, list[str]] = {1: _MIGRATION_1, 2: _MIGRATION_2}

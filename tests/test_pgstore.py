@@ -315,3 +315,24 @@ def test_a_bulk_insert_larger_than_one_statement(store: PostgresStore) -> None:
     with pytest.raises(StoreError, match="no column"):
         store.insert_many([{**values("x"), "colour": "red"}], [()])
     assert store.counters()[0] == 4000
+
+
+def test_a_write_inside_a_read_snapshot_is_refused(store: PostgresStore) -> None:
+    with pytest.raises(StoreError, match="read-only"), store.read_snapshot():
+        store.insert(values("p"), ())
+    assert store.insert(values("p"), ()) is not None  # the store carries on
+    with store.transaction(), store.read_snapshot():  # inside a write: adds nothing
+        assert store.counters()[0] == 1
+
+
+def test_an_older_schema_is_migrated_in_place(store: PostgresStore, schema: str) -> None:
+    kept = store.insert(values("kept"), ("t",))
+    with store.transaction() as conn:  # the schema as version 1 left it
+        conn.execute("DROP TABLE holds")
+    store.set_meta("schema_version", "1")
+    store.close()
+    again = PostgresStore(URL, schema=schema)
+    assert again.get_meta("schema_version") == "2" and again.store_id == store.store_id
+    again.hold_log("follower", 1, now=1.0)  # the table version 2 added
+    assert again.rowid_of(kept[1]) == kept[0] and again.tags_of(kept[0]) == ("t",)  # type: ignore[index]
+    again.close()
