@@ -608,19 +608,10 @@ class Store:
     ) -> list[str]:
         """Delete the entries a range search found; fenced on the radius, so an answer being
         computed for a prompt inside it is not cached afterwards. Returns the uids removed."""
-        removed: list[str] = []
         with self.transaction() as conn:
             blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
             self._fence(conn, now, [("similar", None, None, scope_digest, blob, float(radius))])
-            for chunk in _chunks(ids):
-                marks = ", ".join("?" for _ in chunk)
-                removed += [
-                    r[0]
-                    for r in conn.execute(
-                        f"DELETE FROM entries WHERE id IN ({marks}) RETURNING uid", tuple(chunk)
-                    ).fetchall()
-                ]
-        return removed
+            return self.delete_ids(ids)
 
     def delete_ids(self, ids: Sequence[int]) -> list[str]:
         """Delete entries by row id, unfenced (feedback, repairs); returns the uids removed."""
