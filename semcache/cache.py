@@ -78,7 +78,11 @@ CULL_EVERY = 8
 def _check_ttl(ttl: Any) -> float | None:
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
+    try:
+        finite = not isinstance(ttl, bool) and isinstance(ttl, int | float) and math.isfinite(ttl)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
         raise InvalidInputError(f"ttl must be None or a finite number of seconds, not {ttl!r}")
     if ttl < 0:
         raise InvalidInputError(f"ttl must not be negative, got {ttl}")
@@ -1272,6 +1276,8 @@ class SemanticCache:
                 "computes": s.get("computes", 0),
                 "singleflight_waits": s.get("singleflight_waits", 0),
                 "evictions": s.get("evictions", 0),
+                "feedback_wrong": s.get("feedback_wrong", 0),
+                "namespaces": self._db.largest_namespaces(10),
                 "culled": s.get("culled", 0),
                 "index_rebuilds": self.replica.rebuilds,
                 "log_position": self.shards.seq,

@@ -683,6 +683,16 @@ class Store:
             )
 
     # -- sizes ------------------------------------------------------------------------------------
+    def largest_namespaces(self, limit: int) -> dict[str, int]:
+        """The ``limit`` namespaces with the most entries (dead versions included), largest
+        first; one scan of the (namespace, version) index."""
+        rows = self.execute(
+            "SELECT namespace, count(*) AS n FROM entries GROUP BY namespace "
+            "ORDER BY n DESC, namespace LIMIT ?",
+            (limit,),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
     def counters(self) -> tuple[int, int]:
         entries, size = self.execute("SELECT entries, bytes FROM counters WHERE id = 0")[0]
         return int(entries), int(size)

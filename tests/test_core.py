@@ -522,3 +522,19 @@ def test_store_many_replaces_exact_repeats_and_never_evicts_its_own_batch(tmp_pa
         assert all(c.get(i) for i in more)  # the batch evicted the older entries, not itself
         assert c.stats()["entries"] == 3
         assert c.verify() == []
+
+
+def test_stats_report_wrong_feedback_and_the_largest_namespaces(
+    fast_cache: SemanticCache,
+) -> None:
+    from semcache import Scope
+
+    for i in range(3):
+        fast_cache.store(f"acme words {i}", "a", scope=Scope(namespace="acme"))
+    eid = fast_cache.store("globex words", "g", scope=Scope(namespace="globex"))
+    fast_cache.feedback(eid, False)  # a wrong exact answer: deleted, and counted
+    stats = fast_cache.stats()
+    assert stats["feedback_wrong"] == 1
+    assert stats["namespaces"] == {"acme": 3}
+    with pytest.raises(InvalidInputError, match="finite"):
+        fast_cache.store("huge ttl words", "x", ttl=10**400)
