@@ -211,7 +211,7 @@ class ErrorBudget:
         self.band = float(band)
         self.bins = int(bins)
         if scorer is None or prior is None or min_similarity is None:
-            from .nearmiss import GuardedPolicy
+            from .nearmiss import GuardedPolicy, exceeds_window
             from .verifier import shipped_policy
 
             point = shipped_policy("score")
@@ -221,6 +221,8 @@ class ErrorBudget:
                 def scorer(q: str, c: str, s: float) -> float | None:
                     if guard.reason(q, c, s) is not None:
                         return None
+                    if exceeds_window(q) or exceeds_window(c):
+                        return 1.0  # above the window the guard passed only the same words
                     return point.score(q, c, s)
 
             prior = point.min_score if prior is None else prior

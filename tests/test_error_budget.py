@@ -47,6 +47,16 @@ def test_from_the_first_lookup_it_is_the_calibrated_point(embedder) -> None:  # 
     assert budget.stats()["source"] == "prior" and budget.stats()["labels"] == 0
 
 
+def test_long_prompts_are_decided_by_their_words_not_scored() -> None:
+    """Above the model's window the verifier is not run on the whole text (its cost)."""
+    doc = " ".join(f"Row {i}: supplier {i * 7} shipped {i * 3} crates." for i in range(80))
+    budget = ErrorBudget(0.02)
+    same = budget.decide(doc + " Who shipped most?", doc + " who shipped most", 0.999)
+    assert same.serve and same.score == 1.0
+    other = budget.decide(doc + " Who shipped most?", doc + " Who shipped least?", 0.999)
+    assert not other.serve and other.score is None
+
+
 def scorer(q: str, c: str, s: float) -> float:
     return s  # unit tests: the score is the similarity
 
