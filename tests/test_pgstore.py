@@ -336,3 +336,22 @@ def test_an_older_schema_is_migrated_in_place(store: PostgresStore, schema: str)
     again.hold_log("follower", 1, now=1.0)  # the table version 2 added
     assert again.rowid_of(kept[1]) == kept[0] and again.tags_of(kept[0]) == ("t",)  # type: ignore[index]
     again.close()
+
+
+def _open_and_report(schema: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    store = PostgresStore(URL, schema=schema, pool_size=1)
+    out.put(store.store_id)
+    store.close()
+
+
+def test_processes_creating_one_schema_at_once_agree_on_one_store(schema: str) -> None:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_open_and_report, args=(schema, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    ids = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(set(ids)) == 1 and len(ids[0]) == 32
