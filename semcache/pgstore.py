@@ -96,7 +96,8 @@ class PostgresStore:
     schema that holds semcache's tables (made if missing); ``synchronous="OFF"`` commits with
     ``synchronous_commit=off`` (a server crash may lose the last acknowledged writes, never
     consistency), any other level keeps the server's setting. ``pool_size`` bounds the
-    connections this process opens.
+    connections this process opens. A writer waits at most ``busy_timeout`` seconds for its
+    turn (another process may hold it, or be stuck holding it), then gets a ``StoreError``.
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class PostgresStore:
         synchronous: str = "NORMAL",
         pool_size: int = 8,
         connect_timeout: float = 10.0,
+        busy_timeout: float = 30.0,
     ) -> None:
         if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise InvalidInputError(
@@ -125,6 +127,7 @@ class PostgresStore:
         self.path = f"{redact(url)} (schema {schema})"
         self._ident = sql.Identifier(schema)
         self._sync = _SYNCHRONOUS[level]
+        self._busy_ms = max(1, int(busy_timeout * 1000))
         self._local = threading.local()
         self._closed = False
         self._insert_sql: dict[tuple[str, ...], str] = {}
@@ -155,6 +158,8 @@ class PostgresStore:
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute(sql.SQL("SET search_path TO {}").format(self._ident))
+        # a writer waits this long for another's turn (SQLite's busy_timeout), then fails
+        conn.execute(sql.SQL("SET lock_timeout TO {}").format(sql.Literal(self._busy_ms)))
         if self._sync is not None:
             conn.execute(sql.SQL("SET synchronous_commit TO {}").format(sql.SQL(self._sync)))
 

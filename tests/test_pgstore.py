@@ -355,3 +355,17 @@ def test_processes_creating_one_schema_at_once_agree_on_one_store(schema: str) -
         p.join(60)
         assert p.exitcode == 0
     assert len(set(ids)) == 1 and len(ids[0]) == 32
+
+
+def test_a_writer_stuck_holding_its_turn_makes_others_fail_not_hang(
+    store: PostgresStore, schema: str
+) -> None:
+    other = PostgresStore(URL, schema=schema, busy_timeout=0.5)
+    with psycopg.connect(URL) as stuck:  # a replica that stopped mid-transaction
+        stuck.execute(f"SELECT 1 FROM {schema}.log_head FOR UPDATE")  # type: ignore[arg-type]
+        with pytest.raises(StoreError, match="lock timeout"):
+            other.insert(values("waits"), ())
+        assert other.counters() == (0, 0)  # reads never wait
+        stuck.rollback()
+    assert other.insert(values("after"), ()) is not None
+    other.close()
