@@ -146,3 +146,23 @@ async def test_identical_concurrent_misses_make_one_upstream_call(
     assert sorted(r.headers["x-semcache"] for r in responses) == ["hit"] * 5 + ["miss"]
     assert fake_upstream.STATE["total"] == 1
     assert len({r.json()["choices"][0]["message"]["content"] for r in responses}) == 1
+
+
+def test_semcache_target_error_runs_the_error_budget_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from semcache.errorbudget import ErrorBudget
+    from semcache.server.app import _close_all, _open_cache
+
+    monkeypatch.setenv("SEMCACHE_TARGET_ERROR", "0.02")
+    settings = Settings(data=tmp_path / "data", embed_process=False, batching=False)
+    assert settings.target_error == 0.02
+    cache, _, closers = _open_cache(settings)
+    try:
+        assert isinstance(cache.policy, ErrorBudget) and cache.policy.target_error == 0.02
+        assert cache.stats()["policy_state"]["default"]["target"] == 0.02
+    finally:
+        cache.close()
+        _close_all(closers)
+    with pytest.raises(ValueError):
+        Settings(target_error=1.5)

@@ -153,6 +153,8 @@ def _open_cache(
             embedder = batcher
             closers.insert(0, batcher.close)
         kwargs: dict[str, Any] = {"embedder": embedder, "threshold": settings.threshold}
+        if settings.target_error is not None:
+            kwargs["target_error"] = settings.target_error
         if settings.default_ttl is not None:
             kwargs["default_ttl"] = settings.default_ttl
         if settings.max_entries is not None:

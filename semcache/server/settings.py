@@ -26,6 +26,9 @@ variable                    meaning                              default
 ``SEMCACHE_SHUTDOWN_GRACE`` seconds SIGTERM waits for requests   ``10``
                             in flight before closing the cache
 ``SEMCACHE_THRESHOLD``      similarity threshold (None: default) unset
+``SEMCACHE_TARGET_ERROR``   hold wrong answers under this rate   unset
+                            (the ErrorBudget policy; not with
+                            ``SEMCACHE_THRESHOLD``)
 ``SEMCACHE_DEFAULT_TTL``    seconds an answer lives (None: ever) unset
 ``SEMCACHE_MAX_TEMPERATURE`` above it requests are not cached    ``1.0``
 ``SEMCACHE_BATCHING``       dynamic batching of embeddings       ``true``
@@ -132,6 +135,7 @@ class Settings(BaseSettings):
         "(and its index checkpointed)",
     )
     threshold: float | None = Field(None, ge=-1.0, le=1.0)
+    target_error: float | None = Field(None, gt=0.0, lt=1.0)
     default_ttl: float | None = Field(None, ge=0)
     max_entries: int | None = Field(None, ge=1)
     max_temperature: float = 1.0
