@@ -18,8 +18,8 @@ recorded after, so a crash in between leaves a checkpoint the store still recogn
 
 Writes land in each graph's small exact segment of recent vectors (see
 :class:`~semcache.index.FaissIndex`); a background merger moves them into the graph in chunks,
-each under the replica's lock, so a write never waits on a graph insertion and a lookup waits at
-most for one chunk.
+each under the replica's lock, once writes pause (or a segment outgrows its bound), so a write
+rarely waits on a graph insertion and a lookup waits at most for one chunk.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ FENCE_HORIZON = 3600.0
 #: Changes kept in the log behind a checkpoint, so a follower a little behind the owner catches
 #: up from the log instead of rebuilding.
 LOG_KEEP = 10_000
+#: Seconds without new vectors before the merger moves the recent segment into the graph.
+QUIET_SECONDS = 0.2
 #: Snapshots a rebuild takes before it gives up on a log that keeps being trimmed past it.
 REBUILD_ATTEMPTS = 5
 _EMPTY = (np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64))
@@ -73,23 +75,28 @@ class Replica:
         self._holder = uuid.uuid4().hex  # this replica's name for its hold on the log
         self._held: tuple[int, float] | None = None  # (seq, when) of the last hold written
         self._merger: _Merger | None = None
+        self.last_add = 0.0  # monotonic time of the last vector added (the merger waits for quiet)
 
-    def start_merger(self, chunk: int = 64, idle: float = 0.05) -> None:
+    def start_merger(self, chunk: int = 256, idle: float = 0.05) -> None:
         """Merge recent writes into the graphs in the background (a daemon thread)."""
         if self._merger is None:
             self._merger = _Merger(self, chunk, idle)
 
-    def merge_step(self, chunk: int, at_least: int = 1) -> bool:
-        """Merge one chunk of one shard's recent writes, if it has ``at_least`` pending; False
-        when no shard has."""
+    def merge_step(self, chunk: int, *, quiet: bool) -> bool:
+        """Merge one chunk of one shard's recent writes: of any shard when writes are
+        ``quiet``, else only of a shard whose segment outgrew its ``recent_max`` (bounded search
+        cost). False when there is nothing to merge now."""
         with self.lock:
             for _, index in self.shards.items():
                 pending = getattr(index, "pending", 0)
-                if pending >= at_least:
-                    behind = pending > getattr(index, "recent_max", pending)
-                    index.merge(chunk * 16 if behind else chunk)  # type: ignore[attr-defined]
+                if pending and (quiet or pending > getattr(index, "recent_max", pending)):
+                    index.merge(chunk)  # type: ignore[attr-defined]
                     return True
         return False
+
+    def quiet(self, seconds: float) -> bool:
+        """No vector was added for ``seconds``."""
+        return time.monotonic() - self.last_add >= seconds
 
     # -- opening ----------------------------------------------------------------------------
     def open(self, *, rebuild: bool) -> None:
@@ -229,6 +236,8 @@ class Replica:
         for shard, pairs in adds.items():
             ids_ = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
             self.shards.add(shard, ids_, np.stack([p[1] for p in pairs]))
+        if adds:
+            self.last_add = time.monotonic()
         self.shards.seq = changes[-1].seq
 
     def _hold(self, seq: int, *, force: bool = False) -> None:
@@ -311,14 +320,14 @@ class _Merger:
         self._thread.start()
 
     def _run(self) -> None:
-        ticks = 0
+        # Merging holds the replica's lock (a graph cannot be searched while it grows), so it
+        # waits for a pause in the writes, like a segment merge: during a burst of writes the
+        # recent segment grows (searched exactly), up to its bound.
         while not self._stop.wait(self._idle):
-            ticks += 1
-            # a graph insertion has a fixed cost per call: merge full chunks as they fill, and
-            # whatever is left every second
-            at_least = 1 if ticks % 20 == 0 else self._chunk
             try:
-                while self._replica.merge_step(self._chunk, at_least):
+                while self._replica.merge_step(
+                    self._chunk, quiet=self._replica.quiet(QUIET_SECONDS)
+                ):
                     if self._stop.wait(0.002):  # between chunks, let waiting callers in
                         return
             except Exception:  # pragma: no cover - logged; the segment is still searched

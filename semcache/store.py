@@ -39,6 +39,8 @@ SCHEMA_VERSION = 4
 #: Seconds a follower's hold on the change log lasts unless refreshed (wall-clock time: it is
 #: compared across processes).
 HOLD_TTL = 60.0
+#: Bytes the WAL file is truncated to after a checkpoint.
+WAL_SIZE_LIMIT = 8 * 2**20
 #: Rows per statement where a list of ids or tags is bound (SQLite allows 32,766 variables).
 CHUNK = 500
 
@@ -146,6 +148,8 @@ class Store:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(f"PRAGMA synchronous={synchronous}")
             self._conn.execute("PRAGMA busy_timeout=30000")
+            # a large batch grows the WAL file; after each checkpoint it shrinks back to this
+            self._conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self._db = sqlite_utils.Database(self._conn)
             self._lock = threading.RLock()
             self._depth = 0
