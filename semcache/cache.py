@@ -1215,40 +1215,9 @@ class SemanticCache:
         """
         self._check_open()
         problems = self._db.quick_check()
-        with self._lock:
-            self.replica.catch_up()
-            if self._db.get_meta("model_id") != self.embedder.model_id:
-                problems.append("store model id differs from the embedder's")
-            expected: dict[str, dict[int, np.ndarray]] = {}
-            for ids, shards, vectors in self._db.iter_vectors():
-                for rowid, shard, vec in zip(ids.tolist(), shards, vectors, strict=True):
-                    expected.setdefault(shard, {})[rowid] = vec
-            seen = set()
-            for shard, index in self.shards.items():
-                seen.add(shard)
-                want = expected.get(shard, {})
-                have = set(index.ids().tolist())
-                missing, extra = set(want) - have, have - set(want)
-                if missing:
-                    problems.append(f"shard {shard}: {len(missing)} entries missing from index")
-                if extra:
-                    problems.append(f"shard {shard}: {len(extra)} index ids not in the store")
-                common = sorted(set(want) & have)
-                if common:
-                    got = index.vectors(np.asarray(common, dtype=np.int64))
-                    ref = np.stack([want[i] for i in common])
-                    bad = int((np.abs(got - ref).max(axis=1) > 1e-5).sum())
-                    if bad:
-                        problems.append(f"shard {shard}: {bad} index vectors differ from store")
-            for shard in set(expected) - seen:
-                problems.append(f"shard {shard}: {len(expected[shard])} entries not indexed")
-            n = sum(len(v) for v in expected.values())
-            if self._db.counters()[0] != n:
-                problems.append(f"entry counter says {self._db.counters()[0]}, table has {n}")
-            if fix and problems:
-                self.replica.rebuild()
-                self._db.recount()
-        return problems
+        if self._db.get_meta("model_id") != self.embedder.model_id:
+            problems.append("store model id differs from the embedder's")
+        return problems + self.replica.verify(fix=fix)
 
     def stats(self) -> dict[str, Any]:
         """Counts for monitoring: sizes, tiers, hit rate, invalidations by pattern."""

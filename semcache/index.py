@@ -281,20 +281,20 @@ class FaissIndex:
             return self._rn
 
     def _merge_locked(self, n: int) -> None:
+        """Move the newest ``n`` recent vectors into the graph: taken from the segment's end,
+        so a merge costs O(n), whatever the segment's size."""
         assert self._hnsw is not None
-        ids = self._rids[:n].copy()
-        vectors = self._rmat[:n].copy()
+        rest = self._rn - n
+        ids = self._rids[rest : self._rn].copy()
+        vectors = self._rmat[rest : self._rn].copy()
         start = self._hnsw.ntotal
         with _build_threads(n >= 64):  # batches insert in parallel
             self._hnsw.add(vectors)
         self._labels = np.concatenate([self._labels, ids])
         for offset, id_ in enumerate(ids.tolist()):
             self._label_of[id_] = start + offset
-        rest_ids = self._rids[n : self._rn].copy()
-        rest = self._rmat[n : self._rn].copy()
-        self._clear_recent()
-        if len(rest_ids):
-            self._append_recent(rest_ids, rest)
+            del self._rpos[id_]
+        self._rn = rest
 
     def remove(self, ids: np.ndarray) -> int:
         with self._lock:

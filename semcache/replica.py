@@ -268,6 +268,45 @@ class Replica:
             return _EMPTY
         return index.search(vector, k)
 
+    # -- checking -------------------------------------------------------------------------
+    def verify(self, *, fix: bool) -> list[str]:
+        """Compare the shards with the store (every id in its shard, every vector equal) and
+        the store's entry counter with its table; with ``fix``, rebuild and recount when they
+        disagree. Returns the problems found before fixing."""
+        problems: list[str] = []
+        with self.lock:
+            self.catch_up()
+            expected: dict[str, dict[int, np.ndarray]] = {}
+            for ids, shards, vectors in self.store.iter_vectors():
+                for rowid, shard, vec in zip(ids.tolist(), shards, vectors, strict=True):
+                    expected.setdefault(shard, {})[rowid] = vec
+            seen = set()
+            for shard, index in self.shards.items():
+                seen.add(shard)
+                want = expected.get(shard, {})
+                have = set(index.ids().tolist())
+                missing, extra = set(want) - have, have - set(want)
+                if missing:
+                    problems.append(f"shard {shard}: {len(missing)} entries missing from index")
+                if extra:
+                    problems.append(f"shard {shard}: {len(extra)} index ids not in the store")
+                common = sorted(set(want) & have)
+                if common:
+                    got = index.vectors(np.asarray(common, dtype=np.int64))
+                    ref = np.stack([want[i] for i in common])
+                    bad = int((np.abs(got - ref).max(axis=1) > 1e-5).sum())
+                    if bad:
+                        problems.append(f"shard {shard}: {bad} index vectors differ from store")
+            for shard in set(expected) - seen:
+                problems.append(f"shard {shard}: {len(expected[shard])} entries not indexed")
+            n = sum(len(v) for v in expected.values())
+            if self.store.counters()[0] != n:
+                problems.append(f"entry counter says {self.store.counters()[0]}, table has {n}")
+            if fix and problems:
+                self.rebuild()
+                self.store.recount()
+        return problems
+
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint(self, now: float | None) -> bool:
         """Persist the shards and trim the log up to them, if this replica owns the folder's
