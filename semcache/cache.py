@@ -623,6 +623,40 @@ class SemanticCache:
             ids += self._write_many(batch, batch_vectors)
         return ids
 
+    def _row(
+        self,
+        item: dict[str, Any],
+        vector: np.ndarray,
+        shard: str,
+        scope_json: str,
+        now: float,
+        born: float,
+    ) -> dict[str, Any]:
+        """The store row of a prepared item in ``shard``, its size checked against
+        ``max_bytes``; its TTL counts from ``born``."""
+        scope = item["scope"]
+        values = {
+            "uid": uuid.uuid4().hex,
+            "shard": shard,
+            "namespace": scope.namespace,
+            "version": int(shard.rsplit(":", 1)[1]),
+            "scope_digest": scope.digest,
+            "scope": scope_json,
+            "prompt": item["norm"],
+            "l1_key": exact_key(shard, item["norm"]),
+            "response": item["response"],
+            "vector": np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
+            "created_at": now,
+            "updated_at": now,
+            "accessed_at": now,
+            "expires_at": self._expiry(item["ttl"], born),
+            "size": 0,
+            "metadata": item["metadata"],
+        }
+        values["size"] = entry_size(values, item["tags"])
+        self.evictor.check_size(values["size"])
+        return values
+
     def _write_many(self, items: list[dict[str, Any]], vectors: np.ndarray) -> list[str]:
         """Commit a batch of entries in one transaction (unfenced), then catch up."""
         with self._lock:
@@ -637,27 +671,7 @@ class SemanticCache:
                     version = self.replica.version(scope.namespace)
                     scopes[scope.digest] = (shard_key(scope.digest, version), scope.to_json())
                 shard, scope_json = scopes[scope.digest]
-                values = {
-                    "uid": uuid.uuid4().hex,
-                    "shard": shard,
-                    "namespace": scope.namespace,
-                    "version": int(shard.rsplit(":", 1)[1]),
-                    "scope_digest": scope.digest,
-                    "scope": scope_json,
-                    "prompt": item["norm"],
-                    "l1_key": exact_key(shard, item["norm"]),
-                    "response": item["response"],
-                    "vector": np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
-                    "created_at": now,
-                    "updated_at": now,
-                    "accessed_at": now,
-                    "expires_at": self._expiry(item["ttl"], now),
-                    "size": 0,
-                    "metadata": item["metadata"],
-                }
-                values["size"] = entry_size(values, item["tags"])
-                self.evictor.check_size(values["size"])
-                rows.append(values)
+                rows.append(self._row(item, vector, shard, scope_json, now, now))
             with self._db.transaction():
                 written = self._db.insert_many(rows, [item["tags"] for item in items])
                 self._cull(now)
@@ -697,37 +711,17 @@ class SemanticCache:
         observed: Observed | None,
     ) -> str | None:
         """Commit one entry (fenced when ``observed`` is given); None when the fence refused."""
-        norm, scope, tags = item["norm"], item["scope"], item["tags"]
+        scope, tags = item["scope"], item["tags"]
         vector = np.ascontiguousarray(vector, dtype=np.float32)
         with self._lock:
             self._check_open()
             now = self.clock.now()
             self.replica.sync()
-            version = self.replica.version(scope.namespace)
-            shard = shard_key(scope.digest, version)
-            key = exact_key(shard, norm)
-            values = {
-                "uid": uuid.uuid4().hex,
-                "shard": shard,
-                "namespace": scope.namespace,
-                "version": version,
-                "scope_digest": scope.digest,
-                "scope": scope.to_json(),
-                "prompt": norm,
-                "l1_key": key,
-                "response": item["response"],
-                "vector": vector.tobytes(),
-                "created_at": now,
-                "updated_at": now,
-                "accessed_at": now,
-                # a fenced answer is as old as the lookup it follows: its TTL counts from there
-                "expires_at": self._expiry(item["ttl"], observed.at if observed else now),
-                "size": 0,
-                "metadata": item["metadata"],
-            }
-            values["size"] = entry_size(values, tags)
-            self.evictor.check_size(values["size"])
-            candidate = Candidate(scope.namespace, scope.digest, key, tags, vector)
+            shard = self._shard(scope)
+            # a fenced answer is as old as the lookup it follows: its TTL counts from there
+            born = observed.at if observed else now
+            values = self._row(item, vector, shard, scope.to_json(), now, born)
+            candidate = Candidate(scope.namespace, scope.digest, values["l1_key"], tags, vector)
             with self._db.transaction():
                 written = self._db.insert(
                     values,
