@@ -155,7 +155,7 @@ class _Looked:
     vector: np.ndarray | None
     shard: str
     nearest: float | None
-    observed: Observed
+    observed: Observed | None  # taken only for a lookup a fenced write may follow
     choice: _Choice | None = None
 
 
@@ -415,11 +415,18 @@ class SemanticCache:
         return looked.hit, looked.nearest
 
     def _lookup(
-        self, prompt: str, scope: Scope, policy: HitPolicy, vector: np.ndarray | None
+        self,
+        prompt: str,
+        scope: Scope,
+        policy: HitPolicy,
+        vector: np.ndarray | None,
+        *,
+        fence: bool = False,
     ) -> _Looked:
         self._check_open()
         norm = normalise(prompt)
-        observed = Observed(self._db.position(), self.clock.now())  # before anything is read
+        # the fence position before anything is read, only when a write may follow this lookup
+        observed = Observed(self._db.position(), self.clock.now()) if fence else None
         with self._lock:
             self.replica.sync()
             shard = self._shard(scope)
@@ -758,7 +765,7 @@ class SemanticCache:
         answered now, (None, flight, looked) for a leader, (None, flight, None) for a follower
         that must wait for ``flight``, and (None, None, looked) for a hit that a learning
         policy wants answered by the LLM anyway, to label it (exploration)."""
-        looked = self._lookup(prompt, item["scope"], policy, None)
+        looked = self._lookup(prompt, item["scope"], policy, None, fence=True)
         if looked.hit is not None:
             decision = None if looked.choice is None else looked.choice.decision
             explore = getattr(policy, "should_explore", None)
@@ -795,7 +802,7 @@ class SemanticCache:
         candidate the policy refused gets its free label (did the LLM answer the same?)."""
         result = _check_response(result)
         self._stats["computes"] += 1
-        assert looked.vector is not None
+        assert looked.vector is not None and looked.observed is not None
         self._write({**item, "response": result}, looked.vector, looked.observed)
         refused = None if looked.choice is None else looked.choice.refused
         if refused is not None:
