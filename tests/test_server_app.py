@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -28,7 +29,8 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEMCACHE_UPSTREAM_API_KEY", "sk-secret")
     monkeypatch.setenv("SEMCACHE_TOKENS", '{"token-aaaa": "acme", "token-bbbb": null}')
     s = Settings()
-    assert s.data == Path("/tmp/x") and s.port == 9999
+    assert s.data == Path("/tmp/x") and s.port == 9999 and not s.data_is_url
+    assert s.cache_kwargs() == {}  # a folder holds its own index and has no schema
     assert s.upstream == "http://127.0.0.1:1/v1"
     assert s.upstream_api_key is not None and "sk-secret" not in repr(s)
     assert s.tokens == {"token-aaaa": "acme", "token-bbbb": None} and s.auth_enabled
@@ -52,6 +54,94 @@ def test_serve_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert seen["app"].state.semcache.settings.upstream == "http://u/v1"
     bad = CliRunner().invoke(cli, ["serve", "--port", "70000"])
     assert bad.exit_code == 2
+
+
+PG_URL = "postgresql://root@127.0.0.1:5432/test"
+
+
+def test_data_is_a_folder_or_a_postgres_url_kept_as_a_string(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    url = "postgresql://app:s3cret-pw@db.internal:5432/llm?sslmode=require"
+    monkeypatch.setenv("SEMCACHE_DATA", url)
+    monkeypatch.setenv("SEMCACHE_INDEX_DIR", str(tmp_path / "idx"))
+    monkeypatch.setenv("SEMCACHE_SCHEMA", "cache_b")
+    s = Settings()
+    assert s.data == url and isinstance(s.data, str) and s.data_is_url  # not Path()-folded
+    assert s.index_dir == tmp_path / "idx" and s.schema == "cache_b"
+    assert s.cache_kwargs() == {"index_dir": tmp_path / "idx", "schema": "cache_b"}
+    assert "s3cret-pw" not in repr(s) and "s3cret-pw" not in s.data_shown
+    assert s.data_shown == "postgresql://app@db.internal:5432/llm?sslmode=require"
+    monkeypatch.delenv("SEMCACHE_INDEX_DIR")
+    monkeypatch.delenv("SEMCACHE_SCHEMA")
+    s = Settings(data="postgres://h/db")
+    assert s.data == "postgres://h/db" and s.cache_kwargs() == {"schema": "semcache"}
+    assert Settings(data=Path("postgresql://h/db")).data_is_url is False  # a Path is a folder
+    for bad in ("mysql://h/db", "s3://bucket/cache"):
+        with pytest.raises(ValueError, match="folder or a postgresql:// URL"):
+            Settings(data=bad)
+    with pytest.raises(ValueError):
+        Settings(schema="")
+
+
+def test_serve_data_flag_takes_a_url_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from semcache.cli import app as cli
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    url = "postgresql://app:pw-in-url@127.0.0.1:5432/test"
+    args = ["serve", "--data", url, "--index-dir", "/tmp/idx", "--schema", "tenant_a"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    settings = seen["app"].state.semcache.settings
+    assert settings.data == url and settings.schema == "tenant_a"
+    assert settings.index_dir == Path("/tmp/idx")
+    bad = CliRunner().invoke(cli, ["serve", "--data", "mysql://u:pw-in-url@h/db"])
+    assert bad.exit_code == 2 and "postgresql://" in bad.output
+    assert "pw-in-url" not in bad.output  # the error names the problem, not the value
+
+
+@pytest.mark.postgres
+def test_a_sidecar_on_a_postgres_url_opens_the_shared_store(tmp_path: Path) -> None:
+    import uuid
+
+    import psycopg
+
+    from semcache.server import ui
+    from semcache.server.app import _close_all, _open_cache
+    from semcache.server.metrics import Metrics
+
+    schema = f"semcache_test_{uuid.uuid4().hex[:16]}"
+    settings = Settings(
+        data=PG_URL.replace("root@", "root:pw-not-shown@"),
+        index_dir=tmp_path / "idx",
+        schema=schema,
+        threshold=0.85,
+        embed_process=False,
+        batching=False,
+    )
+    try:
+        cache, _, closers = _open_cache(settings)
+        try:
+            assert cache.shared and cache.path == tmp_path / "idx"
+            assert schema in cache.location and "pw-not-shown" not in cache.location
+            cache.store("what is the capital of France?", "Paris")
+            hit = cache.lookup("what is the capital of France?")
+            assert hit is not None and hit.response == "Paris"
+            with psycopg.connect(PG_URL) as conn:
+                rows = conn.execute(f"SELECT count(*) FROM {schema}.entries").fetchone()  # type: ignore[arg-type]
+            assert rows is not None and rows[0] == 1  # in the URL's store, in that schema
+            shown = SimpleNamespace(cache=cache, metrics=Metrics())
+            page = ui.render(shown, cache.stats(), cache.position(), [])
+            assert schema in page and "pw-not-shown" not in page
+        finally:
+            cache.close()
+            _close_all(closers)
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")  # type: ignore[arg-type]
 
 
 @pytest.fixture

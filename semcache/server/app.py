@@ -64,9 +64,7 @@ class ServerState:
     limiter: anyio.CapacityLimiter | None = None
     #: exact misses being answered by the upstream right now, keyed by what the answer depends
     #: on: (scope digest, namespace version, normalised prompt) -> done
-    inflight: dict[tuple[str, int, str], asyncio.Event] = dataclasses.field(
-        default_factory=dict
-    )
+    inflight: dict[tuple[str, int, str], asyncio.Event] = dataclasses.field(default_factory=dict)
     #: set when shutdown begins (SIGTERM): /readyz answers 503 from then on
     draining: bool = False
 
@@ -117,6 +115,13 @@ def _close_all(closers: list[Callable[[], None]]) -> None:
         raise failure
 
 
+def _accepts(cls: type, keyword: str) -> bool:
+    """Whether ``cls(...)`` takes ``keyword``."""
+    import inspect
+
+    return keyword in inspect.signature(cls).parameters
+
+
 def _open_cache(
     settings: Settings,
 ) -> tuple[SemanticCache, BatchingEmbedder | None, list[Callable[[], None]]]:
@@ -159,7 +164,13 @@ def _open_cache(
             kwargs["default_ttl"] = settings.default_ttl
         if settings.max_entries is not None:
             kwargs["max_entries"] = settings.max_entries
-        cache = SemanticCache(settings.data, **kwargs)
+        where = settings.cache_kwargs()  # index_dir and schema, only for a postgresql:// URL
+        if where and not _accepts(SemanticCache, "index_dir"):
+            raise SemcacheError(
+                "this semcache's SemanticCache cannot open a postgresql:// store (no index_dir "
+                "or schema argument); give SEMCACHE_DATA a folder"
+            )
+        cache = SemanticCache(settings.data, **kwargs, **where)
     except BaseException:
         _close_all(closers)
         raise
@@ -216,7 +227,7 @@ def create_app(
                 )
             log.info(
                 "semcache sidecar ready: data=%s upstream=%s auth=%s",
-                settings.data,
+                settings.data_shown,
                 settings.upstream,
                 "on" if settings.auth_enabled else "off",
             )

@@ -15,7 +15,22 @@ import typer
 
 def serve(
     data: Annotated[
-        Path | None, typer.Option(help="data folder of the cache (env SEMCACHE_DATA)")
+        str | None,
+        typer.Option(
+            help="data folder of the cache, or a postgresql:// URL of a shared store "
+            "(env SEMCACHE_DATA)"
+        ),
+    ] = None,
+    index_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="with a postgresql:// --data: folder of this replica's index files "
+            "(env SEMCACHE_INDEX_DIR)"
+        ),
+    ] = None,
+    schema: Annotated[
+        str | None,
+        typer.Option(help="with a postgresql:// --data: the store's schema (env SEMCACHE_SCHEMA)"),
     ] = None,
     host: Annotated[str | None, typer.Option(help="interface (env SEMCACHE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (env SEMCACHE_PORT)")] = None,
@@ -45,6 +60,8 @@ def serve(
         name: value
         for name, value in {
             "data": data,
+            "index_dir": index_dir,
+            "schema": schema,
             "host": host,
             "port": port,
             "upstream": upstream,
@@ -56,7 +73,12 @@ def serve(
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        typer.echo(f"invalid settings:\n{exc}", err=True)
+        # without the values given: a postgresql:// URL may carry a password
+        problems = "\n".join(
+            f"  {'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
+            for err in exc.errors(include_input=False, include_url=False)
+        )
+        typer.echo(f"invalid settings:\n{problems}", err=True)
         raise typer.Exit(2) from None
 
     import uvicorn

@@ -151,11 +151,19 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code >= 500:
-            log.error("HTTP %s on %s [%s]: %s", exc.status_code, request.url.path,
-                      request_id_of(request), exc.detail)
+            log.error(
+                "HTTP %s on %s [%s]: %s",
+                exc.status_code,
+                request.url.path,
+                request_id_of(request),
+                exc.detail,
+            )
             return internal_response(request_id_of(request), exc.status_code)
         return error_response(
-            exc.status_code, str(exc.detail), "invalid_request_error", None,
+            exc.status_code,
+            str(exc.detail),
+            "invalid_request_error",
+            None,
             dict(exc.headers or {}),
         )
 

@@ -5,7 +5,12 @@
 ==========================  ===================================  ==============================
 variable                    meaning                              default
 ==========================  ===================================  ==============================
-``SEMCACHE_DATA``           the cache's data folder              ``indexes/default``
+``SEMCACHE_DATA``           the cache's data folder, or a        ``indexes/default``
+                            ``postgresql://`` URL of a shared
+                            store (see below)
+``SEMCACHE_INDEX_DIR``      with a URL: folder of this replica's unset: a per-store folder
+                            local index files                    under the user cache dir
+``SEMCACHE_SCHEMA``         with a URL: the store's schema       ``semcache``
 ``SEMCACHE_HOST``           interface to listen on               ``127.0.0.1``
 ``SEMCACHE_PORT``           port                                 ``8080``
 ``SEMCACHE_UPSTREAM``       OpenAI-compatible base URL of misses ``https://api.openai.com/v1``
@@ -44,6 +49,12 @@ metrics, expire). With no tokens every endpoint is open: bind to 127.0.0.1 then.
 counts are fixed limits of the API (:data:`MAX_TAGS` tags of at most :data:`MAX_TAG_CHARS`
 characters, 422 beyond).
 
+Data: ``SEMCACHE_DATA`` (``semcache serve --data``) is a folder, or a ``postgresql://`` URL
+that several sidecars share (each keeps its own index files in ``SEMCACHE_INDEX_DIR``). A URL is
+kept as the string it is and handed to :class:`~semcache.SemanticCache` unchanged; what the
+sidecar shows or logs of it has the password taken out (:attr:`Settings.data_shown`). Any other
+``scheme://`` is refused (422) rather than taken for a folder name.
+
 Upstream key: when ``SEMCACHE_UPSTREAM_API_KEY`` is set it is sent upstream on every miss. When it
 is not and auth is off, the caller's own ``Authorization`` header is passed through (the sidecar
 is then a transparent proxy for callers that hold their own keys).
@@ -52,11 +63,20 @@ is then a transparent proxy for callers that hold their own keys).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ..stores import is_store_url
+
+# ``schema`` (SEMCACHE_SCHEMA) is the name the rest of semcache gives a PostgreSQL schema; as a
+# field it hides pydantic's deprecated ``BaseModel.schema()``, which nothing here calls
+warnings.filterwarnings(
+    "ignore", message='Field name "schema" in "Settings" shadows', category=UserWarning
+)
 
 #: most tags one entry or one invalidation may carry (422 beyond)
 MAX_TAGS = 64
@@ -102,7 +122,21 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SEMCACHE_", extra="ignore")
 
-    data: Path = Field(Path("indexes/default"), description="the cache's data folder")
+    data: Path | str = Field(
+        Path("indexes/default"),
+        description="the cache's data folder, or a postgresql:// URL (kept as a string)",
+        repr=False,  # a URL may carry a password: repr shows data_shown instead
+    )
+    index_dir: Path | None = Field(
+        None,
+        description="with a postgresql:// data URL: the folder of this replica's local index "
+        "files (default: a folder per store under the user cache directory)",
+    )
+    schema: str = Field(  # shadows BaseModel.schema(), the deprecated v1 method (see above)
+        "semcache",
+        min_length=1,
+        description="with a postgresql:// data URL: the schema that holds the cache's tables",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     upstream: str | None = Field(
@@ -175,6 +209,52 @@ class Settings(BaseSettings):
     @classmethod
     def _tokens(cls, value: Any) -> dict[str, str | None]:
         return parse_tokens(value)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data(cls, value: Any) -> Path | str:
+        """A ``postgresql://`` URL stays a string (``Path`` would fold its ``//``); anything
+        else is a folder. Another ``scheme://`` is refused, not taken for a folder name."""
+        if isinstance(value, str):
+            if is_store_url(value):
+                return value
+            if "://" in value:
+                scheme = value.split("://", 1)[0]
+                raise ValueError(
+                    f"data must be a folder or a postgresql:// URL, not a {scheme}:// URL"
+                )
+            return Path(value)
+        if isinstance(value, Path):
+            return value
+        raise ValueError("data must be a folder or a postgresql:// URL")
+
+    @property
+    def data_is_url(self) -> bool:
+        """Whether ``data`` names a shared PostgreSQL store (not a folder)."""
+        return isinstance(self.data, str)
+
+    @property
+    def data_shown(self) -> str:
+        """``data`` as logs and pages show it: a URL without its password."""
+        if not isinstance(self.data, str):
+            return str(self.data)
+        from ..pgstore import redact  # needs the postgres extra, which a URL needs anyway
+
+        return redact(self.data)
+
+    def cache_kwargs(self) -> dict[str, Any]:
+        """Where the data lives, as :class:`~semcache.SemanticCache` keywords: ``index_dir``
+        and ``schema`` only for a URL (a data folder holds its own index and has no schema)."""
+        if not self.data_is_url:
+            return {}
+        kwargs: dict[str, Any] = {"schema": self.schema}
+        if self.index_dir is not None:
+            kwargs["index_dir"] = self.index_dir
+        return kwargs
+
+    def __repr_args__(self) -> Any:
+        yield "data", self.data_shown
+        yield from super().__repr_args__()
 
     @property
     def auth_enabled(self) -> bool:

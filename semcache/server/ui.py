@@ -287,6 +287,8 @@ def render(state: Any, stats: dict[str, Any], position: int | None, history: lis
         else "<span id='feedback-wrong' class='muted'>wrong-answer feedback: not recorded "
         "(this cache's stats() has no feedback count)</span>"
     )
+    # the store as people see it: a postgresql:// URL without its password (the folder else)
+    shown = getattr(cache, "location", cache.path)
     near = sum(counts.get("near_miss", []))
     accepted = sum(counts.get("accepted", []))
     return f"""<!doctype html>
@@ -296,7 +298,7 @@ def render(state: Any, stats: dict[str, Any], position: int | None, history: lis
 <title>semcache status</title><style>{STYLE}</style></head>
 <body>
 <h1>semcache status</h1>
-<p class="muted">{_e(cache.path)} &middot; model {_e(stats.get("model_id", "?"))} &middot;
+<p class="muted">{_e(shown)} &middot; model {_e(stats.get("model_id", "?"))} &middot;
 policy {_e(stats.get("policy", "?"))} &middot;
 <span id="entries">{_e(stats.get("entries", 0))}</span> entries,
 {_e(stats.get("bytes", 0))} bytes &middot; reloads every {REFRESH_SECONDS} s</p>

@@ -47,9 +47,7 @@ from ..schemas import (
 router = APIRouter(
     prefix="/v1/cache",
     tags=["cache"],
-    responses={
-        code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 503)
-    },
+    responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 503)},
 )
 
 
@@ -58,8 +56,12 @@ def _scope(state: ServerState, principal: Principal, model: ScopeModel | None) -
     namespace = principal.namespace(requested, state.settings.default_namespace)
     model = model or ScopeModel()
     _check_prompt(state, model.system)
-    _check_json(state.settings.max_scope_bytes, "scope params and context",
-                "SEMCACHE_MAX_SCOPE_BYTES", [model.params, model.context])
+    _check_json(
+        state.settings.max_scope_bytes,
+        "scope params and context",
+        "SEMCACHE_MAX_SCOPE_BYTES",
+        [model.params, model.context],
+    )
     return model.to_scope(namespace)
 
 
@@ -86,8 +88,9 @@ def _check_response(state: ServerState, response: str | None) -> None:
 
 
 def _check_metadata(state: ServerState, metadata: dict[str, Any] | None) -> None:
-    _check_json(state.settings.max_metadata_bytes, "metadata", "SEMCACHE_MAX_METADATA_BYTES",
-                metadata)
+    _check_json(
+        state.settings.max_metadata_bytes, "metadata", "SEMCACHE_MAX_METADATA_BYTES", metadata
+    )
 
 
 def _check_prompt(state: ServerState, *texts: str | None) -> None:

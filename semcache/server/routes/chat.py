@@ -231,9 +231,7 @@ def _probe(
     return hit, nearest, time.perf_counter() - t0, position, version
 
 
-async def _lookup(
-    state: ServerState, key: ChatKey, options: CallOptions, *, probe: bool
-) -> _Seen:
+async def _lookup(state: ServerState, key: ChatKey, options: CallOptions, *, probe: bool) -> _Seen:
     """One threadpool trip: position, version and (unless ``probe`` is false) the lookup."""
     cache, metrics = state.require_cache(), state.metrics
     if probe:
