@@ -47,10 +47,12 @@ from .folder import FolderLock
 from .index import FaissIndex, VectorIndex
 from .keys import exact_key, normalise, shard_key
 from .l1 import L1Cache, L1Item
+from .leases import Lead, Leases
 from .replica import Replica
 from .shards import IndexFactory, ShardSet
 from .singleflight import HANDOVER, Flight, SingleFlight
-from .store import Row, Store, entry_size
+from .store import Row, entry_size
+from .stores import SYNCHRONOUS, default_index_dir, is_store_url, open_store, replica_id
 from .sweeper import Sweeper
 from .threshold import HitPolicy, as_policy, check_threshold
 from .types import DEFAULT_SCOPE, Entry, Hit, Scope
@@ -68,6 +70,9 @@ class _Missing:
 MISSING: Any = _Missing()
 
 DB_FILE = "semcache.db"
+#: ``consistency=``: "bounded" serves L1 hits and sees other replicas' new entries within the
+#: propagation delay; "strong" confirms every lookup against the store of record first.
+CONSISTENCY = ("bounded", "strong")
 INDEX_DIR = "index"
 #: The most neighbours a lookup fetches while it skips dead (expired, deleted) candidates.
 MAX_K = 256
@@ -222,12 +227,31 @@ class SemanticCache:
         synchronous: str = "NORMAL",
         max_stale: float | None = None,
         target_error: float | None = None,
+        index_dir: str | os.PathLike[str] | None = None,
+        schema: str = "semcache",
+        consistency: str = "bounded",
+        poll_interval: float = 1.0,
+        flight_timeout: float = 60.0,
     ) -> None:
         if not isinstance(k, int) or k < 1:
             raise InvalidInputError("k must be a positive int")
-        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+        if not isinstance(synchronous, str) or synchronous.upper() not in SYNCHRONOUS:
             raise InvalidInputError(f"unknown synchronous setting {synchronous!r}")
-        self.path = Path(path)
+        if consistency not in CONSISTENCY:
+            raise InvalidInputError(
+                f"consistency must be one of {', '.join(CONSISTENCY)}, got {consistency!r}"
+            )
+        for name, value in (("poll_interval", poll_interval), ("flight_timeout", flight_timeout)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise InvalidInputError(f"{name} must be a positive number of seconds")
+        self.consistency = consistency
+        self.flight_timeout = float(flight_timeout)
+        self.shared = is_store_url(path)
+        if not self.shared and index_dir is not None:
+            raise InvalidInputError(
+                "index_dir is for a shared postgresql:// store; a data folder keeps its index "
+                "inside it"
+            )
         self.embedder: Embedder = (
             embedder if embedder is not None else SentenceTransformerEmbedder()
         )
@@ -261,11 +285,24 @@ class SemanticCache:
             def index_factory(dim: int) -> VectorIndex:
                 return FaissIndex(dim, hnsw_threshold=hnsw_threshold)
 
+        self._db = open_store(path, synchronous=synchronous, schema=schema)
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            if self.shared:
+                #: where this replica keeps its index files (the data folder for SQLite)
+                self.path = Path(
+                    index_dir if index_dir is not None else default_index_dir(self._db.store_id)
+                )
+                self.path.mkdir(parents=True, exist_ok=True)
+                #: the store of record, as shown to people (a URL without its password)
+                self.location = str(self._db.path)
+                slot = ":" + replica_id(self.path)
+            else:
+                self.path = Path(path)
+                self.location = str(self.path)
+                slot = ""
         except OSError as exc:  # a file in the way, no permission, a read-only disk
-            raise StoreError(f"cannot use {self.path} as a cache folder: {exc}") from exc
-        self._db = Store(self.path / DB_FILE, synchronous=synchronous.upper())
+            self._db.close()
+            raise StoreError(f"cannot use {index_dir} as an index folder: {exc}") from exc
         self.evictor = Evictor(self._db, eviction, max_entries, max_bytes)
         self.shards = ShardSet(
             self.path / INDEX_DIR, self.dim, self.embedder.model_id, index_factory
@@ -278,8 +315,10 @@ class SemanticCache:
             self.l1,
             checkpoint_every=checkpoint_every,
             log_keep=log_keep,
+            slot=slot,
         )
         self._lock = self.replica.lock
+        self._leases = Leases(self._db, self.flight_timeout)
         self._feedback = Feedback(self._db)
         self._folder: FolderLock | None = None
         try:
@@ -288,6 +327,7 @@ class SemanticCache:
             self.replica.open(rebuild=rebuild or reembedded)
             self._load_policy_state()
             self.replica.start_merger()
+            self.replica.follow(float(poll_interval))
         except BaseException:
             self.replica.release()
             if self._folder is not None:
@@ -310,9 +350,14 @@ class SemanticCache:
             return False
         if not rebuild:
             raise EmbedderMismatchError(
-                f"{self.path} was built with {model_id!r} (dim {dim}); this cache uses "
+                f"{self.location} was built with {model_id!r} (dim {dim}); this cache uses "
                 f"{self.embedder.model_id!r} (dim {self.dim}). Open it with the same embedder, "
                 "or pass rebuild=True to re-embed every stored prompt with the new one."
+            )
+        if self.shared:  # other replicas would go on searching with the old model's vectors
+            raise EmbedderMismatchError(
+                f"{self.location} was built with {model_id!r}; a shared store is not re-embedded "
+                "in place: give the new model a schema of its own (schema=...) and fill it"
             )
         assert self._folder is not None
         with self._folder.exclusive(f"re-embed {self.path} with {self.embedder.model_id}"):
@@ -334,7 +379,7 @@ class SemanticCache:
             try:
                 load(json.loads(state))  # type: ignore[misc]
             except (ValueError, SemcacheError) as exc:
-                log.warning("policy state in %s not restored: %s", self.path, exc)
+                log.warning("policy state in %s not restored: %s", self.location, exc)
 
     def _save_policy_state(self) -> None:
         state_dict = getattr(self.policy, "state_dict", None)
@@ -427,8 +472,9 @@ class SemanticCache:
         norm = normalise(prompt)
         # the fence position before anything is read, only when a write may follow this lookup
         observed = Observed(self._db.position(), self.clock.now()) if fence else None
+        strong = self.consistency == "strong"
         with self._lock:
-            self.replica.sync()
+            self.replica.sync(fresh=strong)
             shard = self._shard(scope)
             self._stats["lookups"] += 1
             hit = self._exact(norm, shard, self.clock.now())
@@ -437,7 +483,7 @@ class SemanticCache:
         if vector is None:
             vector = self.embed([norm])[0]
         with self._lock:
-            self.replica.sync()  # a bump or delete while we embedded must count
+            self.replica.sync(fresh=strong)  # a bump or delete while we embedded must count
             shard = self._shard(scope)
             now = self.clock.now()
             nearest, rows = self._candidates(vector, shard, policy, now)
@@ -723,7 +769,7 @@ class SemanticCache:
         with self._lock:
             self._check_open()
             now = self.clock.now()
-            self.replica.sync()
+            self.replica.sync(fresh=True)  # written under the namespace's version now
             shard = self._shard(scope)
             # a fenced answer is as old as the lookup it follows: its TTL counts from there
             born = observed.at if observed else now
@@ -769,9 +815,7 @@ class SemanticCache:
         if looked.hit is not None:
             decision = None if looked.choice is None else looked.choice.decision
             explore = getattr(policy, "should_explore", None)
-            if decision is not None and explore is not None and explore(
-                decision, can_compute=True
-            ):
+            if decision is not None and explore is not None and explore(decision, can_compute=True):
                 return None, None, looked
             return looked.hit.response, None, None
         assert looked.vector is not None
@@ -787,12 +831,39 @@ class SemanticCache:
         self._stats["singleflight_waits"] += 1
         return None, flight, None
 
+    def _lead(self, norm: str, shard: str) -> Lead[Hit]:
+        """Lead this exact prompt among every process sharing the store, or wait for the one
+        that does and take its answer (see :mod:`semcache.leases`)."""
+
+        def answered() -> Hit | None:
+            with self._lock:
+                return self._exact(norm, shard, self.clock.now())
+
+        lead = self._leases.lead_or_wait(exact_key(shard, norm), answered)
+        if lead.hit is not None:
+            self._stats["singleflight_remote"] += 1
+        return lead
+
+    def lead(self, prompt: str, *, scope: Scope | None = None) -> Lead[Hit]:
+        """Single-flight between processes for callers that compute outside the cache (the
+        sidecar): lead the computation of ``prompt`` in ``scope`` among every process sharing
+        the store, or wait while another one computes it. The result's ``hit`` is the answer
+        another process stored meanwhile (serve it); otherwise this caller computes, stores,
+        and then calls ``release()`` (in a ``finally``). A lead whose holder dies expires after
+        ``flight_timeout`` seconds, and a waiter computes anyway after that long."""
+        self._check_open()
+        scope = _scope(scope)
+        with self._lock:
+            shard = self._shard(scope)
+        return self._lead(normalise(prompt), shard)
+
     def _recheck(self, item: dict[str, Any], looked: _Looked, policy: HitPolicy) -> Hit | None:
         """A leader's second look: the answer may have been stored between its lookup and
-        its election (by a flight that just landed)."""
+        its election (by a flight that just landed, here or in another process: the look is
+        fresh, whatever the consistency mode)."""
         assert looked.vector is not None
         with self._lock:
-            self.replica.sync()
+            self.replica.sync(fresh=True)
             _, rows = self._candidates(looked.vector, looked.shard, policy, self.clock.now())
         served = self._choose(item["norm"], rows, policy, item["scope"].namespace).served
         return None if served is None else served[1]
@@ -866,9 +937,10 @@ class SemanticCache:
             result = flight.future.result()
             if result is not HANDOVER:
                 return result
-        result, error = None, None
+        result, error, lead = None, None, None
         try:
-            again = self._recheck(item, looked, policy)
+            lead = self._lead(item["norm"], looked.shard)
+            again = lead.hit or self._recheck(item, looked, policy)
             if again is not None:
                 result = again.response
             else:
@@ -878,6 +950,8 @@ class SemanticCache:
             error = exc
             raise
         finally:
+            if lead is not None:
+                lead.release()
             self._flights.finish(flight, result, error)
             self._flights.land(flight)
 
@@ -910,9 +984,10 @@ class SemanticCache:
             result = await asyncio.wrap_future(flight.future)
             if result is not HANDOVER:
                 return result
-        result, error = None, None
+        result, error, lead = None, None, None
         try:
-            again = await asyncio.to_thread(self._recheck, item, looked, policy)
+            lead = await asyncio.to_thread(self._lead, item["norm"], looked.shard)
+            again = lead.hit or await asyncio.to_thread(self._recheck, item, looked, policy)
             if again is not None:
                 result = again.response
                 return result
@@ -923,6 +998,8 @@ class SemanticCache:
             error = exc
             raise
         finally:
+            if lead is not None:
+                await asyncio.to_thread(lead.release)
             self._flights.finish(flight, result, error)
             self._flights.land(flight)
 
@@ -1045,9 +1122,7 @@ class SemanticCache:
                 return
             values["updated_at"] = now
             merged = {**row, **values}
-            size = entry_size(
-                merged, self._db.tags_of(row["id"]) if tag_list is None else tag_list
-            )
+            size = entry_size(merged, self._db.tags_of(row["id"]) if tag_list is None else tag_list)
             self.evictor.check_size(size)
             if size != row["size"]:
                 values["size"] = size
@@ -1262,6 +1337,10 @@ class SemanticCache:
                 "explored": s.get("explored", 0),
                 "labels": {src: s.get(f"labels_{src}", 0) for src in ("free", "explore")},
                 "path": str(self.path),
+                "store": self.location,
+                "consistency": self.consistency,
+                "following": self.replica.listener is not None and self.replica.listener.alive,
+                "singleflight_remote": s.get("singleflight_remote", 0),
             }
 
     def _policy_stats(self) -> dict[str, Any] | None:
@@ -1300,4 +1379,4 @@ class SemanticCache:
         self.close()
 
     def __repr__(self) -> str:
-        return f"SemanticCache({str(self.path)!r}, policy={self.policy!r})"
+        return f"SemanticCache({self.location!r}, policy={self.policy!r})"

@@ -38,7 +38,9 @@ the process that uses it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import re
 import threading
 import uuid
@@ -56,21 +58,41 @@ from .errors import InvalidInputError, StoreError
 from .store import EVICTION_POLICIES, HOLD_TTL, Change, Fence, Row
 
 #: The PostgreSQL schema's own version (independent of the SQLite store's).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _ROW_COLUMNS = "id, uid, shard, prompt, response, expires_at, metadata, min_similarity"
+#: An entry of its namespace's current version (a namespace never bumped is at version 0).
+_CURRENT = (
+    "version >= coalesce((SELECT n.version FROM namespaces n "
+    "WHERE n.namespace = entries.namespace), 0)"
+)
 #: Rows per bulk INSERT statement (one array per column).
 _INSERT_CHUNK = 2000
 #: The entries columns a caller may give, with their types (bulk inserts cast arrays to them).
 _COLUMN_TYPES = {
-    "uid": "text", "shard": "text", "namespace": "text", "version": "bigint",
-    "scope_digest": "text", "scope": "text", "prompt": "text", "l1_key": "text",
-    "response": "text", "vector": "bytea", "created_at": "float8", "updated_at": "float8",
-    "accessed_at": "float8", "expires_at": "float8", "hits": "bigint", "size": "bigint",
-    "metadata": "text", "min_similarity": "float8", "feedback_good": "bigint",
+    "uid": "text",
+    "shard": "text",
+    "namespace": "text",
+    "version": "bigint",
+    "scope_digest": "text",
+    "scope": "text",
+    "prompt": "text",
+    "l1_key": "text",
+    "response": "text",
+    "vector": "bytea",
+    "created_at": "float8",
+    "updated_at": "float8",
+    "accessed_at": "float8",
+    "expires_at": "float8",
+    "hits": "bigint",
+    "size": "bigint",
+    "metadata": "text",
+    "min_similarity": "float8",
+    "feedback_good": "bigint",
     "feedback_bad": "bigint",
 }
 _SYNCHRONOUS = {"OFF": "off", "NORMAL": None, "FULL": None, "EXTRA": None}
+log = logging.getLogger("semcache")
 
 
 def _row(r: Sequence[Any]) -> Row:
@@ -146,9 +168,7 @@ class PostgresStore:
         except psycopg.Error as exc:
             with contextlib.suppress(Exception):  # stop its reconnection attempts
                 self._pool.close()
-            raise StoreError(
-                f"cannot connect to the PostgreSQL store {self.path}: {exc}"
-            ) from exc
+            raise StoreError(f"cannot connect to the PostgreSQL store {self.path}: {exc}") from exc
         try:
             self._migrate()
             self.store_id = self._identity()
@@ -289,8 +309,9 @@ class PostgresStore:
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"semcache:{self.schema}",))
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self._ident))
             conn.execute(
-                sql.SQL("CREATE TABLE IF NOT EXISTS {}.meta (key TEXT PRIMARY KEY, value TEXT)")
-                .format(self._ident)
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.meta (key TEXT PRIMARY KEY, value TEXT)"
+                ).format(self._ident)
             )
             version = int(self.get_meta("schema_version") or 0)
             if version > SCHEMA_VERSION:
@@ -300,7 +321,11 @@ class PostgresStore:
                 )
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[step]:
-                    conn.execute(sql.SQL(statement).format(s=self._ident))  # type: ignore[arg-type]
+                    conn.execute(
+                        sql.SQL(statement).format(  # type: ignore[arg-type]
+                            s=self._ident, channel=sql.Literal(self.channel)
+                        )
+                    )
             self.set_meta("schema_version", str(SCHEMA_VERSION))
 
     def _identity(self) -> str:
@@ -351,9 +376,7 @@ class PostgresStore:
         return int(self._one("SELECT fences FROM log_head WHERE id = 0"))
 
     @staticmethod
-    def _fence(
-        conn: psycopg.Connection[Any], now: float, rows: Sequence[tuple[Any, ...]]
-    ) -> None:
+    def _fence(conn: psycopg.Connection[Any], now: float, rows: Sequence[tuple[Any, ...]]) -> None:
         """Append invalidations to the fence log at the next positions (inside a write
         transaction, which holds ``log_head``)."""
         if not rows:
@@ -422,8 +445,9 @@ class PostgresStore:
                 arrays = sql.SQL(", ").join(
                     sql.SQL("%b::{}[]").format(sql.SQL(_COLUMN_TYPES[c])) for c in cols
                 )
-                query = sql.SQL("INSERT INTO entries ({}) SELECT * FROM unnest({}) "
-                                "RETURNING id, uid").format(names, arrays)
+                query = sql.SQL(
+                    "INSERT INTO entries ({}) SELECT * FROM unnest({}) RETURNING id, uid"
+                ).format(names, arrays)
             else:
                 marks = sql.SQL(", ").join(sql.Placeholder() for _ in cols)
                 query = sql.SQL("INSERT INTO entries ({}) VALUES ({}) RETURNING id, uid").format(
@@ -491,12 +515,11 @@ class PostgresStore:
                 chunk = keep[start : start + _INSERT_CHUNK]
                 params = [[rows[i][c] for i in chunk] for c in cols]
                 cur = conn.execute(
-                    self._insert_statement(cols, many=True), params  # type: ignore[arg-type]
+                    self._insert_statement(cols, many=True),
+                    params,  # type: ignore[arg-type]
                 )
                 ids.update((uid, int(rowid)) for rowid, uid in cur.fetchall())
-            self._add_tags(
-                conn, [(tag, ids[rows[i]["uid"]]) for i in keep for tag in tags[i]]
-            )
+            self._add_tags(conn, [(tag, ids[rows[i]["uid"]]) for i in keep for tag in tags[i]])
         out = []
         for row in rows:
             winner = rows[last[row["l1_key"]]]["uid"]
@@ -504,20 +527,24 @@ class PostgresStore:
         return out
 
     def find_exact(self, l1_key: str, now: float) -> Row | None:
+        """The live entry with this exact key, confirmed in the store of record: not expired,
+        and of its namespace's current version (another replica's bump counts at once, even
+        before this replica's version cache hears of it)."""
         rows = self._read(
             f"SELECT {_ROW_COLUMNS} FROM entries WHERE l1_key = %s "
-            "AND (expires_at IS NULL OR expires_at > %s)",
+            f"AND (expires_at IS NULL OR expires_at > %s) AND {_CURRENT}",
             (l1_key, now),
         )
         return _row(rows[0]) if rows else None
 
     def candidates(self, ids: Sequence[int], shard: str, now: float) -> dict[int, Row]:
-        """The live rows among ``ids`` in ``shard``: the index's answers, re-checked."""
+        """The live rows among ``ids`` in ``shard``: the index's answers, re-checked against
+        the store of record (deleted, expired and version-bumped rows are not returned)."""
         if not len(ids):
             return {}
         rows = self._read(
             f"SELECT {_ROW_COLUMNS} FROM entries WHERE id = ANY(%s::bigint[]) AND shard = %s "
-            "AND (expires_at IS NULL OR expires_at > %s)",
+            f"AND (expires_at IS NULL OR expires_at > %s) AND {_CURRENT}",
             ([int(i) for i in ids], shard, now),
         )
         return {int(r[0]): _row(r) for r in rows}
@@ -541,7 +568,7 @@ class PostgresStore:
         return tuple(
             r[0]
             for r in self._read(
-                "SELECT tag FROM tags WHERE entry_id = %s ORDER BY tag COLLATE \"C\"", (rowid,)
+                'SELECT tag FROM tags WHERE entry_id = %s ORDER BY tag COLLATE "C"', (rowid,)
             )
         )
 
@@ -794,6 +821,16 @@ class PostgresStore:
             )
 
     # -- sizes ------------------------------------------------------------------------------------
+    def largest_namespaces(self, limit: int) -> dict[str, int]:
+        """The ``limit`` namespaces with the most entries (dead versions included), largest
+        first."""
+        rows = self._read(
+            "SELECT namespace, count(*) AS n FROM entries GROUP BY namespace "
+            "ORDER BY n DESC, namespace LIMIT %s",
+            (limit,),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
     def counters(self) -> tuple[int, int]:
         entries, size = self._read("SELECT entries, bytes FROM counters WHERE id = 0")[0]
         return int(entries), int(size)
@@ -801,14 +838,10 @@ class PostgresStore:
     def recount(self) -> tuple[int, int]:
         """Recompute the counters from the table (``verify(fix=True)``)."""
         with self.transaction() as conn:
-            row = conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM entries"
-            ).fetchone()
+            row = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM entries").fetchone()
             assert row is not None
             n, size = int(row[0]), int(row[1])
-            conn.execute(
-                "UPDATE counters SET entries = %s, bytes = %s WHERE id = 0", (n, size)
-            )
+            conn.execute("UPDATE counters SET entries = %s, bytes = %s WHERE id = 0", (n, size))
             return n, size
 
     # -- the change log ---------------------------------------------------------------------------
@@ -841,18 +874,24 @@ class PostgresStore:
             conn.execute("DELETE FROM changes WHERE seq <= %s", (upto,))
             self._raise_meta(conn, "changes_trimmed", upto)
 
-    def begin_checkpoint(self, token: str) -> None:
-        """A replica is about to write a checkpoint under ``token``: until it is recorded, a
-        manifest with either this token or the last recorded one is this store's."""
-        self.set_meta("checkpoint_pending", token)
+    def checkpoint_tokens(self, slot: str = "") -> set[str]:
+        """The tokens a manifest of replica ``slot`` may carry to be trusted (see ``Store``)."""
+        keys = (f"checkpoint_token{slot}", f"checkpoint_pending{slot}")
+        return {v for v in (self.get_meta(k) for k in keys) if v is not None}
 
-    def record_checkpoint(self, token: str, trim_upto: int, now: float) -> int:
+    def begin_checkpoint(self, token: str, slot: str = "") -> None:
+        """Replica ``slot`` is about to write a checkpoint under ``token``: until it is
+        recorded, a manifest with either this token or the last recorded one is this store's.
+        Every replica of the shared store has a slot of its own."""
+        self.set_meta(f"checkpoint_pending{slot}", token)
+
+    def record_checkpoint(self, token: str, trim_upto: int, now: float, slot: str = "") -> int:
         """A replica checkpoint is durable: remember its token (so a manifest that is not this
         store's latest checkpoint is never trusted) and trim the log up to ``trim_upto``, but
         never past a position a live follower holds (one whose hold is younger than
         ``HOLD_TTL`` seconds at ``now``). Returns where the log was trimmed to."""
         with self.transaction() as conn:
-            self.set_meta("checkpoint_token", token)
+            self.set_meta(f"checkpoint_token{slot}", token)
             row = conn.execute(
                 "SELECT min(seq) FROM holds WHERE at > %s", (now - HOLD_TTL,)
             ).fetchone()
@@ -879,6 +918,40 @@ class PostgresStore:
 
     def trimmed_upto(self) -> int:
         return int(self.get_meta("changes_trimmed") or 0)
+
+    # -- flight leases (single-flight between replicas) -------------------------------------------
+    def take_lease(self, key: str, owner: str, now: float, ttl: float) -> bool:
+        """Lead the computation of ``key``: True when ``owner`` now holds its lease (it was
+        free, expired, or already this owner's); False while another owner's lease is live.
+        One statement, outside the log: it never waits for the writers' turn."""
+        rows = self._read(
+            "INSERT INTO leases(key, owner, expires_at) VALUES (%s, %s, %s) ON CONFLICT (key) "
+            "DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at "
+            "WHERE leases.expires_at <= %s OR leases.owner = excluded.owner RETURNING owner",
+            (key, owner, now + ttl, now),
+        )
+        return bool(rows)
+
+    def lease_owner(self, key: str, now: float) -> str | None:
+        """Who holds the live lease on ``key``, or None."""
+        return self._one("SELECT owner FROM leases WHERE key = %s AND expires_at > %s", (key, now))
+
+    def release_lease(self, key: str, owner: str) -> None:
+        """Give a lease back (only the owner's own)."""
+        self.execute("DELETE FROM leases WHERE key = %s AND owner = %s", (key, owner))
+
+    # -- change notifications --------------------------------------------------------------------
+    @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel the log head announces itself on (one per schema)."""
+        return _channel(self.schema)
+
+    def listen(self, on_change: Callable[[], None], poll: float) -> Listener:
+        """Call ``on_change`` (in a daemon thread) soon after any transaction that moved the
+        change log commits, and every ``poll`` seconds regardless, so a notification lost with
+        a dropped connection costs at most ``poll`` seconds. Stop it with ``close()``."""
+        self._check_open()
+        return Listener(self.url, self.channel, on_change, poll)
 
     def quick_check(self) -> list[str]:
         """What ``verify()`` reports about the store itself: the log heads must be at or past
@@ -1028,4 +1101,92 @@ _MIGRATION_2 = [
     "at DOUBLE PRECISION NOT NULL)",
 ]
 
-_MIGRATIONS: dict[int, list[str]] = {1: _MIGRATION_1, 2: _MIGRATION_2}
+# Flight leases, and a notification of the log head in every transaction that moves it (sent
+# at commit, so a follower never wakes for a change it cannot read yet).
+_MIGRATION_3 = [
+    "CREATE TABLE {s}.leases (key TEXT PRIMARY KEY, owner TEXT NOT NULL, "
+    "expires_at DOUBLE PRECISION NOT NULL)",
+    """CREATE FUNCTION {s}.log_head_moved() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF NEW.changes <> OLD.changes THEN
+        PERFORM pg_notify({channel}, NEW.changes::text);
+      END IF;
+      RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER log_head_au AFTER UPDATE ON {s}.log_head "
+    "FOR EACH ROW EXECUTE FUNCTION {s}.log_head_moved()",
+]
+
+_MIGRATIONS: dict[int, list[str]] = {1: _MIGRATION_1, 2: _MIGRATION_2, 3: _MIGRATION_3}
+
+
+def _channel(schema: str) -> str:
+    """A channel name within PostgreSQL's 63 bytes, distinct per schema."""
+    return "semcache_" + hashlib.sha1(schema.encode()).hexdigest()[:20]
+
+
+class Listener:
+    """A daemon thread that LISTENs on a store's channel and calls back on each wake-up."""
+
+    def __init__(self, url: str, channel: str, on_change: Callable[[], None], poll: float) -> None:
+        self._url = url
+        self._channel = channel
+        self._on_change = on_change
+        self._poll = max(0.01, float(poll))
+        self._stop = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self.connected = threading.Event()
+        self.wakeups = 0
+        self._thread = threading.Thread(target=self._run, name="semcache-listener", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
+                    self._conn = conn
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    self.connected.set()
+                    backoff = 0.1
+                    self._wake()  # whatever committed before LISTEN took effect
+                    while not self._stop.is_set():
+                        # one notification (or the poll interval) per wake-up; the callback
+                        # catches up on everything committed so far, so a burst needs one
+                        for _ in conn.notifies(timeout=self._poll, stop_after=1):
+                            pass
+                        self._wake()
+            except Exception as exc:  # a lost connection: poll meanwhile, then reconnect
+                self.connected.clear()
+                if self._stop.is_set():
+                    return
+                log.warning("change listener on %s lost its connection: %s", redact(self._url), exc)
+                self._wake()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._poll)
+            finally:
+                self._conn = None
+        self.connected.clear()
+
+    def _wake(self) -> None:
+        if self._stop.is_set():
+            return
+        self.wakeups += 1
+        try:
+            self._on_change()
+        except Exception:  # logged; the next wake-up tries again
+            log.exception("following the change log failed")
+
+    @property
+    def alive(self) -> bool:
+        """Listening now: a commit elsewhere reaches this process within milliseconds."""
+        return self.connected.is_set() and self._thread.is_alive()
+
+    def close(self) -> None:
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.cancel_safe() if hasattr(conn, "cancel_safe") else conn.cancel()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=self._poll + 5)

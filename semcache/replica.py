@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 
@@ -61,8 +62,14 @@ class Replica:
         *,
         checkpoint_every: int,
         log_keep: int = LOG_KEEP,
+        slot: str = "",
     ) -> None:
         self.store = store
+        # a replica of a shared store has a checkpoint slot of its own in the store, and holds
+        # its place in the log even while it owns its folder's checkpoints (others trim too)
+        self.slot = slot
+        self.shared = bool(slot)
+        self.listener: Any = None
         self.log_keep = log_keep
         self.shards = shards
         self.l1 = l1
@@ -121,8 +128,7 @@ class Replica:
             return str(exc)
         if self.shards.store_id != self.store.store_id:
             return "its files were derived from another store"
-        known = {self.store.get_meta("checkpoint_token"), self.store.get_meta("checkpoint_pending")}
-        if self.shards.token not in known:
+        if self.shards.token not in self.store.checkpoint_tokens(self.slot):
             return "its files are not the store's latest checkpoint (a restored or older store)"
         if self.shards.seq > self.store.last_seq():
             return "its files are ahead of the store"
@@ -160,8 +166,26 @@ class Replica:
             )
 
     # -- following the log ------------------------------------------------------------------
-    def sync(self) -> None:
-        """Catch up if any other connection (another process) committed since the last look."""
+    def follow(self, poll: float) -> bool:
+        """Have the store wake this replica when another process commits (a PostgreSQL
+        store's LISTEN/NOTIFY, polled every ``poll`` seconds as well); False when the store
+        cannot (SQLite: :meth:`sync` asks the file, which costs microseconds)."""
+        listen = getattr(self.store, "listen", None)
+        if listen is None or self.listener is not None:
+            return self.listener is not None
+        self.listener = listen(self._woken, poll)
+        return True
+
+    def _woken(self) -> None:
+        self.sync(fresh=True)
+
+    def sync(self, *, fresh: bool = False) -> None:
+        """Catch up if any other connection (another process) committed since the last look.
+
+        While a listener follows the store, it does this on each notification, and a lookup
+        skips the round trip unless it asks for ``fresh`` (``consistency="strong"``)."""
+        if not fresh and self.listener is not None and self.listener.alive:
+            return
         if self.store.data_version() != self.data_version:
             self.catch_up()
 
@@ -244,7 +268,7 @@ class Replica:
         """Tell the owner not to trim the log past ``seq`` (a follower's position). Written
         when the position moved ``log_keep / 2`` past the last hold, or a third of
         ``HOLD_TTL`` passed: a few writes per minute, not one per change."""
-        if self.shards.owner and not force:
+        if self.shards.owner and not force and not self.shared:
             return
         now = time.time()
         if not force and self._held is not None:
@@ -317,10 +341,11 @@ class Replica:
                     return False
                 self.shards.mark_all_dirty()  # trust no file another owner wrote
             token = uuid.uuid4().hex
-            self.store.begin_checkpoint(token)  # a crash from here on keeps either checkpoint
+            # a crash from here on keeps either checkpoint
+            self.store.begin_checkpoint(token, self.slot)
             self.shards.save(self.store.store_id, token)
             self.store.record_checkpoint(
-                token, max(0, self.shards.seq - self.log_keep), time.time()
+                token, max(0, self.shards.seq - self.log_keep), time.time(), self.slot
             )
             if now is not None:
                 self.store.trim_fences(now - FENCE_HORIZON)
@@ -335,6 +360,9 @@ class Replica:
             self._merger = None
 
     def release(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         self.stop_merger()
         if self._held is not None:
             try:

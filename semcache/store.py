@@ -35,7 +35,7 @@ import sqlite_utils
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Seconds a follower's hold on the change log lasts unless refreshed (wall-clock time: it is
 #: compared across processes).
 HOLD_TTL = 60.0
@@ -121,8 +121,17 @@ def entry_size(values: dict[str, Any], tags: Iterable[str]) -> int:
     """Bytes an entry costs the store, as ``max_bytes`` counts them: every text and blob it
     keeps (prompt, response, vector, metadata, scope, keys) and its tags."""
     size = 0
-    for col in ("uid", "shard", "namespace", "scope_digest", "scope", "prompt", "l1_key",
-                "response", "metadata"):
+    for col in (
+        "uid",
+        "shard",
+        "namespace",
+        "scope_digest",
+        "scope",
+        "prompt",
+        "l1_key",
+        "response",
+        "metadata",
+    ):
         value = values.get(col)
         if value:
             size += len(value.encode()) if isinstance(value, str) else len(value)
@@ -324,9 +333,7 @@ class Store:
         """Forget invalidations recorded before ``before``: a flight older than that which
         writes afterwards is simply not cached."""
         with self.transaction() as conn:
-            row = conn.execute(
-                "SELECT max(seq) FROM fences WHERE at < ?", (before,)
-            ).fetchone()
+            row = conn.execute("SELECT max(seq) FROM fences WHERE at < ?", (before,)).fetchone()
             if row and row[0] is not None:
                 conn.execute("DELETE FROM fences WHERE seq <= ?", (row[0],))
                 conn.execute(
@@ -383,13 +390,15 @@ class Store:
         cols = list(rows[0])
         sql = f"INSERT INTO entries({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
         with self.transaction() as conn:
-            conn.executemany(
-                "DELETE FROM entries WHERE l1_key = ?", [(key,) for key in last]
+            conn.executemany("DELETE FROM entries WHERE l1_key = ?", [(key,) for key in last])
+            first = (
+                int(
+                    conn.execute(
+                        "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'entries'"
+                    ).fetchone()[0]
+                )
+                + 1
             )
-            first = int(
-                conn.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence "
-                             "WHERE name = 'entries'").fetchone()[0]
-            ) + 1
             conn.executemany(sql, [tuple(rows[i][c] for c in cols) for i in keep])
             # AUTOINCREMENT in one transaction hands out consecutive ids: check, never assume
             got = conn.execute(
@@ -402,9 +411,7 @@ class Store:
                 "INSERT OR IGNORE INTO tags(tag, entry_id) VALUES (?, ?)",
                 [(tag, ids[i]) for i in keep for tag in tags[i]],
             )
-        return [
-            (ids[last[row["l1_key"]]], rows[last[row["l1_key"]]]["uid"]) for row in rows
-        ]
+        return [(ids[last[row["l1_key"]]], rows[last[row["l1_key"]]]["uid"]) for row in rows]
 
     def find_exact(self, l1_key: str, now: float) -> Row | None:
         rows = self.execute(
@@ -746,18 +753,25 @@ class Store:
                 (str(upto),),
             )
 
-    def begin_checkpoint(self, token: str) -> None:
-        """A replica is about to write a checkpoint under ``token``: until it is recorded, a
-        manifest with either this token or the last recorded one is this store's."""
-        self.set_meta("checkpoint_pending", token)
+    def checkpoint_tokens(self, slot: str = "") -> set[str]:
+        """The tokens a manifest of replica ``slot`` may carry to be trusted: the last recorded
+        checkpoint's and a pending one's (see :meth:`begin_checkpoint`)."""
+        keys = (f"checkpoint_token{slot}", f"checkpoint_pending{slot}")
+        return {v for v in (self.get_meta(k) for k in keys) if v is not None}
 
-    def record_checkpoint(self, token: str, trim_upto: int, now: float) -> int:
+    def begin_checkpoint(self, token: str, slot: str = "") -> None:
+        """Replica ``slot`` (``""``: the folder's own index) is about to write a checkpoint
+        under ``token``: until it is recorded, a manifest with either this token or the last
+        recorded one is this store's. Each replica of a shared store has a slot of its own."""
+        self.set_meta(f"checkpoint_pending{slot}", token)
+
+    def record_checkpoint(self, token: str, trim_upto: int, now: float, slot: str = "") -> int:
         """A replica checkpoint is durable: remember its token (so a manifest that is not this
         store's latest checkpoint is never trusted) and trim the log up to ``trim_upto``, but
         never past a position a live follower holds (one whose hold is younger than
         ``HOLD_TTL`` seconds at ``now``). Returns where the log was trimmed to."""
         with self.transaction() as conn:
-            self.set_meta("checkpoint_token", token)
+            self.set_meta(f"checkpoint_token{slot}", token)
             held = conn.execute(
                 "SELECT min(seq) FROM holds WHERE at > ?", (now - HOLD_TTL,)
             ).fetchone()[0]
@@ -783,6 +797,28 @@ class Store:
 
     def trimmed_upto(self) -> int:
         return int(self.get_meta("changes_trimmed") or 0)
+
+    # -- flight leases (single-flight between processes) ------------------------------------------
+    def take_lease(self, key: str, owner: str, now: float, ttl: float) -> bool:
+        """Lead the computation of ``key``: True when ``owner`` now holds its lease (it was
+        free, expired, or already this owner's); False while another owner's lease is live.
+        A lease is not logged: it is coordination, not cache content."""
+        rows = self.execute(
+            "INSERT INTO leases(key, owner, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) DO "
+            "UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at "
+            "WHERE leases.expires_at <= ? OR leases.owner = excluded.owner RETURNING owner",
+            (key, owner, now + ttl, now),
+        )
+        return bool(rows)
+
+    def lease_owner(self, key: str, now: float) -> str | None:
+        """Who holds the live lease on ``key``, or None."""
+        rows = self.execute("SELECT owner FROM leases WHERE key = ? AND expires_at > ?", (key, now))
+        return rows[0][0] if rows else None
+
+    def release_lease(self, key: str, owner: str) -> None:
+        """Give a lease back (only the owner's own; an expired one taken over stays)."""
+        self.execute("DELETE FROM leases WHERE key = ? AND owner = ?", (key, owner))
 
     def quick_check(self) -> list[str]:
         rows = self.execute("PRAGMA quick_check")
@@ -874,4 +910,17 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     )
 
 
-_MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4}
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """Flight leases: single-flight between processes sharing the store."""
+    db.execute(
+        "CREATE TABLE leases (key TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL)"
+    )
+
+
+_MIGRATIONS = {
+    1: _migration_1,
+    2: _migration_2,
+    3: _migration_3,
+    4: _migration_4,
+    5: _migration_5,
+}

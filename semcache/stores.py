@@ -9,6 +9,7 @@ extra) opens folders as before.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ DB_FILE = "semcache.db"
 #: URL schemes that name a PostgreSQL store (libpq accepts both).
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: The file in a replica's index folder that names it to the shared store.
+REPLICA_FILE = "replica-id"
 
 
 def is_store_url(target: str | os.PathLike[str]) -> bool:
@@ -70,6 +73,22 @@ def open_store(
     except OSError as exc:  # a file in the way, no permission, a read-only disk
         raise StoreError(f"cannot use {folder} as a cache folder: {exc}") from exc
     return Store(folder / DB_FILE, synchronous=synchronous.upper())
+
+
+def replica_id(index_dir: Path) -> str:
+    """This index folder's name as a replica of a shared store (made once, kept in the folder):
+    the store keeps each replica's checkpoint token under it."""
+    marker = index_dir / REPLICA_FILE
+    try:
+        name = marker.read_text().strip()
+    except FileNotFoundError:
+        name = ""
+    if not name:
+        name = uuid.uuid4().hex
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(name)
+        os.replace(tmp, marker)
+    return name
 
 
 def default_index_dir(store_id: str) -> Path:

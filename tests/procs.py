@@ -240,6 +240,7 @@ def run_workload(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "options": {
                 "threshold": 0.9,
                 "checkpoint_every": int(cfg.get("checkpoint_every", 200)),
+                **cfg.get("options", {}),
             },
         }
     )
@@ -461,15 +462,26 @@ def stale_serves(logs: Iterable[Mapping[str, Any]]) -> tuple[list[str], dict[str
 
 
 def run_processes(
-    folder: Path, processes: int, seconds: float, seed: int = 0
+    folder: Path,
+    processes: int,
+    seconds: float,
+    seed: int = 0,
+    *,
+    store_url: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Start ``processes`` workload processes on ``folder / "data"`` and return their logs."""
+    """Start ``processes`` workload processes on ``folder / "data"`` (or, with ``store_url``,
+    replicas of that shared store, each with its own index folder) and return their logs."""
     sync = folder / "sync"
     sync.mkdir(parents=True, exist_ok=True)
     procs = []
     for i in range(processes):
+        extra = dict(options or {})
+        if store_url is not None:
+            extra["index_dir"] = str(folder / f"replica-{i}")
         cfg = {
-            "path": str(folder / "data"),
+            "path": store_url or str(folder / "data"),
+            "options": extra,
             "index": i,
             "processes": processes,
             "seconds": seconds,
@@ -512,10 +524,40 @@ def _workload_main(cfg: Mapping[str, Any]) -> None:
     Path(cfg["out"]).write_text(json.dumps(result))
 
 
+def _flight_main(cfg: Mapping[str, Any]) -> None:
+    """``cfg["threads"]`` threads of this process ask ``cfg["prompt"]`` through
+    ``get_or_compute`` at the wall-clock time ``cfg["at"]``; the compute function appends a
+    line to ``cfg["calls"]`` (O_APPEND: atomic between processes) and takes ``cfg["compute"]``
+    seconds. Prints the answers as JSON."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = open_cache(cfg["spec"])
+
+    def compute(prompt: str) -> str:
+        with open(cfg["calls"], "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(float(cfg["compute"]))
+        return f"answer from {os.getpid()}"
+
+    time.sleep(max(0.0, float(cfg["at"]) - time.time()))
+    with ThreadPoolExecutor(int(cfg["threads"])) as pool:
+        answers = list(
+            pool.map(
+                lambda _: cache.get_or_compute(cfg["prompt"], compute),
+                range(int(cfg["threads"])),
+            )
+        )
+    stats = cache.stats()
+    cache.close()
+    print(json.dumps({"answers": answers, "remote": stats["singleflight_remote"]}), flush=True)
+
+
 if __name__ == "__main__":
     mode, arg = sys.argv[1], json.loads(sys.argv[2])
     if mode == "serve":
         _serve(arg)
+    elif mode == "flight":
+        _flight_main(arg)
     elif mode == "workload":
         _workload_main(arg)
     else:

@@ -22,6 +22,7 @@ from semcache import (
     SemcacheError,
     StoreError,
 )
+from semcache.store import SCHEMA_VERSION
 
 from .fakes import HashEmbedder
 
@@ -323,9 +324,10 @@ def test_corrupt_and_foreign_index_files_are_rebuilt_with_a_warning(
     files = list((tmp_path / "index").glob("*.idx"))
     assert files
     files[0].write_bytes(b"garbage")
-    with caplog.at_level("WARNING", logger="semcache"), SemanticCache(
-        tmp_path, embedder=HashEmbedder(), threshold=0.9
-    ) as c:
+    with (
+        caplog.at_level("WARNING", logger="semcache"),
+        SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c,
+    ):
         assert c.lookup("persist me please").response == "ok"  # nothing stored was lost
         assert c.verify() == []
         assert c.stats()["index_rebuilds"] == 1
@@ -335,9 +337,10 @@ def test_corrupt_and_foreign_index_files_are_rebuilt_with_a_warning(
     body["model_id"] = "someone-else"
     manifest.write_text(json.dumps(body))
     caplog.clear()
-    with caplog.at_level("WARNING", logger="semcache"), SemanticCache(
-        tmp_path, embedder=HashEmbedder(), threshold=0.9
-    ) as c:
+    with (
+        caplog.at_level("WARNING", logger="semcache"),
+        SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c,
+    ):
         assert c.lookup("persist me please").response == "ok"
         assert c.verify() == []
     assert "someone-else" in caplog.text
@@ -417,7 +420,8 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         c.store("migrate me", "ok")
     conn = sqlite3.connect(tmp_path / "semcache.db")
-    conn.execute("DROP TABLE holds")  # back to schema 1: undo migrations 4, 3 and 2
+    conn.execute("DROP TABLE leases")  # back to schema 1: undo migrations 5, 4, 3 and 2
+    conn.execute("DROP TABLE holds")
     conn.execute("DROP INDEX entries_lfu")
     conn.execute("DROP TABLE fences")
     for col in ("min_similarity", "feedback_good", "feedback_bad"):
@@ -427,8 +431,9 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
     conn.close()
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         assert c.lookup("migrate me").response == "ok"
-        assert c._db.get_meta("schema_version") == "4"
+        assert c._db.get_meta("schema_version") == str(SCHEMA_VERSION)
         assert c.store("fenced after migration", "ok", fence=c.position()) is not None
+        assert c.get_or_compute("leased after migration", lambda p: "ok") == "ok"
 
 
 def test_similarities_stay_on_the_scale(fast_cache: SemanticCache) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from semcache import pgstore
 from semcache.errors import InvalidInputError, StoreError
 from semcache.fence import Candidate, any_covers
 from semcache.pgstore import PostgresStore, redact
@@ -79,8 +80,13 @@ def _fenced_writer(schema: str, name: str, count: int) -> None:
         position = store.position()
         version = store.version("ns")
         row = values(f"{name}-{i}", version=version, seed=i)
-        entry = Candidate("ns", row["scope_digest"], row["l1_key"], (),
-                          np.frombuffer(row["vector"], dtype=np.float32))
+        entry = Candidate(
+            "ns",
+            row["scope_digest"],
+            row["l1_key"],
+            (),
+            np.frombuffer(row["vector"], dtype=np.float32),
+        )
         store.insert(row, (), fence=position, covered=lambda f: any_covers(f, entry))  # noqa: B023
     store.close()
 
@@ -119,9 +125,7 @@ def test_writers_in_several_processes_keep_the_log_contiguous_and_fenced(
     assert [c.seq for c in changes] == list(range(1, seen + 1))
     assert store.position() == 60  # one fence per bump, contiguous too
     # replaying the commit-ordered log: every entry carries the version current at its commit
-    versions = {
-        int(r[0]): int(r[1]) for r in store.execute("SELECT id, version FROM entries")
-    }
+    versions = {int(r[0]): int(r[1]) for r in store.execute("SELECT id, version FROM entries")}
     current, stale = 0, []
     for change in changes:
         if change.op == "ver":
@@ -329,11 +333,16 @@ def test_an_older_schema_is_migrated_in_place(store: PostgresStore, schema: str)
     kept = store.insert(values("kept"), ("t",))
     with store.transaction() as conn:  # the schema as version 1 left it
         conn.execute("DROP TABLE holds")
+        conn.execute("DROP TABLE leases")  # and what version 3 added
+        conn.execute("DROP TRIGGER log_head_au ON log_head")
+        conn.execute("DROP FUNCTION log_head_moved()")
     store.set_meta("schema_version", "1")
     store.close()
     again = PostgresStore(URL, schema=schema)
-    assert again.get_meta("schema_version") == "2" and again.store_id == store.store_id
+    assert again.get_meta("schema_version") == str(pgstore.SCHEMA_VERSION)
+    assert again.store_id == store.store_id
     again.hold_log("follower", 1, now=1.0)  # the table version 2 added
+    assert again.take_lease("k", "me", now=1.0, ttl=5.0)  # and the one version 3 added
     assert again.rowid_of(kept[1]) == kept[0] and again.tags_of(kept[0]) == ("t",)  # type: ignore[index]
     again.close()
 

@@ -241,3 +241,35 @@ def test_a_checkpoint_is_announced_then_recorded_and_trims_up_to_live_holds(
     store.hold_log("follower", 5, now=1000.0)
     store.release_hold("follower")
     assert store.record_checkpoint("third", 5, now=1000.0) == 5
+
+
+def test_each_replica_slot_keeps_its_own_checkpoint_tokens(store: Store) -> None:
+    store.begin_checkpoint("a1", ":a")
+    assert store.checkpoint_tokens(":a") == {"a1"}
+    store.record_checkpoint("a1", 0, now=1.0, slot=":a")
+    store.begin_checkpoint("b1", ":b")
+    store.record_checkpoint("b1", 0, now=1.0, slot=":b")
+    # another replica's checkpoint never makes this one's untrusted (or trusted)
+    assert store.checkpoint_tokens(":a") == {"a1"}
+    assert store.checkpoint_tokens(":b") == {"b1"}
+    assert store.checkpoint_tokens("") == set()
+    store.begin_checkpoint("a2", ":a")  # announced, not yet recorded: either is trusted
+    assert store.checkpoint_tokens(":a") == {"a1", "a2"}
+
+
+def test_a_lease_has_one_owner_until_released_or_expired(store: Store) -> None:
+    assert store.take_lease("k", "one", now=100.0, ttl=10.0)
+    assert store.take_lease("k", "one", now=101.0, ttl=10.0)  # its own: renewed
+    assert not store.take_lease("k", "two", now=105.0, ttl=10.0)
+    assert store.lease_owner("k", now=105.0) == "one"
+    assert store.take_lease("other", "two", now=105.0, ttl=10.0)  # keys are independent
+    store.release_lease("k", "two")  # not its lease: nothing happens
+    assert store.lease_owner("k", now=106.0) == "one"
+    store.release_lease("k", "one")
+    assert store.lease_owner("k", now=106.0) is None
+    assert store.take_lease("k", "two", now=106.0, ttl=10.0)
+    # an owner that died: its lease expires and another takes it over
+    assert not store.take_lease("k", "three", now=115.0, ttl=10.0)
+    assert store.take_lease("k", "three", now=116.0, ttl=10.0)
+    assert store.lease_owner("k", now=117.0) == "three"
+    assert store.changes_since(0) == []  # coordination, not content: nothing is logged

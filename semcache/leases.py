@@ -1,0 +1,113 @@
+"""Single-flight between processes: a lease row in the store of record per prompt in flight.
+
+Within one process :class:`~semcache.singleflight.SingleFlight` makes concurrent misses for the
+same (or a near-identical) prompt share one computation. Processes that share a store (replicas
+of one PostgreSQL store, or several processes on one SQLite folder) coordinate through the store
+instead: the first to miss an exact prompt takes its lease and computes; the others poll the
+store until the answer is there (and serve it) or the lease is gone (and take it themselves).
+A lease expires after ``timeout`` seconds, so a process killed while it computes delays the
+others by at most that long; a waiter gives up after ``timeout`` and computes without a lease
+rather than fail. Leases use wall-clock time (they coordinate processes, not cache content),
+and they are not logged: they are coordination, not cache state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+log = logging.getLogger("semcache")
+
+T = TypeVar("T")
+#: First and longest pause between two looks at a lease another process holds.
+FIRST_WAIT, LONGEST_WAIT = 0.005, 0.05
+
+
+class LeaseStore(Protocol):
+    """What a store gives single-flight between processes (both stores implement it)."""
+
+    def take_lease(self, key: str, owner: str, now: float, ttl: float) -> bool: ...
+
+    def release_lease(self, key: str, owner: str) -> None: ...
+
+
+class Lead(Generic[T]):
+    """The outcome of :meth:`Leases.lead_or_wait`: ``hit`` is the answer another process
+    stored while this one waited (serve it); without one, this process leads (``led``), or
+    computes without a lease after the wait timed out. :meth:`release` ends the lease (call it
+    after the answer is stored, whatever happened); it is idempotent."""
+
+    def __init__(self, hit: T | None, key: str | None, leases: Leases | None) -> None:
+        self.hit = hit
+        self._key = key
+        self._leases = leases
+
+    @property
+    def led(self) -> bool:
+        return self._key is not None
+
+    def release(self) -> None:
+        key, leases = self._key, self._leases
+        self._key = None
+        if key is not None and leases is not None:
+            leases.release(key)
+
+
+class Leases:
+    """This process's side of single-flight through ``store``."""
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        timeout: float,
+        *,
+        time_fn: Callable[[], float] = time.time,
+        sleep: Callable[[float], Any] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self.timeout = timeout
+        self.owner = uuid.uuid4().hex
+        self._time, self._sleep, self._monotonic = time_fn, sleep, monotonic
+        self.waits = 0
+        self.served = 0
+        self.timeouts = 0
+
+    def lead_or_wait(self, key: str, answered: Callable[[], T | None]) -> Lead[T]:
+        """Take the lease on ``key``, or wait while another process holds it. ``answered``
+        looks in the store for the answer (None while there is none); it is asked again right
+        after the lease is taken, since another process may have stored the answer and let
+        its lease go just before."""
+        deadline = self._monotonic() + self.timeout
+        delay, waited = FIRST_WAIT, False
+        while True:
+            if self._store.take_lease(key, self.owner, self._time(), self.timeout):
+                found = answered()
+                if found is not None:
+                    self.release(key)
+                    self.served += waited
+                    return Lead(found, None, None)
+                return Lead(None, key, self)
+            if not waited:
+                waited = True
+                self.waits += 1
+            found = answered()
+            if found is not None:
+                self.served += 1
+                return Lead(found, None, None)
+            if self._monotonic() >= deadline:
+                self.timeouts += 1
+                log.warning(
+                    "another process held the computation of a prompt for %.0fs: computing it "
+                    "here too",
+                    self.timeout,
+                )
+                return Lead(None, None, None)
+            self._sleep(delay)
+            delay = min(delay * 2, LONGEST_WAIT)
+
+    def release(self, key: str) -> None:
+        self._store.release_lease(key, self.owner)
