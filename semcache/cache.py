@@ -341,11 +341,12 @@ class SemanticCache:
     def _check_embedder(self, rebuild: bool) -> bool:
         """Refuse (or with ``rebuild``, re-embed) a store built with another embedder; True
         when it re-embedded."""
-        model_id, dim = self._db.get_meta("model_id"), self._db.get_meta("dim")
-        if model_id is None:
-            self._db.set_meta("model_id", self.embedder.model_id)
-            self._db.set_meta("dim", str(self.dim))
-            return False
+        with self._db.transaction():  # processes opening a new store together: one names it
+            model_id, dim = self._db.get_meta("model_id"), self._db.get_meta("dim")
+            if model_id is None:
+                self._db.set_meta("model_id", self.embedder.model_id)
+                self._db.set_meta("dim", str(self.dim))
+                return False
         if model_id == self.embedder.model_id and int(dim or 0) == self.dim:
             return False
         if not rebuild:
@@ -831,7 +832,7 @@ class SemanticCache:
         self._stats["singleflight_waits"] += 1
         return None, flight, None
 
-    def _lead(self, norm: str, shard: str) -> Lead[Hit]:
+    def _lead(self, norm: str, shard: str, *, wait: bool = True) -> Lead[Hit]:
         """Lead this exact prompt among every process sharing the store, or wait for the one
         that does and take its answer (see :mod:`semcache.leases`)."""
 
@@ -839,23 +840,26 @@ class SemanticCache:
             with self._lock:
                 return self._exact(norm, shard, self.clock.now())
 
-        lead = self._leases.lead_or_wait(exact_key(shard, norm), answered)
+        lead = self._leases.lead_or_wait(exact_key(shard, norm), answered, wait=wait)
         if lead.hit is not None:
             self._stats["singleflight_remote"] += 1
         return lead
 
-    def lead(self, prompt: str, *, scope: Scope | None = None) -> Lead[Hit]:
+    def lead(self, prompt: str, *, scope: Scope | None = None, wait: bool = True) -> Lead[Hit]:
         """Single-flight between processes for callers that compute outside the cache (the
         sidecar): lead the computation of ``prompt`` in ``scope`` among every process sharing
         the store, or wait while another one computes it. The result's ``hit`` is the answer
-        another process stored meanwhile (serve it); otherwise this caller computes, stores,
-        and then calls ``release()`` (in a ``finally``). A lead whose holder dies expires after
-        ``flight_timeout`` seconds, and a waiter computes anyway after that long."""
+        another process stored meanwhile (serve it); if it ``led``, this caller computes,
+        stores, and then calls ``release()`` (in a ``finally``); if neither (the wait timed
+        out), it computes without a lead. A lead whose holder dies expires after
+        ``flight_timeout`` seconds, and a waiter computes anyway after that long.
+        ``wait=False`` looks once and never blocks (an event loop polls with it): neither
+        ``led`` nor ``hit`` then means another process is computing the answer now."""
         self._check_open()
         scope = _scope(scope)
         with self._lock:
             shard = self._shard(scope)
-        return self._lead(normalise(prompt), shard)
+        return self._lead(normalise(prompt), shard, wait=wait)
 
     def _recheck(self, item: dict[str, Any], looked: _Looked, policy: HitPolicy) -> Hit | None:
         """A leader's second look: the answer may have been stored between its lookup and

@@ -76,12 +76,15 @@ class Leases:
         self.served = 0
         self.timeouts = 0
 
-    def lead_or_wait(self, key: str, answered: Callable[[], T | None]) -> Lead[T]:
+    def lead_or_wait(
+        self, key: str, answered: Callable[[], T | None], *, wait: bool = True
+    ) -> Lead[T]:
         """Take the lease on ``key``, or wait while another process holds it. ``answered``
         looks in the store for the answer (None while there is none); it is asked again right
         after the lease is taken, since another process may have stored the answer and let
-        its lease go just before."""
-        deadline = self._monotonic() + self.timeout
+        its lease go just before. With ``wait=False`` it looks once: a Lead that neither
+        ``led`` nor has a ``hit`` means another process is computing the answer now."""
+        deadline = self._monotonic() + (self.timeout if wait else 0.0)
         delay, waited = FIRST_WAIT, False
         while True:
             if self._store.take_lease(key, self.owner, self._time(), self.timeout):
@@ -98,6 +101,8 @@ class Leases:
             if found is not None:
                 self.served += 1
                 return Lead(found, None, None)
+            if not wait:
+                return Lead(None, None, None)
             if self._monotonic() >= deadline:
                 self.timeouts += 1
                 log.warning(

@@ -27,6 +27,7 @@ Response headers: ``x-semcache: hit|miss|bypass``, and ``x-semcache-similarity``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -53,6 +54,7 @@ from ...chat import (
 )
 from ...errors import SemcacheError
 from ...keys import normalise
+from ...leases import FIRST_WAIT, LONGEST_WAIT, Lead
 from ...types import Hit
 from ..app import ServerState, principal_of, state_of
 from ..errors import ApiError, error_response, request_id_of
@@ -187,13 +189,44 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
             return await _forward(state, request, payload, stream, call, headers)
         done = state.inflight[flight] = asyncio.Event()
         try:
-            return await _forward(state, request, payload, stream, call, headers)
+            # single flight between processes sharing the store (other replicas, workers);
+            # a refresh goes to the upstream whatever is stored
+            lead = None if options.refresh else await _lead(state, key, deadline)
+            if lead is not None and lead.hit is not None:
+                outcome = "hit"
+                metrics.singleflight_waits.inc()
+                return _hit_response(lead.hit, body.model, stream, wants_usage(payload))
+            try:
+                return await _forward(state, request, payload, stream, call, headers)
+            finally:
+                if lead is not None and lead.led:
+                    with contextlib.suppress(SemcacheError):
+                        await state.run(lead.release)
         finally:
             if state.inflight.get(flight) is done:
                 del state.inflight[flight]
             done.set()
     finally:
         metrics.request_seconds.labels("chat", outcome).observe(time.perf_counter() - started)
+
+
+async def _lead(state: ServerState, key: ChatKey, deadline: float) -> Lead[Hit] | None:
+    """Lead this prompt among the processes sharing the store, or wait (on the event loop,
+    polling: no worker thread is held) while another one asks the upstream, up to the
+    deadline. None: go to the upstream without a lead (the wait ran out, or the store failed:
+    the cache fails open)."""
+    cache, loop = state.require_cache(), asyncio.get_running_loop()
+    delay = FIRST_WAIT
+    while True:
+        try:
+            lead = await state.run(cache.lead, key.prompt, scope=key.scope, wait=False)
+        except SemcacheError as exc:
+            log.warning("single-flight lease failed, forwarding: %s", exc)
+            return None
+        if lead.led or lead.hit is not None or loop.time() >= deadline:
+            return lead
+        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+        delay = min(delay * 2, LONGEST_WAIT)
 
 
 def _check_size(state: ServerState, body: ChatCompletionRequest, options: CallOptions) -> None:
