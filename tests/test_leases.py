@@ -1,0 +1,85 @@
+"""Single-flight between processes, its waiting logic (semcache.leases) with a fake clock and a
+real SQLite store; the store's side of leases is in the store contract, and real processes
+sharing a PostgreSQL store are in test_shared_store.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from semcache.leases import LONGEST_WAIT, Leases
+from semcache.store import Store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.slept: list[float] = []
+
+    def time(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds
+
+
+def leases(store: Store, clock: Clock, timeout: float = 10.0) -> Leases:
+    return Leases(store, timeout, time_fn=clock.time, sleep=clock.sleep, monotonic=clock.time)
+
+
+def test_a_free_prompt_is_led_and_released(tmp_path: Path) -> None:
+    store, clock = Store(tmp_path / "s.db"), Clock()
+    one = leases(store, clock)
+    lead = one.lead_or_wait("k", lambda: None)
+    assert lead.led and lead.hit is None
+    assert store.lease_owner("k", clock.t) == one.owner
+    lead.release()
+    lead.release()  # idempotent
+    assert store.lease_owner("k", clock.t) is None
+
+
+def test_a_waiter_takes_the_answer_the_leader_stores(tmp_path: Path) -> None:
+    store, clock = Store(tmp_path / "s.db"), Clock()
+    leader, waiter = leases(store, clock), leases(store, clock)
+    assert leader.lead_or_wait("k", lambda: None).led
+    looks = []
+
+    def answered() -> str | None:
+        looks.append(clock.t)
+        return "stored" if len(looks) >= 3 else None
+
+    lead = waiter.lead_or_wait("k", answered)
+    assert lead.hit == "stored" and not lead.led
+    assert waiter.waits == 1 and waiter.served == 1
+    assert clock.slept == [0.005, 0.01]  # backing off, never longer than LONGEST_WAIT
+    assert max(clock.slept) <= LONGEST_WAIT
+
+
+def test_an_answer_stored_just_before_the_lease_was_taken_is_served(tmp_path: Path) -> None:
+    store, clock = Store(tmp_path / "s.db"), Clock()
+    one = leases(store, clock)
+    lead = one.lead_or_wait("k", lambda: "already there")
+    assert lead.hit == "already there" and not lead.led
+    assert store.lease_owner("k", clock.t) is None  # given back at once
+
+
+def test_a_waiter_computes_itself_after_the_timeout(tmp_path: Path) -> None:
+    store, clock = Store(tmp_path / "s.db"), Clock()
+    # a holder with a longer lease that never releases it (stuck, or killed)
+    stuck, waiter = leases(store, clock, timeout=5.0), leases(store, clock, timeout=1.0)
+    assert stuck.lead_or_wait("k", lambda: None).led
+    start = clock.t
+    lead = waiter.lead_or_wait("k", lambda: None)
+    assert lead.hit is None and not lead.led and waiter.timeouts == 1
+    assert 1.0 <= clock.t - start <= 1.0 + LONGEST_WAIT
+    # once the holder's lease has expired, the next caller leads
+    clock.t = start + 5.0
+    assert waiter.lead_or_wait("k", lambda: None).led
+
+
+def test_a_look_without_waiting_never_sleeps(tmp_path: Path) -> None:
+    store, clock = Store(tmp_path / "s.db"), Clock()
+    one, other = leases(store, clock), leases(store, clock)
+    assert one.lead_or_wait("k", lambda: None).led
+    lead = other.lead_or_wait("k", lambda: None, wait=False)
+    assert not lead.led and lead.hit is None and clock.slept == [] and other.timeouts == 0
