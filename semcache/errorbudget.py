@@ -31,10 +31,12 @@ pluggable judge (:class:`TextJudge`, :class:`JsonJudge`, :class:`EmbeddingJudge`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
 import threading
+import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ from .errors import InvalidInputError
 
 STATE_FORMAT = 1
 SOURCES = ("free", "explore", "feedback")
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------
@@ -235,6 +239,12 @@ class ErrorBudget:
         self._labels: dict[str, _Labels] = {}
         self._points: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._save: Callable[[dict[str, Any]], None] | None = None
+        self._save_every = 16
+        self._save_seconds = 5.0
+        self._pending = 0
+        self._saved_at = 0.0
+        self._saving = threading.Lock()
 
     # -- the HitPolicy protocol -------------------------------------------------------------
 
@@ -270,9 +280,7 @@ class ErrorBudget:
         ``explore``. The facade then calls the LLM, returns its answer, and calls
         ``observe(agree(cached, fresh), decision.score, source="explore")``.
         """
-        return bool(
-            can_compute and decision.uncertain and self._rng.random() < self.explore
-        )
+        return bool(can_compute and decision.uncertain and self._rng.random() < self.explore)
 
     def agree(self, cached: str, fresh: str) -> bool:
         """The judge's verdict on two answers (a label: True means the cached one was right)."""
@@ -300,6 +308,59 @@ class ErrorBudget:
                 lab.wrong[b] += 1
             lab.by_source[source] += 1
             self._points[namespace] = self._fit(lab)
+            self._pending += 1
+            due = self._save is not None and (
+                self._pending >= self._save_every
+                or time.monotonic() - self._saved_at >= self._save_seconds
+            )
+        if due:
+            self.flush()
+
+    def persist_to(
+        self,
+        save: Callable[[dict[str, Any]], None],
+        *,
+        every: int = 16,
+        seconds: float = 5.0,
+    ) -> None:
+        """Keep the labels where ``save`` puts them as they arrive, in batches.
+
+        After a label, :meth:`state_dict` is handed to ``save`` once ``every`` labels are
+        pending or ``seconds`` have passed since the last save, so a process that is killed
+        loses at most the labels of one batch (the cache would pass a function that writes the
+        store's ``policy_state``). A ``save`` that raises is logged and retried with the next
+        label; :meth:`flush` saves now.
+        """
+        if not callable(save):
+            raise InvalidInputError("save must be a function of the state dict")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise InvalidInputError("every is a count of labels, at least 1")
+        if not isinstance(seconds, int | float) or not seconds >= 0:
+            raise InvalidInputError("seconds is a duration, at least 0")
+        with self._lock:
+            self._save, self._save_every, self._save_seconds = save, every, float(seconds)
+            self._saved_at = time.monotonic()
+
+    def flush(self) -> bool:
+        """Hand pending labels to the :meth:`persist_to` function now; True when saved."""
+        save = self._save
+        if save is None:
+            return False
+        with self._saving:  # one save at a time, outside the labels' lock
+            with self._lock:
+                if not self._pending:
+                    return True
+                pending = self._pending
+                state = self._state_locked()
+            try:
+                save(state)
+            except Exception as exc:  # keep the labels pending; the next label retries
+                log.warning("error-budget labels not saved: %s", exc)
+                return False
+            with self._lock:
+                self._pending -= pending
+                self._saved_at = time.monotonic()
+        return True
 
     def threshold(self, namespace: str = "default") -> float:
         """``namespace``'s current score threshold (the prior until labels move it)."""
@@ -369,11 +430,19 @@ class ErrorBudget:
     def state_dict(self) -> dict[str, Any]:
         """The learned state (labels per namespace), JSON-able, to keep in the store."""
         with self._lock:
-            return {
-                "format": STATE_FORMAT,
-                "bins": self.bins,
-                "namespaces": {ns: lab.to_dict() for ns, lab in self._labels.items()},
-            }
+            return self._state_locked()
+
+    def _state_locked(self) -> dict[str, Any]:
+        """The state for a caller that holds the policy's lock (a deep copy)."""
+        return json.loads(
+            json.dumps(
+                {
+                    "format": STATE_FORMAT,
+                    "bins": self.bins,
+                    "namespaces": {ns: lab.to_dict() for ns, lab in self._labels.items()},
+                }
+            )
+        )
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (after a restart); points are refitted."""
@@ -407,4 +476,3 @@ class _Always:
 
     def accept(self, query: str, candidate: str, similarity: float) -> bool:
         return True
-

@@ -266,6 +266,7 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 @dataclass(frozen=True, slots=True)
 class _Parsed:
     tokens: tuple[str, ...]  # normalised, stemmed, all words
+    surface: tuple[str, ...]  # the same words before stemming (for the model's word vectors)
     content: tuple[str, ...]  # without stop words / wh-words
     wh: frozenset[str]
     negations: int
@@ -317,6 +318,7 @@ def _parse(text: str) -> _Parsed:
     content = tuple(t for t in tokens if t not in _STOP and t not in _WH)
     return _Parsed(
         tokens=tokens,
+        surface=tuple(canon),
         content=content,
         wh=frozenset(t for t in tokens if t in _WH),
         negations=sum(1 for t in raw if t in _NEGATION),
@@ -439,7 +441,18 @@ FEATURES: tuple[str, ...] = (
     "same_bag_diff_order",
     "length_ratio",
     "len_min",
+    "align_min",  # one-sided words: the worst best-match with the other side (word vectors)
+    "align_mean",
+    "unaligned_rarity",  # the rarest one-sided word with no good match (0: none)
+    "span_min",  # the differing span, between the common prefix and suffix (words)
+    "span_max",
+    "span_sim",  # word-vector cosine of the two differing spans' content words
 )
+
+#: At most this many words per side enter the word-vector comparisons (bounded cost).
+ALIGN_CAP = 48
+#: A one-sided word whose best match is below this has no counterpart on the other side.
+UNALIGNED = 0.4
 
 
 def pair_features(query: str, candidate: str, similarity: float) -> list[float]:
@@ -469,6 +482,7 @@ def pair_features(query: str, candidate: str, similarity: float) -> list[float]:
     ea, eb = pa.entities, pb.entities
     ta, tb = pa.tokens, pb.tokens
     la, lb = len(ta), len(tb)
+    align = _alignment(pa, pb, only_a, only_b)
     return [
         float(similarity),
         jacc,
@@ -490,6 +504,63 @@ def pair_features(query: str, candidate: str, similarity: float) -> list[float]:
         1.0 if sorted(pa.content) == sorted(pb.content) and pa.content != pb.content else 0.0,
         min(la, lb) / max(la, lb, 1),
         float(min(la, lb)),
+        *align,
+    ]
+
+
+def _content_surface(p: _Parsed) -> dict[str, str]:
+    """Stemmed content word -> its first surface form."""
+    out: dict[str, str] = {}
+    for t, w in zip(p.tokens, p.surface, strict=True):
+        if t not in _STOP and t not in _WH and not w[0].isdigit():
+            out.setdefault(t, w)
+    return out
+
+
+def _alignment(pa: _Parsed, pb: _Parsed, only_a: set[str], only_b: set[str]) -> list[float]:
+    """The word-vector features: how well one-sided words and the differing span match.
+
+    Each side's one-sided content words (at most :data:`ALIGN_CAP`) are compared with the
+    other side's content words (at most as many) through the model's own word vectors
+    (:mod:`semcache.wordvectors`); the differing span is what lies between the longest common
+    prefix and suffix of the two word sequences. Symmetric, and bounded in cost.
+    """
+    from . import wordvectors
+
+    sa, sb = _content_surface(pa), _content_surface(pb)
+    wa = [sa[t] for t in sorted(only_a) if t in sa][:ALIGN_CAP]
+    wb = [sb[t] for t in sorted(only_b) if t in sb][:ALIGN_CAP]
+    others_a, others_b = list(sa.values())[:ALIGN_CAP], list(sb.values())[:ALIGN_CAP]
+    best = wordvectors.best_matches(wa, others_b) + wordvectors.best_matches(wb, others_a)
+    words = wa + wb
+    if best:
+        align_min, align_mean = min(best), sum(best) / len(best)
+        loose = [wordvectors.rarity(w) for w, m in zip(words, best, strict=True) if m < UNALIGNED]
+        unaligned = max(loose, default=0.0)
+    else:
+        align_min, align_mean, unaligned = 1.0, 1.0, 0.0
+    ta, tb = pa.tokens, pb.tokens
+    n = min(len(ta), len(tb))
+    pre = 0
+    while pre < n and ta[pre] == tb[pre]:
+        pre += 1
+    suf = 0
+    while suf < n - pre and ta[-1 - suf] == tb[-1 - suf]:
+        suf += 1
+    span_a = [w for t, w in zip(ta[pre : len(ta) - suf], pa.surface[pre : len(ta) - suf],
+                                strict=True) if t in sa][:ALIGN_CAP]  # fmt: skip
+    span_b = [w for t, w in zip(tb[pre : len(tb) - suf], pb.surface[pre : len(tb) - suf],
+                                strict=True) if t in sb][:ALIGN_CAP]  # fmt: skip
+    va, vb = wordvectors.mean_vector(span_a), wordvectors.mean_vector(span_b)
+    span_sim = float(va @ vb) if va is not None and vb is not None else 1.0
+    la, lb = len(ta) - pre - suf, len(tb) - pre - suf
+    return [
+        align_min,
+        align_mean,
+        unaligned,
+        float(min(la, lb)),
+        float(max(la, lb)),
+        span_sim,
     ]
 
 
@@ -505,6 +576,7 @@ MONOTONE: dict[str, int] = {
     "entities_differ": -1,
     "wh_differ": -1,
     "same_bag_diff_order": -1,
+    "align_min": 1,
 }
 
 
@@ -527,10 +599,13 @@ class VerifierModel:
         self.base = float(base)
         self.meta = dict(meta)
         features = tuple(self.meta.get("features", FEATURES))
-        if features != FEATURES:
+        used = max((n[0] for t in self.trees for n in t), default=-1)
+        # A model trained before features were appended uses the first ones only.
+        if features != FEATURES[: len(features)] or used >= len(features):
             raise InvalidInputError(
                 "verifier model was trained on other features; retrain it with this version"
             )
+        self.features = features
 
     def raw(self, x: Sequence[float]) -> float:
         """The ensemble's log-odds for one feature vector (a plain loop: fastest for ~150
@@ -554,7 +629,7 @@ class VerifierModel:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": MODEL_FORMAT,
-            "features": list(FEATURES),
+            "features": list(self.features),
             "base": self.base,
             "trees": [[list(n) for n in t] for t in self.trees],
             "meta": self.meta,
@@ -672,9 +747,7 @@ def shipped_policy(shape: str = "veto") -> VerifierPolicy:
     """
     key = {"veto": "policy", "score": "policy_score", "default": "policy_default"}.get(shape)
     if key is None:
-        raise InvalidInputError(
-            f"unknown operating point {shape!r}: 'veto', 'score' or 'default'"
-        )
+        raise InvalidInputError(f"unknown operating point {shape!r}: 'veto', 'score' or 'default'")
     rec = dict(shipped_model().meta.get(key, {}))
     if not rec:
         raise InvalidInputError(f"the shipped verifier has no {shape!r} operating point")

@@ -171,3 +171,34 @@ def test_bad_arguments() -> None:
         budget.observe(True, 0.5, source="guess")
     with pytest.raises(InvalidInputError):
         budget.observe(True, float("nan"))
+
+
+def test_labels_are_saved_in_batches_as_they_arrive() -> None:
+    """persist_to: the state goes to the saver every N labels (a kill loses one batch)."""
+    budget = ErrorBudget(0.02, scorer=lambda q, c, s: 0.9, prior=0.9, min_similarity=0.5)
+    saved: list[dict] = []
+    budget.persist_to(saved.append, every=3, seconds=3600)
+    for _ in range(2):
+        budget.observe(True, 0.95)
+    assert saved == []
+    budget.observe(False, 0.95)
+    assert len(saved) == 1
+    restored = ErrorBudget(0.02, scorer=lambda q, c, s: 0.9, prior=0.9, min_similarity=0.5)
+    restored.load_state(saved[-1])
+    assert restored.state_dict() == budget.state_dict()
+    budget.observe(True, 0.95)
+    assert len(saved) == 1 and budget.flush() and len(saved) == 2
+    assert saved[-1]["namespaces"]["default"]["by_source"]["free"] == 4
+
+    def broken(state: dict) -> None:
+        raise OSError("disk full")
+
+    budget.persist_to(broken, every=1)
+    budget.observe(True, 0.95)  # logged, kept pending: not raised into the lookup
+    assert budget.flush() is False
+    budget.persist_to(saved.append, every=1)
+    assert budget.flush() and saved[-1]["namespaces"]["default"]["by_source"]["free"] == 5
+    with pytest.raises(InvalidInputError):
+        budget.persist_to(saved.append, every=0)
+    with pytest.raises(InvalidInputError):
+        budget.persist_to("not callable")  # type: ignore[arg-type]

@@ -153,3 +153,40 @@ def test_calibrate_verifier_bounds_its_operating_point() -> None:
         negatives = [a for a, p in zip(accepted, held, strict=True) if p["label"] == 0]
         assert sum(negatives) / len(negatives) <= 0.02
         assert any(accepted)
+
+
+def test_word_vector_features_see_the_word_with_no_counterpart() -> None:
+    """The model's own word vectors: a swapped-in word with no match scores low alignment."""
+    from semcache import wordvectors
+
+    assert wordvectors.available()
+    assert (
+        wordvectors.rarity("the") < wordvectors.rarity("kenya") < wordvectors.rarity("rheumatology")
+    )
+    same = features("How can I buy a car?", "How can I purchase a car?")
+    other = features("How do I learn Python?", "How do I learn Java?")
+    assert same["align_min"] > other["align_min"]
+    assert other["span_min"] == other["span_max"] == 1
+    assert other["unaligned_rarity"] > 0 and same["unaligned_rarity"] == 0
+    none = features("Is it safe to fly?", "is it safe to fly")
+    assert none["align_min"] == 1 and none["span_max"] == 0 and none["span_sim"] == 1
+    long_a = " ".join(f"word{i}" for i in range(5000))
+    long_b = " ".join(f"term{i}" for i in range(5000))
+    assert len(pair_features(long_a, long_b, 0.9)) == len(FEATURES)  # capped, not quadratic
+
+
+def test_a_model_trained_on_the_first_features_still_loads(tmp_path: Path) -> None:
+    """Features are appended, never reordered: an older model scores on the ones it knows."""
+    pairs, sims = synthetic_pairs(n=200, seed=3)
+    model = train_verifier(pairs, sims, max_iter=10)
+    doc = model.to_dict()
+    n = len(FEATURES) - 6
+    for tree in doc["trees"]:
+        for node in tree:
+            if node[0] >= n:  # make the model use only the first n features
+                node[:] = [-1, 0.0, 0, 0, 0.0]
+    doc["features"] = list(FEATURES[:n])
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    old = VerifierModel.load(tmp_path / "old.json")
+    assert 0.0 <= old.score("a b c", "a b d", 0.9) <= 1.0
+    assert old.to_dict()["features"] == list(FEATURES[:n])
