@@ -775,3 +775,49 @@ def test_run_reconnects_after_the_connection_is_lost_and_stops_on_request(
     assert consumer.stats.transactions_applied == 2
     assert consumer.stats.reconnects >= 1
     assert cdc_cache.lookup(prompt(1)) is None and cdc_cache.lookup(prompt(2)) is None
+
+
+@pytest.mark.postgres
+def test_the_consumer_invalidates_a_shared_store_for_every_replica(
+    pg: str, schema: str, tmp_path: Path, make_consumer: Callable[..., ChangeConsumer]
+) -> None:
+    """The consumer works unchanged on a replica of a shared PostgreSQL store: another replica
+    (another process, its own index) stops serving the entries a source change covers."""
+    from .procs import Worker
+
+    store_url = "postgresql://root@127.0.0.1:5432/test"
+    store_schema = f"semcache_cdc_{uuid.uuid4().hex[:10]}"
+    options = {"threshold": 0.99, "schema": store_schema}
+    consumer_cache = SemanticCache(
+        store_url, embedder=HashEmbedder(), index_dir=tmp_path / "consumer", **options
+    )
+    try:
+        with Worker(store_url, options={**options, "index_dir": str(tmp_path / "r")}) as reader:
+            ids = {i: reader.call("store", prompt(i), f"a{i}", tags=[f"user:{i}"]) for i in (1, 2)}
+            consumer = make_consumer(
+                consumer_cache,
+                [Rule("users", schema=schema, tags=lambda row: [f"user:{row['id']}"])],
+            )
+            consumer.setup()
+            assert consumer.run_once(timeout=0.2) == 0
+            run_sql(pg, f"INSERT INTO {schema}.users (id, name) VALUES (1, 'ann')")
+            assert consumer.run_once(timeout=10, min_changes=1) == 1
+            deadline = time.monotonic() + 5
+            while reader.call("lookup", prompt(1)) is not None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert reader.call("lookup", prompt(1)) is None
+            assert reader.call("lookup", prompt(2))["entry_id"] == ids[2]
+            assert consumer.state_file.parent == tmp_path / "consumer" / "cdc"
+        # `semcache cdc --data postgresql://...` opens such a replica without loading a model
+        from semcache.cdc.cli import InvalidationOnlyEmbedder, open_cache, recorded_model
+
+        assert recorded_model(store_url, store_schema) == ("test:hash", 64)
+        cli_cache = open_cache(store_url, None, schema=store_schema, index_dir=tmp_path / "cli")
+        try:
+            assert isinstance(cli_cache.embedder, InvalidationOnlyEmbedder)
+            assert cli_cache.invalidate_tags("user:2") == 1
+        finally:
+            cli_cache.close()
+    finally:
+        consumer_cache.close()
+        _query(dsn("test"), f"DROP SCHEMA IF EXISTS {store_schema} CASCADE")

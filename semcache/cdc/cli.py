@@ -52,11 +52,20 @@ class InvalidationOnlyEmbedder:
         raise SemcacheError("the CDC consumer's cache does not embed (invalidation only)")
 
 
-def recorded_model(data: Path) -> tuple[str, int] | None:
-    """The (model_id, dim) a data folder's store records, or None for a new folder."""
+def recorded_model(data: str | Path, schema: str = "semcache") -> tuple[str, int] | None:
+    """The (model_id, dim) a store records (a data folder, or a ``postgresql://`` store in
+    ``schema``), or None for a new one."""
     from ..cache import DB_FILE
+    from ..stores import is_store_url, open_store
 
-    db = data / DB_FILE
+    if is_store_url(data):
+        store = open_store(data, schema=schema)
+        try:
+            model_id, dim = store.get_meta("model_id"), store.get_meta("dim")
+        finally:
+            store.close()
+        return None if model_id is None or dim is None else (model_id, int(dim))
+    db = Path(data) / DB_FILE
     if not db.exists():
         return None
     try:
@@ -74,18 +83,33 @@ def recorded_model(data: Path) -> tuple[str, int] | None:
     return str(rows["model_id"]), int(rows["dim"])
 
 
-def open_cache(data: Path, embedder_spec: str | None) -> Any:
+def open_cache(
+    data: str | Path,
+    embedder_spec: str | None,
+    *,
+    schema: str = "semcache",
+    index_dir: Path | None = None,
+) -> Any:
     """Open the cache for invalidation: ``synchronous=FULL`` so each invalidation is on disk
-    before the consumer records its position (a power cut cannot lose one it confirmed)."""
+    before the consumer records its position (a power cut cannot lose one it confirmed). A
+    ``postgresql://`` store is opened as a replica (``schema``, ``index_dir``), and every other
+    replica of it sees the invalidations."""
     from ..cache import SemanticCache
+    from ..stores import is_store_url
 
     if embedder_spec:
         embedder = load_object(embedder_spec, "--embedder")
         if callable(embedder) and not hasattr(embedder, "embed"):
             embedder = embedder()
     else:
-        recorded = recorded_model(data)
+        recorded = recorded_model(data, schema)
         embedder = InvalidationOnlyEmbedder(*recorded) if recorded else None
+    if is_store_url(data):
+        return SemanticCache(
+            str(data), embedder=embedder, synchronous="FULL", schema=schema, index_dir=index_dir
+        )
+    if index_dir is not None:
+        raise typer.BadParameter("--index-dir goes with a postgresql:// --data")
     return SemanticCache(data, embedder=embedder, synchronous="FULL")
 
 
@@ -96,8 +120,21 @@ def cdc(
     rules: str = typer.Option(
         ..., "--rules", help="The rules, as module:NAME (a list of semcache.cdc.Rule)."
     ),
-    data: Path = typer.Option(  # noqa: B008 (typer declares options in defaults)
-        "indexes/default", "--data", help="The cache's data folder."
+    data: str = typer.Option(
+        "indexes/default",
+        "--data",
+        envvar="SEMCACHE_DATA",
+        help="The cache's data folder, or the postgresql:// URL of a shared store.",
+    ),
+    schema: str = typer.Option(
+        "semcache", "--schema", envvar="SEMCACHE_SCHEMA", help="A shared store's schema."
+    ),
+    index_dir: Path | None = typer.Option(  # noqa: B008 (typer declares options in defaults)
+        None,
+        "--index-dir",
+        envvar="SEMCACHE_INDEX_DIR",
+        help="With a shared store: this replica's index folder (its CDC positions go in "
+        "INDEX_DIR/cdc).",
     ),
     slot: str = typer.Option("semcache", "--slot", help="Logical replication slot name."),
     publication: str = typer.Option("semcache", "--publication", help="Publication name."),
@@ -141,7 +178,7 @@ def cdc(
         raise typer.BadParameter(f"{rules} is not a list of Rule") from None
     log = logging.getLogger("semcache.cdc")
     try:
-        cache = open_cache(data, embedder)
+        cache = open_cache(data, embedder, schema=schema, index_dir=index_dir)
         try:
             consumer = ChangeConsumer(
                 dsn,
@@ -158,7 +195,7 @@ def cdc(
                     "consuming slot %s (publication %s) into %s; position file %s",
                     slot,
                     publication,
-                    data,
+                    cache.location,
                     consumer.state_file,
                 )
                 consumer.run()
