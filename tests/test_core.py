@@ -414,13 +414,24 @@ def test_feedback_learns_per_entry_floors(cache: SemanticCache) -> None:
         cache.feedback(eid, True)
 
 
+# schema 1's insert trigger (schema 6 made it skip bulk inserts)
+_OLD_INSERT_TRIGGER = """
+CREATE TRIGGER entries_ai AFTER INSERT ON entries BEGIN
+  INSERT INTO changes(entry_id, shard, op) VALUES (new.id, new.shard, 'add');
+  UPDATE counters SET entries = entries + 1, bytes = bytes + new.size WHERE id = 0;
+END"""
+
+
 def test_old_schema_is_migrated(tmp_path: Path) -> None:
     import sqlite3
 
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         c.store("migrate me", "ok")
     conn = sqlite3.connect(tmp_path / "semcache.db")
-    conn.execute("DROP TABLE leases")  # back to schema 1: undo migrations 5, 4, 3 and 2
+    conn.execute("DROP TABLE bulk")  # back to schema 1: undo migrations 6, 5, 4, 3 and 2
+    conn.execute("DROP TRIGGER entries_ai")
+    conn.execute(_OLD_INSERT_TRIGGER)
+    conn.execute("DROP TABLE leases")
     conn.execute("DROP TABLE holds")
     conn.execute("DROP INDEX entries_lfu")
     conn.execute("DROP TABLE fences")
@@ -434,6 +445,10 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
         assert c._db.get_meta("schema_version") == str(SCHEMA_VERSION)
         assert c.store("fenced after migration", "ok", fence=c.position()) is not None
         assert c.get_or_compute("leased after migration", lambda p: "ok") == "ok"
+        c.store_many([("bulk after migration", "ok"), ("bulk again", "ok")])
+        assert c.verify() == [] and c.stats()["entries"] == 5
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9, rebuild=True) as c:
+        assert c.lookup("bulk again").response == "ok" and c.verify() == []
 
 
 def test_similarities_stay_on_the_scale(fast_cache: SemanticCache) -> None:
