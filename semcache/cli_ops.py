@@ -14,16 +14,20 @@ cache load when a command runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .cache import SemanticCache
 
 DataOption = Annotated[
@@ -45,8 +49,11 @@ def _fail(command: str, message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _open(data: Path, command: str, *, embed: bool, precision: str = "fp32") -> SemanticCache:
-    """Open the cache in ``data``; without ``embed`` no model is loaded (see module doc)."""
+def _open(
+    data: Path, command: str, *, embed: bool, precision: str = "fp32", progress: bool = True
+) -> SemanticCache:
+    """Open the cache in ``data``; without ``embed`` no model is loaded (see module doc).
+    A rebuild of the index on opening shows a progress bar unless ``progress`` is False."""
     from .cache import SemanticCache
     from .cdc.cli import InvalidationOnlyEmbedder, recorded_model
     from .embed import SentenceTransformerEmbedder
@@ -56,12 +63,27 @@ def _open(data: Path, command: str, *, embed: bool, precision: str = "fp32") -> 
     if recorded is None and not embed:
         raise _fail(command, f"no cache in {data} (no store there yet)")
     try:
-        if embed:
-            model = SentenceTransformerEmbedder(precision=precision)  # type: ignore[arg-type]
-            return SemanticCache(data, embedder=model)
-        return SemanticCache(data, embedder=InvalidationOnlyEmbedder(*recorded))  # type: ignore[misc]
+        with _bars(progress):  # opening rebuilds the index when it cannot be trusted
+            if embed:
+                model = SentenceTransformerEmbedder(precision=precision)  # type: ignore[arg-type]
+                return SemanticCache(data, embedder=model)
+            return SemanticCache(data, embedder=InvalidationOnlyEmbedder(*recorded))  # type: ignore[misc]
     except SemcacheError as exc:
         raise _fail(command, str(exc)) from None
+
+
+def _bars(show: bool = True) -> AbstractContextManager[None]:
+    """Long work inside (index rebuilds, re-embedding, the import itself) draws a progress bar
+    with an ETA on stderr, so stdout stays the command's output (JSON, JSONL); with ``show``
+    False it only logs (see :mod:`semcache.progress`)."""
+    from rich.console import Console
+
+    if not show:
+        return contextlib.nullcontext()
+
+    from .progress import bars
+
+    return bars(Console(stderr=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +130,8 @@ def verify(
     """
     cache = _open(data, "verify", embed=False)
     try:
-        problems = cache.verify(fix=fix)
+        with _bars():  # --fix rebuilds the index from the store
+            problems = cache.verify(fix=fix)
         for problem in problems:
             typer.echo(f"problem: {problem}")
         if not problems:
@@ -140,6 +163,7 @@ def parse_line(text: str) -> dict[str, Any]:
     (strings) and optional ``scope`` (a Scope as a dict), ``tags`` (list of strings), ``ttl``
     (seconds, or null for never) and ``metadata`` (an object). Raises :class:`BadLine`."""
     from .errors import SemcacheError
+    from .keys import normalise
     from .types import Scope
 
     try:
@@ -157,6 +181,10 @@ def parse_line(text: str) -> dict[str, Any]:
         if not isinstance(value, str) or not value.strip():
             raise BadLine(f"{name!r} must be a non-empty string")
         item[name] = value
+    try:
+        normalise(item["prompt"])  # what the cache embeds and matches repeats on
+    except SemcacheError as exc:
+        raise BadLine(f"bad prompt: {exc}") from None
     if "scope" in raw:
         if not isinstance(raw["scope"], dict):
             raise BadLine("'scope' must be an object (namespace, model, params, system, context)")
@@ -224,27 +252,62 @@ def _count_lines(path: Path) -> int:
 
 
 def _store_batch(
-    cache: SemanticCache, batch: list[tuple[int, dict[str, Any]]], errors: list[tuple[int, str]]
+    cache: SemanticCache,
+    batch: list[tuple[int, dict[str, Any]]],
+    vectors: np.ndarray,
+    errors: list[tuple[int, str]],
 ) -> int:
-    """Store a batch with one embedding pass; when the cache refuses an item of it (one bad
-    item makes ``store_many`` store nothing), store its items one by one and report the refused
-    lines. Any other error (the store failing) is not a line's fault and propagates."""
+    """Store a batch with its vectors (one row per item) in one ``store_many``; when the cache
+    refuses an item of it (one bad item makes ``store_many`` store nothing), store its items
+    one by one and report the refused lines. Any other error (the store failing) is not a
+    line's fault and propagates."""
     from .errors import InvalidInputError
 
     if not batch:
         return 0
     try:
-        return len(cache.store_many([item for _, item in batch]))
+        return len(cache.store_many([item for _, item in batch], vectors=vectors))
     except InvalidInputError:
         pass
     stored = 0
-    for number, item in batch:
+    for row, (number, item) in enumerate(batch):
         try:
-            cache.store_many([item])
+            cache.store_many([item], vectors=vectors[row : row + 1])
             stored += 1
         except InvalidInputError as exc:
             errors.append((number, str(exc)))
     return stored
+
+
+class _Embedding:
+    """Embeds import batches with the cache's model, choosing torch's thread count by
+    measurement (:class:`~semcache.threads.ThreadTuner`) unless ``threads`` fixes it."""
+
+    def __init__(self, cache: SemanticCache, threads: int | None) -> None:
+        import torch
+
+        from .threads import ThreadTuner
+
+        self.cache = cache
+        self._set = torch.set_num_threads
+        most = torch.get_num_threads()
+        self.tuner = ThreadTuner([threads] if threads else [1, most])
+        self.used: dict[int, int] = {}  # threads -> lines embedded with them
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        threads = self.tuner.next()
+        self._set(threads)
+        started = time.perf_counter()
+        vectors = self.cache.embed(texts)
+        self.tuner.record(threads, len(texts), time.perf_counter() - started)
+        self.used[threads] = self.used.get(threads, 0) + len(texts)
+        return vectors
+
+    def describe(self) -> str:
+        """Which thread counts embedded how many lines, e.g. "1 thread: 9,216 lines"."""
+        return ", ".join(
+            f"{t} thread{'s' if t > 1 else ''}: {n:,} lines" for t, n in sorted(self.used.items())
+        )
 
 
 def import_command(
@@ -263,6 +326,14 @@ def import_command(
             "embeds; similarities move by about 0.002), fp32 or bf16"
         ),
     ] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch threads for embedding; default: measured, batch by batch, between 1 "
+            "and torch's default (one is often faster on a busy host)",
+        ),
+    ] = None,
 ) -> None:
     """Load known answers from JSONL, embedding them in batches behind a progress bar.
 
@@ -272,57 +343,57 @@ def import_command(
     """
     if not file.is_file():
         raise _fail("import", f"{file} is not a file", 2)
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from .errors import SemcacheError
+    from .keys import normalise
+    from .progress import Progress
 
     total = _count_lines(file)
     errors: list[tuple[int, str]] = []
     stored = done = 0
     failure: str | None = None
-    console = Console(stderr=True)
+    spent = {"reading": 0.0, "embedding": 0.0, "storing": 0.0}
     opened = time.perf_counter()
-    cache = _open(data, "import", embed=True, precision=precision)
-    started = time.perf_counter()  # the rate below is the import's, not the model load's
-    try:
-        with Progress(
-            TextColumn("[bold]importing[/bold]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("lines"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not progress,
-        ) as bar:
-            task = bar.add_task("import", total=total or None)
-            try:
-                for read, batch in _batches(file, batch_size, errors):
-                    stored += _store_batch(cache, batch, errors)
-                    done += read
-                    bar.advance(task, read)
-            except SemcacheError as exc:  # the store failed: stop, saying how far it got
-                failure = f"stopped after line {done}: {type(exc).__name__}: {exc}"
-    finally:
-        cache.close()
+    with _bars(progress):
+        cache = _open(data, "import", embed=True, precision=precision, progress=progress)
+        started = time.perf_counter()  # the rate below is the import's, not the model load's
+        try:
+            embed = _Embedding(cache, threads)
+            with Progress("importing", total=total or None, unit="lines") as bar:
+                batches = _batches(file, batch_size, errors)
+                try:
+                    while True:
+                        t0 = time.perf_counter()
+                        step = next(batches, None)
+                        t1 = time.perf_counter()
+                        spent["reading"] += t1 - t0
+                        if step is None:
+                            break
+                        read, batch = step
+                        if batch:
+                            vectors = embed([normalise(item["prompt"]) for _, item in batch])
+                            t2 = time.perf_counter()
+                            spent["embedding"] += t2 - t1
+                            stored += _store_batch(cache, batch, vectors, errors)
+                            spent["storing"] += time.perf_counter() - t2
+                        done += read
+                        bar.advance(read)
+                except SemcacheError as exc:  # the store failed: stop, saying how far it got
+                    failure = f"stopped after line {done}: {type(exc).__name__}: {exc}"
+        finally:
+            cache.close()
     seconds = time.perf_counter() - started
     errors.sort()
     for number, reason in errors:
         typer.echo(f"{file}:{number}: {reason}; nothing stored from this line", err=True)
     rate = stored / seconds if seconds > 0 else 0.0
+    split = ", ".join(f"{name} {value:.1f}s" for name, value in spent.items() if name != "reading")
     typer.echo(
-        f"stored {stored} entries from {file} in {seconds:.1f}s ({rate:.0f}/s; the model "
-        f"loaded in {started - opened:.1f}s before); {len(errors)} bad line(s)"
+        f"stored {stored} entries from {file} in {seconds:.1f}s ({rate:.0f}/s; {split}, "
+        f"reading {spent['reading']:.1f}s; the model loaded in {started - opened:.1f}s "
+        f"before); {len(errors)} bad line(s)"
     )
+    if embed.used:
+        typer.echo(f"embedded with {embed.describe()}")
     if failure is not None:
         raise _fail("import", f"{failure} (lines up to {done} were imported as reported)")
     if errors:
@@ -339,9 +410,7 @@ def export(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="write here instead of stdout")
     ] = None,
-    namespace: Annotated[
-        str | None, typer.Option(help="only this namespace's entries")
-    ] = None,
+    namespace: Annotated[str | None, typer.Option(help="only this namespace's entries")] = None,
 ) -> None:
     """Write every live entry as JSONL that `semcache import` reads back.
 

@@ -124,7 +124,7 @@ class Progress:
         sink = _active()
         if sink is not None:
             self._bar = sink.add(self.description, self.total, self.unit)
-        else:
+        if self._bar is None:
             self._next = self.started + self.quiet
         return self
 
@@ -231,7 +231,7 @@ class _Task:
 
 class _Bars:
     """A rich ``Progress`` display that Progress instances add their rows to: description,
-    bar, done/total, unit, average rate, elapsed time and ETA."""
+    bar, done/total, unit, average rate and ETA (fitting 80 columns)."""
 
     def __init__(self, console: Console | None, transient: bool) -> None:
         from rich.progress import (
@@ -239,10 +239,10 @@ class _Bars:
             MofNCompleteColumn,
             ProgressColumn,
             TextColumn,
-            TimeElapsedColumn,
             TimeRemainingColumn,
         )
         from rich.progress import Progress as RichProgress
+        from rich.table import Column
         from rich.text import Text
 
         class RateColumn(ProgressColumn):
@@ -253,20 +253,36 @@ class _Bars:
                 return Text("" if rate is None else f"{rate:,.0f}/s")
 
         self.display = RichProgress(
-            TextColumn("[bold]{task.description}[/bold]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"),
-            RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn(
+                "[bold]{task.description}[/bold]",
+                table_column=Column(max_width=24, no_wrap=True, overflow="ellipsis"),
+            ),
+            BarColumn(bar_width=None),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[unit]}", table_column=Column(no_wrap=True)),
+            RateColumn(table_column=Column(no_wrap=True)),
+            TextColumn("ETA", table_column=Column(no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True)),
             console=console,
             transient=transient,
+            expand=True,
         )
+        self.started = False
 
-    def add(self, description: str, total: int | None, unit: str) -> _Task:
+    def add(self, description: str, total: int | None, unit: str) -> _Task | None:
+        """A row for a Progress, or None for work with nothing to do (``total`` 0). The
+        display starts with its first row, so a block without long work prints nothing."""
+        if total == 0:
+            return None
+        with _SINKS_LOCK:
+            if not self.started:
+                self.display.start()
+                self.started = True
         return _Task(self.display, self.display.add_task(description, total=total, unit=unit))
+
+    def stop(self) -> None:
+        if self.started:
+            self.display.stop()
 
 
 _SINKS: list[_Bars] = []
@@ -283,19 +299,17 @@ def _active() -> _Bars | None:
 @contextmanager
 def bars(console: Console | None = None, *, transient: bool = False) -> Iterator[None]:
     """Draw every :class:`Progress` entered inside this block (in any thread) as a rich bar
-    with its count, rate, elapsed time and ETA on ``console`` (default: rich's stdout console),
+    with its count, rate and ETA on ``console`` (default: rich's stdout console),
     instead of logging it. Inside another ``bars`` block the outer display is reused.
     ``transient`` removes the bars when the block ends."""
     with _SINKS_LOCK:
         nested = bool(_SINKS)
         sink = _SINKS[-1] if nested else _Bars(console, transient)
         _SINKS.append(sink)
-    if not nested:
-        sink.display.start()
     try:
         yield
     finally:
         with _SINKS_LOCK:
             _SINKS.pop()
         if not nested:
-            sink.display.stop()
+            sink.stop()

@@ -89,7 +89,12 @@ def test_import_stores_good_lines_and_reports_bad_ones_by_number(
     assert ":4: 'ttl' must be seconds" in done.stderr
     assert done.stderr.count("nothing stored from this line") == 2
     # the progress bar, with its count and ETA (rich renders its final state off a terminal)
-    assert "importing" in done.stderr and "7/7" in done.stderr and "ETA" in done.stderr
+    assert "importing" in done.stderr and "7/7 lines" in done.stderr and "ETA" in done.stderr
+    assert re.search(r"ETA \d+:\d\d:\d\d", done.stderr), done.stderr
+    # where the time went, and which thread counts embedded the 4 good lines
+    assert re.search(r"embedding [\d.]+s, storing [\d.]+s, reading [\d.]+s", done.stdout)
+    counts = re.findall(r"(\d+) threads?: (\d+) lines", done.stdout)
+    assert counts and sum(int(n) for _, n in counts) == 4, done.stdout
 
     with SemanticCache(data, embedder=embedder) as cache:
         assert cache.stats()["entries"] == 4
@@ -300,38 +305,48 @@ def test_a_good_line_becomes_a_store_many_item() -> None:
 
 
 class RefusesOne:
-    """Refuses (as the cache does, with InvalidInputError) any batch holding the prompt "bad"."""
+    """Refuses (as the cache does, with InvalidInputError) any batch holding the prompt "bad";
+    records which vector came with each stored prompt."""
 
     def __init__(self) -> None:
-        self.stored: list[str] = []
+        self.stored: list[tuple[str, float]] = []
 
-    def store_many(self, items: list[dict[str, object]]) -> list[str]:
+    def store_many(self, items: list[dict[str, object]], *, vectors: object) -> list[str]:
+        import numpy as np
+
         from semcache import InvalidInputError
 
+        rows = np.asarray(vectors)
+        assert len(rows) == len(items)
         if any(item["prompt"] == "bad" for item in items):
             raise InvalidInputError("refused")
-        self.stored += [str(item["prompt"]) for item in items]
+        self.stored += [(str(i["prompt"]), float(v[0])) for i, v in zip(items, rows, strict=True)]
         return [f"id{len(self.stored)}"] * len(items)
 
 
-def test_a_batch_the_cache_refuses_is_stored_line_by_line() -> None:
+def test_a_batch_the_cache_refuses_is_stored_line_by_line_with_its_vectors() -> None:
+    import numpy as np
+
     from semcache.cli_ops import _store_batch
 
     fake = RefusesOne()
     errors: list[tuple[int, str]] = []
     batch = [(1, {"prompt": "a"}), (2, {"prompt": "bad"}), (3, {"prompt": "c"})]
-    assert _store_batch(fake, batch, errors) == 2  # type: ignore[arg-type]
-    assert fake.stored == ["a", "c"] and errors == [(2, "refused")]
+    vectors = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
+    assert _store_batch(fake, batch, vectors, errors) == 2  # type: ignore[arg-type]
+    assert fake.stored == [("a", 1.0), ("c", 3.0)] and errors == [(2, "refused")]
 
 
 def test_a_failing_store_stops_the_batch_instead_of_blaming_lines(
     fast_cache: SemanticCache,
 ) -> None:
+    import numpy as np
+
     from semcache import CacheClosedError
     from semcache.cli_ops import _store_batch
 
     fast_cache.close()
     errors: list[tuple[int, str]] = []
     with pytest.raises(CacheClosedError):
-        _store_batch(fast_cache, [(1, {"prompt": "a", "response": "b"})], errors)
+        _store_batch(fast_cache, [(1, {"prompt": "a", "response": "b"})], np.ones((1, 8)), errors)
     assert errors == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,11 @@ def test_eval_prints_table_writes_plots_and_json(
     assert "GPTCache rule" in result.output and "RedisVL default" in result.output
     assert "calibrated" in result.output and "verifier" in result.output
     assert "workload replay" in result.output
+    # each stage leaves its bar: the replay's with its count of lookups and an ETA
+    replay_row = next(line for line in result.output.splitlines() if line.startswith("replay"))
+    assert re.search(r"(\d+)/\1\s+lookups", replay_row), replay_row
+    assert re.search(r"ETA \d+:\d\d:\d\d", replay_row), replay_row
+    assert re.search(r"^policies .* (\d+)/\1\s+policies", result.output, re.M), result.output
     for name in ("similarity_hist.png", "fhr_vs_threshold.png", "precision_recall.png"):
         assert (out / name).stat().st_size > 1000
     doc = json.loads((out / "results.json").read_text())

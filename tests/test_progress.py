@@ -191,3 +191,17 @@ def test_the_thread_tuner_follows_a_change_of_load() -> None:
         ThreadTuner([0, 1])
     with pytest.raises(InvalidInputError):
         ThreadTuner([1, 2], trials=3, recheck_every=4)
+
+
+def test_bars_without_work_print_nothing_and_empty_work_gets_no_row() -> None:
+    console = Console(record=True, width=80, force_terminal=False)
+    with bars(console):
+        pass
+    assert console.export_text() == ""  # a command's stderr stays clean when nothing ran
+    with bars(console), Progress("rebuilding the index of /x", total=0, unit="entries"):
+        pass
+    assert console.export_text() == ""
+    with bars(console), Progress("importing", total=100_000, unit="lines") as p:
+        p.advance(100_000)
+    row = console.export_text()
+    assert "100000/100000 lines" in row and "ETA 0:00:00" in row  # whole at 80 columns

@@ -77,11 +77,11 @@ def eval_command(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from ..embed import SentenceTransformerEmbedder
     from ..errors import SemcacheError
+    from ..progress import Progress, bars
     from ..threshold import save_policy
     from .compare import compare
     from .data import load_pairs
@@ -99,47 +99,45 @@ def eval_command(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     out.mkdir(parents=True, exist_ok=True)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("embedding", total=None)
+    with bars(console):  # each stage a rich bar with its count, rate and ETA
+        with Progress("embedding", unit="texts") as embedded:
+            base = [0]  # texts of the embedding calls already finished
 
-        def on_embed(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+            def on_embed(done: int, total: int) -> None:
+                embedded.update(base[0] + done, total=base[0] + total)
+                if done >= total:
+                    base[0] += total
 
-        cache = EmbeddingCache(SentenceTransformerEmbedder(), progress=on_embed)
-        ptask = progress.add_task("policies", total=len(named) + 1)
-        result = compare(
-            pairs,
-            cache,
-            named,
-            calib_pairs=calib,
-            target_fhr=target_fhr,
-            confidence=confidence,
-            progress=lambda _name: progress.advance(ptask),
-        )
+            cache = EmbeddingCache(SentenceTransformerEmbedder(), progress=on_embed)
+            with Progress("policies", total=len(named) + 1, unit="policies") as scored:
+                result = compare(
+                    pairs,
+                    cache,
+                    named,
+                    calib_pairs=calib,
+                    target_fhr=target_fhr,
+                    confidence=confidence,
+                    progress=lambda _name: scored.advance(),
+                )
         replays = []
         if replay:
             workload = workload_from_pairs(result.eval_pairs)
             cache.preload([t for t, _ in workload])
-            rtask = progress.add_task("replay", total=len(workload) * len(result.results))
-            done = 0
-            for r in result.results:
-                pol = next((n.policy for n in named if n.name == r.name), result.calibrated)
-                if pol is None:
-                    continue
+            runs = [
+                (r.name, pol)
+                for r in result.results
+                if (pol := next((n.policy for n in named if n.name == r.name), result.calibrated))
+                is not None
+            ]
+            with Progress("replay", total=len(workload) * len(runs), unit="lookups") as replayed:
+                for number, (name, pol) in enumerate(runs):
 
-                def on_step(i: int, total: int, base: int = done) -> None:
-                    progress.update(rtask, completed=base + i)
+                    def on_step(i: int, _total: int, base: int = number * len(workload)) -> None:
+                        replayed.update(base + i)
 
-                replays.append(
-                    run_replay(workload, pol, embedder=cache, name=r.name, progress=on_step)
-                )
-                done += len(workload)
+                    replays.append(
+                        run_replay(workload, pol, embedder=cache, name=name, progress=on_step)
+                    )
 
     sources = list(result.results[0].by_source) if result.results else []
     for src in sources:
