@@ -48,6 +48,7 @@ from .index import FaissIndex, VectorIndex
 from .keys import exact_key, normalise, shard_key
 from .l1 import L1Cache, L1Item
 from .leases import Lead, Leases
+from .progress import Progress
 from .replica import Replica
 from .shards import IndexFactory, ShardSet
 from .singleflight import HANDOVER, Flight, SingleFlight
@@ -165,10 +166,12 @@ class _Looked:
 
 
 class SemanticCache:
-    """A semantic cache of LLM answers in a data folder (SQLite store + FAISS index).
+    """A semantic cache of LLM answers: a store of record (SQLite in a data folder, or a
+    PostgreSQL schema shared by replicas) and this process's FAISS index, L1 and version cache.
 
     Args:
-        path: the data folder; created if missing.
+        path: the data folder (created if missing), or a ``postgresql://`` URL: the shared
+            store of record that every replica (process, machine) points at.
         embedder: any :class:`~semcache.embed.Embedder`; default all-MiniLM-L6-v2, offline.
         threshold: a cosine similarity in [-1, 1] or a :class:`~semcache.threshold.HitPolicy`;
             ``None`` is the default policy (see README for its measured error rates).
@@ -201,6 +204,19 @@ class SemanticCache:
             answers, a small share of uncertain hits answered by the LLM anyway where a
             compute function exists, and ``feedback``); its state is kept in the store and
             survives restarts, and ``stats()["policy_state"]`` reports its operating point.
+        index_dir: with a ``postgresql://`` store, the folder of this replica's index files;
+            default ``$XDG_CACHE_HOME/semcache/<store id>``. A data folder keeps its own.
+        schema: the PostgreSQL schema of the shared store (created and migrated on open).
+        consistency: ``"bounded"`` (default): a semantic hit is confirmed against the store
+            of record before it is served (a deleted, expired or version-bumped entry never
+            is), while exact repeats (L1) and new entries of other replicas are seen within
+            the propagation delay. ``"strong"``: every lookup first catches up with the
+            store, so nothing committed before it began is missed (a round trip per lookup
+            on PostgreSQL; the same as bounded on SQLite, whose catch-up check is local).
+        poll_interval: seconds between a replica's checks of a shared store when no change
+            notification arrives (a notification lost with its connection costs at most this).
+        flight_timeout: seconds a computation holds its lease for single-flight between
+            processes sharing the store; a waiter computes itself after that long.
     """
 
     def __init__(
@@ -363,11 +379,14 @@ class SemanticCache:
         assert self._folder is not None
         with self._folder.exclusive(f"re-embed {self.path} with {self.embedder.model_id}"):
             log.warning("re-embedding %s with %s", self.path, self.embedder.model_id)
-            for batch in self._db.iter_prompts():
-                vectors = self.embed([prompt for _, prompt in batch])
-                self._db.set_vectors(
-                    [(rowid, v.tobytes()) for (rowid, _), v in zip(batch, vectors, strict=True)]
-                )
+            what = f"re-embedding {self.path} with {self.embedder.model_id}"
+            with Progress(what, total=self._db.counters()[0], unit="prompts") as done:
+                for batch in self._db.iter_prompts():
+                    vectors = self.embed([prompt for _, prompt in batch])
+                    self._db.set_vectors(
+                        [(rowid, v.tobytes()) for (rowid, _), v in zip(batch, vectors, strict=True)]
+                    )
+                    done.advance(len(batch))
             self._db.set_meta("model_id", self.embedder.model_id)
             self._db.set_meta("dim", str(self.dim))
         return True
@@ -1362,6 +1381,7 @@ class SemanticCache:
             return
         if self._sweeper is not None:
             self._sweeper.stop()
+        self.replica.stop_listener()
         self.replica.stop_merger()
         with self._lock:
             try:

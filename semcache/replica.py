@@ -34,6 +34,7 @@ import numpy as np
 
 from .errors import IndexCorruptError, StoreError
 from .l1 import L1Cache
+from .progress import Progress
 from .shards import ShardSet
 from .store import HOLD_TTL, Change, Store
 
@@ -145,12 +146,15 @@ class Replica:
                 with self.store.read_snapshot():
                     seq = self.store.last_seq()
                     self.shards.clear()
-                    for ids, shards, vectors in self.store.iter_vectors():
-                        groups: dict[str, list[int]] = {}
-                        for row, shard in enumerate(shards):
-                            groups.setdefault(shard, []).append(row)
-                        for shard, rows in groups.items():
-                            self.shards.add(shard, ids[rows], vectors[rows])
+                    what = f"rebuilding the index of {self.store.path}"
+                    with Progress(what, total=self.store.counters()[0], unit="entries") as done:
+                        for ids, shards, vectors in self.store.iter_vectors():
+                            groups: dict[str, list[int]] = {}
+                            for row, shard in enumerate(shards):
+                                groups.setdefault(shard, []).append(row)
+                            for shard, rows in groups.items():
+                                self.shards.add(shard, ids[rows], vectors[rows])
+                            done.advance(len(ids))
                 self.shards.seq = seq
                 self.l1.clear()
                 self.versions.clear()
@@ -359,10 +363,15 @@ class Replica:
             self._merger.stop()
             self._merger = None
 
-    def release(self) -> None:
+    def stop_listener(self) -> None:
+        """Stop following the store's notifications (call without holding :attr:`lock`: the
+        listener may be waiting for it)."""
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+
+    def release(self) -> None:
+        self.stop_listener()
         self.stop_merger()
         if self._held is not None:
             try:

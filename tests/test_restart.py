@@ -98,3 +98,25 @@ def test_sigkill_mid_stream_loses_no_acknowledged_write(tmp_path: Path) -> None:
             assert hit is not None and hit.entry_id == eid and hit.response == f"answer {i}"
         for eid in deleted:
             assert cache.delete(eid) is False
+
+
+def test_a_rebuild_and_a_re_embed_show_their_progress(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from semcache.progress import bars
+
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as cache:
+        cache.store_many([{"prompt": f"prompt {i} here", "response": str(i)} for i in range(50)])
+    console = Console(record=True, width=400, force_terminal=False)
+    with bars(console):
+        SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9, rebuild=True).close()
+        SemanticCache(
+            tmp_path,
+            embedder=HashEmbedder(model_id="test:other"),
+            threshold=0.9,
+            rebuild=True,
+        ).close()
+    text = console.export_text()
+    assert f"rebuilding the index of {tmp_path / 'semcache.db'}" in text
+    assert f"re-embedding {tmp_path} with test:other" in text
+    assert "50/50" in text
