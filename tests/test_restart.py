@@ -117,6 +117,6 @@ def test_a_rebuild_and_a_re_embed_show_their_progress(tmp_path: Path) -> None:
             rebuild=True,
         ).close()
     text = console.export_text()
-    assert f"rebuilding the index of {tmp_path / 'semcache.db'}" in text
-    assert f"re-embedding {tmp_path} with test:other" in text
-    assert "50/50" in text
+    assert text.count("rebuilding the index of") == 2  # asked for, then after the re-embed
+    assert "re-embedding" in text
+    assert "50/50 entries" in text and "50/50 prompts" in text
