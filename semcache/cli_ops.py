@@ -280,8 +280,11 @@ def _store_batch(
 
 
 class _Embedding:
-    """Embeds import batches with the cache's model, choosing torch's thread count by
-    measurement (:class:`~semcache.threads.ThreadTuner`) unless ``threads`` fixes it."""
+    """Embeds import batches with the cache's model in chunks of ``CHUNK`` texts, choosing
+    torch's thread count per chunk by measurement (:class:`~semcache.threads.ThreadTuner`)
+    unless ``threads`` fixes it; chunks keep the tuner's trials of the slower count short."""
+
+    CHUNK = 256
 
     def __init__(self, cache: SemanticCache, threads: int | None) -> None:
         import torch
@@ -295,13 +298,20 @@ class _Embedding:
         self.used: dict[int, int] = {}  # threads -> lines embedded with them
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        threads = self.tuner.next()
-        self._set(threads)
-        started = time.perf_counter()
-        vectors = self.cache.embed(texts)
-        self.tuner.record(threads, len(texts), time.perf_counter() - started)
-        self.used[threads] = self.used.get(threads, 0) + len(texts)
-        return vectors
+        import numpy as np
+
+        if not texts:
+            return self.cache.embed([])
+        parts = []
+        for start in range(0, len(texts), self.CHUNK):
+            chunk = texts[start : start + self.CHUNK]
+            threads = self.tuner.next()
+            self._set(threads)
+            began = time.perf_counter()
+            parts.append(self.cache.embed(chunk))
+            self.tuner.record(threads, len(chunk), time.perf_counter() - began)
+            self.used[threads] = self.used.get(threads, 0) + len(chunk)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def describe(self) -> str:
         """Which thread counts embedded how many lines, e.g. "1 thread: 9,216 lines"."""

@@ -156,8 +156,23 @@ def test_verify_reports_and_fixes_a_drifted_counter(
     fixed = semcache_cli("verify", "--data", str(data), "--fix")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert "fixed: 1 problem(s) repaired" in fixed.stdout
+    assert "rebuilding the index" in fixed.stderr and "ETA" in fixed.stderr  # its progress bar
     again = semcache_cli("verify", "--data", str(data))
     assert again.returncode == 0 and "ok:" in again.stdout
+
+
+def test_an_opening_that_rebuilds_the_index_shows_its_bar_on_stderr(
+    imported: tuple[Path, subprocess.CompletedProcess],  # type: ignore[type-arg]
+    tmp_path: Path,
+) -> None:
+    data = copy_of(imported[0], tmp_path)
+    for path in data.iterdir():  # the index files gone: opening rebuilds from the store
+        if path.is_dir():
+            shutil.rmtree(path)
+    done = semcache_cli("stats", "--data", str(data), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["entries"] == 4  # stdout stays the command's output
+    assert "rebuilding the index" in done.stderr and "4/4 entries" in done.stderr
 
 
 def test_export_writes_what_import_reads(
