@@ -300,3 +300,5 @@ def test_a_killed_replica_restarted_sees_what_was_stored_while_it_was_down(
     assert cluster.calls(q) == 1 and cluster.calls(before) == 1
     stats = api(cluster.urls["a"], "GET", "/v1/cache/stats").json()
     assert stats["indexed"] == stats["entries"]
+    # the sidecar runs the default mode, and follows the store's notifications
+    assert stats["consistency"] == "bounded" and stats["following"] is True
