@@ -8,7 +8,14 @@ paraphrase is served by meaning through another replica; an invalidation sent to
 on the others (semantic hits at once, exact repeats within the propagation delay); a replica
 killed with SIGKILL and restarted sees what was stored while it was down; identical concurrent
 misses spread over the replicas make one upstream call; a tenant's answers stay its own across
-replicas. The three sidecars start once for the module (each loads the model).
+replicas. The three sidecars start once for the module (each loads the model, in its own
+process: ``SEMCACHE_EMBED_PROCESS=false`` saves a second interpreter per sidecar on this 2-core
+machine).
+
+Over HTTP a replica hears of a change within milliseconds, so these tests cannot tell "a semantic
+hit is confirmed against the store" from "the change had already arrived"; the replica that has
+not heard of an invalidation yet is tested in test_shared_store.py, where its listener can be
+paused.
 """
 
 from __future__ import annotations
