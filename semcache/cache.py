@@ -45,7 +45,7 @@ from .feedback import Feedback
 from .fence import Candidate, Observed, any_covers
 from .folder import FolderLock
 from .index import FaissIndex, VectorIndex
-from .keys import exact_key, normalise, shard_key
+from .keys import check_text, exact_key, normalise, shard_key
 from .l1 import L1Cache, L1Item
 from .leases import Lead, Leases
 from .progress import Progress
@@ -98,12 +98,13 @@ def _check_ttl(ttl: Any) -> float | None:
 def _check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
     if tags is None:
         return ()
-    if isinstance(tags, str):
-        raise InvalidInputError("tags must be a list of strings, not one string")
+    if isinstance(tags, str) or not isinstance(tags, Iterable):
+        raise InvalidInputError(f"tags must be a list of strings, not {type(tags).__name__}")
     out = tuple(tags)
     for tag in out:
         if not isinstance(tag, str) or not tag:
             raise InvalidInputError(f"a tag must be a non-empty string, not {tag!r}")
+        check_text(tag, "a tag")
     return tuple(dict.fromkeys(out))
 
 
@@ -116,12 +117,19 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> str | None:
         return json.dumps(dict(metadata), separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"metadata must be JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError("metadata is nested too deeply") from None
 
 
 def _check_response(response: Any) -> str:
     if not isinstance(response, str):
         raise InvalidInputError(f"a response must be a str, not {type(response).__name__}")
-    return response
+    return check_text(response, "the response")
+
+
+def _check_fn(fn: Any) -> None:
+    if not callable(fn):
+        raise InvalidInputError(f"the compute function must be callable, not {type(fn).__name__}")
 
 
 async def _call(fn: Callable[[str], Any], prompt: str) -> Any:
@@ -663,6 +671,10 @@ class SemanticCache:
         skips embedding. Every item is checked before anything is written.
         """
         self._check_open()
+        if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+            raise InvalidInputError(
+                f"store_many takes an iterable of items, not {type(items).__name__}"
+            )
         prepared: list[dict[str, Any]] = []
         for item in items:
             if isinstance(item, Mapping):
@@ -947,6 +959,7 @@ class SemanticCache:
         version, its prompt, a semantic radius around it) commits while ``fn`` runs, the answer
         is returned but not cached.
         """
+        _check_fn(fn)
         policy = self._policy(threshold)
         item = self._prepare(normalise(prompt), "", _scope(scope), ttl, tags, metadata)
         while True:
@@ -991,6 +1004,7 @@ class SemanticCache:
     ) -> str:
         """``get_or_compute`` for asyncio: ``fn`` may be sync or async; the event loop never
         blocks on embedding or SQLite. A cancelled leader hands its flight over to a follower."""
+        _check_fn(fn)
         policy = self._policy(threshold)
         item = self._prepare(normalise(prompt), "", _scope(scope), ttl, tags, metadata)
         while True:
@@ -1051,7 +1065,8 @@ class SemanticCache:
 
     # ------------------------------------------------------------------------ write-through
     def _row_by_uid(self, entry_id: Any) -> dict[str, Any]:
-        row = self._db.get_by_uid(entry_id) if isinstance(entry_id, str) else None
+        valid = isinstance(entry_id, str) and entry_id.isascii()  # ids are hex
+        row = self._db.get_by_uid(entry_id) if valid else None
         if row is None:
             raise EntryNotFoundError(f"no entry {entry_id!r}")
         return row
@@ -1089,7 +1104,8 @@ class SemanticCache:
         """Delete one entry by id; True if it existed. Idempotent."""
         self._check_open()
         with self._lock:
-            rowid = self._db.rowid_of(entry_id) if isinstance(entry_id, str) else None
+            valid = isinstance(entry_id, str) and entry_id.isascii()  # ids are hex
+            rowid = self._db.rowid_of(entry_id) if valid else None
             if rowid is None:
                 return False
             removed = self._db.delete_entry(rowid, self.clock.now())
@@ -1207,6 +1223,7 @@ class SemanticCache:
         self._check_open()
         if not isinstance(namespace, str) or not namespace:
             raise InvalidInputError("namespace must be a non-empty string")
+        check_text(namespace, "the namespace")
         with self._lock:
             version = self._db.bump(namespace, self.clock.now())
             self.replica.catch_up()

@@ -6,9 +6,21 @@ import hashlib
 import re
 import unicodedata
 
-from .errors import InvalidPromptError
+from .errors import InvalidInputError, InvalidPromptError
 
 _WS = re.compile(r"\s+")
+
+
+def check_text(value: str, what: str, error: type[InvalidInputError] = InvalidInputError) -> str:
+    """``value`` if it is text that can be stored (UTF-8 encodable: no lone surrogates, which
+    a decoder that allows them may produce), else ``error`` naming ``what``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise error(
+            f"{what} is not valid Unicode text (a lone surrogate at position {exc.start})"
+        ) from None
+    return value
 
 
 def normalise(prompt: object) -> str:
@@ -19,6 +31,7 @@ def normalise(prompt: object) -> str:
     """
     if not isinstance(prompt, str):
         raise InvalidPromptError(f"a prompt must be a str, not {type(prompt).__name__}")
+    check_text(prompt, "the prompt", InvalidPromptError)
     text = _WS.sub(" ", unicodedata.normalize("NFKC", prompt)).strip()
     if not text:
         raise InvalidPromptError("a prompt must not be empty or only whitespace")

@@ -66,9 +66,16 @@ class Scope:
             raise InvalidScopeError("Scope.params must be a mapping")
         if isinstance(self.context, str | bytes) or not isinstance(self.context, Sequence):
             raise InvalidScopeError("Scope.context must be a list of earlier turns")
-        canonical = self.canonical()  # validates every field once, up front
-        blob = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False)
-        object.__setattr__(self, "_digest", hashlib.sha256(blob.encode()).hexdigest())
+        try:
+            canonical = self.canonical()  # validates every field once, up front
+            blob = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
+        except RecursionError:
+            raise InvalidScopeError("the scope is nested too deeply to be a key") from None
+        except UnicodeEncodeError as exc:
+            raise InvalidScopeError(
+                f"the scope holds text that is not valid Unicode (a lone surrogate: {exc.reason})"
+            ) from None
+        object.__setattr__(self, "_digest", hashlib.sha256(blob).hexdigest())
 
     def canonical(self) -> dict[str, Any]:
         """The JSON-stable dict the digest is computed from."""
