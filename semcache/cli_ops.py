@@ -244,11 +244,13 @@ def _batches(
 
 
 def _count_lines(path: Path) -> int:
-    count = 0
+    """Lines in the file, the last one counted also without its newline (as ``_batches``)."""
+    count, last = 0, b"\n"
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             count += block.count(b"\n")
-    return count
+            last = block[-1:]
+    return count + (last != b"\n")
 
 
 def _store_batch(

@@ -365,3 +365,12 @@ def test_a_failing_store_stops_the_batch_instead_of_blaming_lines(
     with pytest.raises(CacheClosedError):
         _store_batch(fast_cache, [(1, {"prompt": "a", "response": "b"})], np.ones((1, 8)), errors)
     assert errors == []
+
+
+def test_the_bar_total_counts_a_last_line_without_its_newline(tmp_path: Path) -> None:
+    from semcache.cli_ops import _count_lines
+
+    path = tmp_path / "a.jsonl"
+    for text, lines in [(b"", 0), (b"x\n", 1), (b"x\ny", 2), (b"x\n\n", 2), (b"y", 1)]:
+        path.write_bytes(text)
+        assert _count_lines(path) == lines, text
