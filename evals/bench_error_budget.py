@@ -45,9 +45,12 @@ from semcache.eval.metrics import Rate
 from semcache.eval.replay import Workload, workload_from_groups, workload_from_pairs
 from semcache.eval.sources import load_named
 from semcache.threshold import HitPolicy, default_policy
+from semcache.verifier import shipped_policy
 
 DATASETS = ("families:validation", "families:test", "mrpc:test", "stsb:test", "qqp_gptcache")
 WARMUP = 500
+_score = shipped_policy("score")
+SCORE_POINT = {"min_similarity": _score.min_similarity, "prior": _score.min_score}
 
 
 @dataclass
@@ -165,6 +168,9 @@ def main() -> None:
             f"static calibrated (cos>={static.threshold:.3f})": static,
             f"target_error={args.target} (explore {args.explore:g})": ErrorBudget(
                 args.target, explore=args.explore, seed=0
+            ),
+            f"target_error={args.target} from score point (explore {args.explore:g})": ErrorBudget(
+                args.target, explore=args.explore, seed=0, **SCORE_POINT
             ),
             f"target_error={args.target} (explore every uncertain hit)": ErrorBudget(
                 args.target, explore=1.0, seed=0

@@ -14,8 +14,11 @@ evaluation half only. Policies:
 
 BANKING77, GPTCache mock and PAWS rows use the splits the verifier was *not* trained on
 (``evals/train_verifier.py``, seed 0). QQP, MRPC and STS-B were never used to train or tune
-anything. Then a workload replay (prompts in pair order, store on a miss) through the real
-``SemanticCache`` on the evaluation half.
+anything (MRPC and STS-B: their ``test`` splits, halved by answer group as the others). Then
+a workload replay (prompts in pair order, store on a miss) through the real ``SemanticCache``
+on the evaluation half. A replay's wrong answer is a hit whose answer id differs from the
+prompt's; "labelled" counts the part of them where the data labels the two prompts different
+(the rest are prompts no pair compares, such as near-identical STS-B captions).
 
 ``families:validation`` and ``families:test`` are the generated near-miss families
 (``semcache/eval/families.py``): the default's operating point was chosen on the validation
@@ -23,7 +26,7 @@ families (``evals/choose_default.py``); the test families come from templates no
 or chosen on. Their replay is the issue's: every phrasing of every group in a seeded order.
 
     HF_HUB_OFFLINE=1 .venv/bin/python evals/bench_quality.py [--datasets qqp_gptcache,mrpc:test]
-        [--replay-limit 6000] [--target-fhr 0.02]
+        [--replay-limit 6000] [--target-fhr 0.02] [--scores 0.5,0.8]
 """
 
 from __future__ import annotations
@@ -48,13 +51,18 @@ from semcache.eval.embcache import EmbeddingCache
 from semcache.eval.families import load_families, to_groups, to_pairs
 from semcache.eval.metrics import Confusion
 from semcache.eval.policies import NamedPolicy, decide, standard_policies
-from semcache.eval.replay import replay, workload_from_groups, workload_from_pairs
+from semcache.eval.replay import (
+    labelled_negatives,
+    replay,
+    workload_from_groups,
+    workload_from_pairs,
+)
 from semcache.eval.sources import load_named
 from semcache.verifier import VerifierPolicy, shipped_policy
 
 ALL = (
     "families:validation", "families:test", "banking77", "gptcache_mock", "paws_wiki",
-    "qqp_gptcache", "mrpc", "stsb",
+    "qqp_gptcache", "mrpc:test", "stsb:test",
 )  # fmt: skip
 
 
@@ -161,13 +169,16 @@ def main() -> None:
                 order = "pair order"
             cache.embed([t for t, _ in wl])
             print(
-                f"  replay: {len(wl)} prompts in {order}, store on miss "
-                f"(wrong answers per lookup | answered of repeatable | precision of hits)"
+                f"  replay: {len(wl)} prompts in {order}, store on miss (wrong answers per "
+                f"lookup, of which on pairs labelled different | answered of repeatable | "
+                f"precision of hits)"
             )
+            negatives = labelled_negatives(evaluation)
             for p in policies:
-                r = replay(wl, p.policy, embedder=cache, name=p.name)
+                r = replay(wl, p.policy, embedder=cache, name=p.name, negatives=negatives)
                 print(
                     f"    {p.name:42s} wrong/lookup {r.wrong_per_lookup.fmt(2):22s} "
+                    f"labelled {100 * r.wrong_labelled_per_lookup.value:5.2f}%  "
                     f"answered {r.answered_repeatable.fmt():22s} (of {r.repeatable:5d}) "
                     f"precision {r.hit_precision.fmt()}"
                 )

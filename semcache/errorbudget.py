@@ -6,9 +6,10 @@ and it moves that point from labels it gets on the cache's own traffic, so that 
 one-sided Clopper-Pearson upper bound of the wrong-answer rate among served candidates stays
 at or under the target at the stated confidence:
 
-* **from the first lookup** the point is the shipped verifier's ``"score"`` operating point (a
-  cosine floor of 0.5 and a verifier score calibrated offline to a false-hit rate <= 2% at 95%
-  on held-out shippable pairs), kept until the labels say otherwise;
+* **from the first lookup** the point is the default policy's (``shipped_policy("default")``:
+  a cosine floor and a verifier score chosen offline by ``evals/choose_default.py`` to serve
+  at most 2% wrong answers per lookup on every validation workload), kept until the labels
+  say otherwise, so it starts where ``SemanticCache(path)`` is;
 * **free labels**: a candidate the policy refused is answered by the LLM and stored; whether
   the new answer agrees with the candidate's answer labels that candidate's score;
 * **exploration**: a share (``explore``) of would-be hits in the uncertain band just above the
@@ -180,9 +181,9 @@ class ErrorBudget:
     outright); the default is the near-miss guards then the shipped verifier's P(same
     answer). ``prior`` is the score threshold used until labels move it, and
     ``min_similarity`` the cosine floor below which no candidate is scored (defaults: the
-    shipped verifier's ``"score"`` operating point). ``explore`` is the share of uncertain
-    would-be hits (score within ``band`` above the point) that :meth:`should_explore` sends
-    to the LLM.
+    default policy's operating point, ``shipped_policy("default")``). ``explore`` is the
+    share of uncertain would-be hits (score within ``band`` above the point) that
+    :meth:`should_explore` sends to the LLM.
     """
 
     kind = "error_budget"
@@ -218,9 +219,9 @@ class ErrorBudget:
             from .nearmiss import GuardedPolicy, exceeds_window
             from .verifier import shipped_policy
 
-            point = shipped_policy("score")
+            point = shipped_policy("default")
             if scorer is None:
-                guard = GuardedPolicy(_Always(point.min_similarity))
+                guard = GuardedPolicy(_Always(-1.0))  # the floor is checked in decide()
 
                 def scorer(q: str, c: str, s: float) -> float | None:
                     if guard.reason(q, c, s) is not None:

@@ -420,6 +420,33 @@ def _discordance(a: Sequence[str], b: Sequence[str]) -> float:
     return _inversions(seq) / (n * (n - 1) / 2)
 
 
+#: Function words that carry a direction or a relation ("from X to Y", "over"/"under").
+_RELATIONS = _words(
+    "to in on at by for with about as into onto from up out over under than before after off "
+    "again then too very"
+)
+
+
+def same_request(a: str, b: str) -> bool:
+    """Whether two texts are one request written two ways, in a way no feature can contest.
+
+    The same words once normalised (case, punctuation, contractions, number formats such as
+    "$1,000" / "$1000", unit spellings, word endings), or the same content words in the same
+    order with the same question words, negations and relation words ("to", "from",
+    "over"...) in the same order: they differ only in articles, pronouns, auxiliaries and
+    the like ("A woman is slicing a tomato." / "A woman is slicing tomato.").
+    """
+    pa, pb = _parse(a), _parse(b)
+    if pa.tokens == pb.tokens:
+        return True
+    return (
+        pa.content == pb.content
+        and pa.wh == pb.wh
+        and pa.negations == pb.negations
+        and [t for t in pa.tokens if t in _RELATIONS] == [t for t in pb.tokens if t in _RELATIONS]
+    )
+
+
 FEATURES: tuple[str, ...] = (
     "similarity",
     "content_jaccard",
@@ -622,7 +649,14 @@ class VerifierModel:
         return total
 
     def score(self, query: str, candidate: str, similarity: float) -> float:
-        """P(a cached answer to ``candidate`` correctly answers ``query``)."""
+        """P(a cached answer to ``candidate`` correctly answers ``query``).
+
+        Pairs that :func:`same_request` finds equal score 1.0: they differ in nothing the
+        features weigh, and the trees, fit on noisy labels, would otherwise put some of them
+        near the cut.
+        """
+        if same_request(query, candidate):
+            return 1.0
         z = self.raw(pair_features(query, candidate, similarity))
         return 1.0 / (1.0 + math.exp(-z))
 

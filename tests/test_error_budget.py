@@ -30,13 +30,13 @@ PAIRS = [
 ]  # fmt: skip
 
 
-def test_from_the_first_lookup_it_is_the_calibrated_point(embedder) -> None:  # type: ignore[no-untyped-def]
-    """Before any label: the guards, then the verifier's calibrated "score" operating point."""
+def test_from_the_first_lookup_it_is_the_default_point(embedder) -> None:  # type: ignore[no-untyped-def]
+    """Before any label: the guards, then the default policy's operating point."""
     budget = ErrorBudget(0.02)
     assert isinstance(budget, HitPolicy)
-    default = GuardedPolicy(shipped_policy("score"))
+    default = GuardedPolicy(shipped_policy("default"))
     assert budget.min_similarity == default.min_similarity
-    assert budget.prior == shipped_policy("score").min_score
+    assert budget.prior == shipped_policy("default").min_score
     for cached, new in PAIRS:
         v = embedder.embed([cached, new])
         sim = float(v[0] @ v[1])

@@ -77,3 +77,42 @@ def test_workload_builders() -> None:
     wl2 = workload_from_groups(groups, seed=3)
     assert sorted(wl2) == [("x1", 0), ("x2", 0), ("y1", 1)]
     assert len(workload_from_groups(groups, limit=2)) == 2
+
+
+def test_labelled_wrong_hits_are_split_out(tmp_path: Path) -> None:
+    """A wrong hit on a pair the data labels different counts as labelled; others do not."""
+    from semcache.eval.replay import labelled_negatives
+
+    negatives = labelled_negatives([Pair("q1", "q2 near miss", 0, "t"), Pair("q1", "q3", 1, "t")])
+    assert negatives == {frozenset(("q1", "q2 near miss"))}
+    r = replay(WORKLOAD, StaticThreshold(0.9), embedder=TableEmbedder(), negatives=negatives,
+               path=tmp_path / "c")  # fmt: skip
+    assert r.wrong_hits == 1 and r.wrong_labelled == 1
+    r = replay(WORKLOAD, StaticThreshold(0.9), embedder=TableEmbedder(), negatives=set(),
+               path=tmp_path / "d")  # fmt: skip
+    assert r.wrong_hits == 1 and r.wrong_labelled == 0
+
+
+def test_fast_replay_matches_the_in_memory_replay() -> None:
+    """Neighbours found once, then the same decisions as replay_in_memory, point by point."""
+    from semcache.eval.fastreplay import neighbours, replay_neighbours
+    from semcache.eval.replay import replay_in_memory
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 16))
+    texts, vectors = [], {}
+    for i in range(400):  # 40 answers, prompts scattered around each, some exact repeats
+        g = int(rng.integers(40))
+        t = f"prompt {i % 350} of {g}"
+        v = centres[g] + rng.normal(scale=0.35, size=16)
+        vectors.setdefault(t, (v / np.linalg.norm(v)).astype(np.float32))
+        texts.append((t, g))
+    nb = neighbours(texts, vectors, depth=32)
+    for floor in (0.6, 0.8, 0.9):
+        policy = StaticThreshold(floor)
+        slow = replay_in_memory(texts, policy, vectors)
+        fast = replay_neighbours(nb, floor, lambda i, j, s: True)
+        assert (fast.correct_hits, fast.wrong_hits, fast.misses) == (
+            slow.correct_hits, slow.wrong_hits, slow.misses,
+        )  # fmt: skip
+        assert slow.correct_hits + slow.wrong_hits > 0

@@ -190,3 +190,24 @@ def test_a_model_trained_on_the_first_features_still_loads(tmp_path: Path) -> No
     old = VerifierModel.load(tmp_path / "old.json")
     assert 0.0 <= old.score("a b c", "a b d", 0.9) <= 1.0
     assert old.to_dict()["features"] == list(FEATURES[:n])
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("A woman is slicing a tomato.", "A woman is slicing tomato.", True),
+        ("Is $1,000 enough for a week in Paris?", "Is $1000 enough for a week in Paris?", True),
+        ("How do I reset my password", "How do you reset your password?", True),
+        ("Move money from savings to checking", "Move money to savings from checking", False),
+        ("What is a mortgage?", "Why is a mortgage?", False),
+        ("Is it safe to fly?", "Is it not safe to fly?", False),
+        ("Convert 5 miles to km", "Convert 5 km to miles", False),
+    ],
+)
+def test_same_request_scores_one_and_nothing_else_does(a: str, b: str, same: bool) -> None:
+    """One request written two ways scores 1.0 whatever the trees say; a real change does not."""
+    from semcache.verifier import same_request
+
+    assert same_request(a, b) is same and same_request(b, a) is same
+    if same:
+        assert shipped_model().score(a, b, 0.95) == 1.0

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -40,10 +41,10 @@ from semcache.verifier import SHIPPED_MODEL, VerifierModel, VerifierPolicy
 
 
 def report_workloads(
-    cache: EmbeddingCache, limit: int = 6000, paraphrase: bool = True
+    cache: EmbeddingCache, limit: int = 6000, wanted: Callable[[str], bool] = lambda n: True
 ) -> dict[str, Workload]:
-    """The workloads bench_quality reports (same splits, same orders); ``paraphrase=False``
-    leaves out QQP, MRPC and STS-B."""
+    """The workloads bench_quality reports (same splits, same orders); QQP, MRPC and STS-B
+    only when ``wanted(name)``."""
     sets = build_sets(cache, 0)
     test_fams = load_families(FAMILIES, split="test")
     cache.preload(texts_of(to_pairs(test_fams)))  # the same file bench_quality writes
@@ -51,14 +52,12 @@ def report_workloads(
         "families test": workload_from_groups(to_groups(test_fams), seed=0),
         "paws held out": workload_from_pairs(sets["paws_wiki"][1], limit=limit),
     }
-    if not paraphrase:
-        for wl in out.values():
-            cache.embed([t for t, _ in wl])
-        return out
-    qqp = load_named("qqp_gptcache")
-    cache.preload(texts_of(qqp))
-    out["qqp"] = workload_from_pairs(split_pairs(qqp, test_fraction=0.5, seed=1)[1], limit=limit)
-    for name in ("mrpc", "stsb"):
+    if wanted("qqp"):
+        qqp = load_named("qqp_gptcache")
+        cache.preload(texts_of(qqp))
+        half = split_pairs(qqp, test_fraction=0.5, seed=1)[1]
+        out["qqp"] = workload_from_pairs(half, limit=limit)
+    for name in [n for n in ("mrpc", "stsb") if wanted(n)]:
         pairs = load_named(name)
         cache.preload(texts_of(pairs))
         test = [p for p in pairs if p.source.startswith(f"{name}:test")]
@@ -77,10 +76,13 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cache = EmbeddingCache(SentenceTransformerEmbedder())
-    paraphrase = not args.sets or any(k in args.sets for k in ("qqp", "mrpc", "stsb"))
-    workloads = {**validation_workloads(cache), **report_workloads(cache, paraphrase=paraphrase)}
-    if args.sets:
-        keys = args.sets.split(",")
+    keys = args.sets.split(",") if args.sets else []
+
+    def wanted(name: str) -> bool:
+        return not keys or any(k in name for k in keys)
+
+    workloads = {**validation_workloads(cache), **report_workloads(cache, wanted=wanted)}
+    if keys:
         workloads = {n: w for n, w in workloads.items() if any(k in n for k in keys)}
     model = VerifierModel.load(args.model)
     memo = MemoModel(model)

@@ -37,6 +37,7 @@ class ReplayResult:
     misses: int = 0
     repeatable: int = 0
     repeatable_answered: int = 0
+    wrong_labelled: int = 0  # wrong hits on a pair the data labels as different answers
     seconds: float = 0.0
     wrong_examples: list[tuple[str, str, float]] = field(default_factory=list)
 
@@ -44,6 +45,16 @@ class ReplayResult:
     def wrong_per_lookup(self) -> Rate:
         """Share of all lookups that were served a wrong answer."""
         return Rate.of(self.wrong_hits, self.lookups)
+
+    @property
+    def wrong_labelled_per_lookup(self) -> Rate:
+        """Share of lookups served the answer of a prompt *labelled* different from theirs.
+
+        The rest of :attr:`wrong_per_lookup` are hits between prompts no pair compares: their
+        answer ids differ only because nothing links them (near-identical captions in STS-B,
+        duplicate questions QQP never paired), so they may or may not be wrong.
+        """
+        return Rate.of(self.wrong_labelled, self.lookups)
 
     @property
     def answered_repeatable(self) -> Rate:
@@ -73,6 +84,11 @@ def workload_from_pairs(
     return [(t, groups[t]) for t in texts]
 
 
+def labelled_negatives(pairs: Sequence[Pair]) -> set[frozenset[str]]:
+    """The text pairs labelled as needing different answers (label 0)."""
+    return {frozenset((p.a, p.b)) for p in pairs if p.label == 0}
+
+
 def workload_from_groups(
     groups: Sequence[IntentGroup], *, seed: int = 0, limit: int | None = None
 ) -> Workload:
@@ -92,6 +108,7 @@ def replay(
     progress: Callable[[int, int], None] | None = None,
     keep_examples: int = 20,
     feedback: bool = False,
+    negatives: set[frozenset[str]] | None = None,
 ) -> ReplayResult:
     """Replay ``workload`` through a fresh ``SemanticCache`` using ``policy``.
 
@@ -100,6 +117,8 @@ def replay(
     texts are embedded once per run however many policies replay the same workload.
     With ``feedback=True`` every served hit is reported back through ``cache.feedback`` as a
     user who notices wrong answers would, so per-entry floors are learned as the replay goes.
+    ``negatives`` (pairs of texts labelled different, see :func:`labelled_negatives`) splits
+    out the wrong hits the data itself labels wrong (:attr:`ReplayResult.wrong_labelled`).
     """
     from .. import SemanticCache
 
@@ -125,6 +144,8 @@ def replay(
                         cache.feedback(hit.entry_id, True)
                 else:
                     result.wrong_hits += 1
+                    if negatives is not None and frozenset((prompt, hit.prompt)) in negatives:
+                        result.wrong_labelled += 1
                     if feedback:
                         cache.feedback(hit.entry_id, False, similarity=hit.similarity)
                     if len(result.wrong_examples) < keep_examples:
