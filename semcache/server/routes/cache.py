@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from ...errors import EntryNotFoundError
 from ...types import Entry, Scope
@@ -107,7 +106,7 @@ def _check_prompt(state: ServerState, *texts: str | None) -> None:
 async def _entry(state: ServerState, principal: Principal, entry_id: str) -> Entry:
     """The entry, if this caller may see it (404 otherwise, as if it did not exist)."""
     cache = state.require_cache()
-    entry: Entry = await run_in_threadpool(cache.get, entry_id)
+    entry: Entry = await state.run(cache.get, entry_id)
     if not principal.owns(entry.scope.namespace):
         raise EntryNotFoundError(f"no entry {entry_id!r}")
     return entry
@@ -122,7 +121,7 @@ async def lookup(request: Request, body: LookupRequest) -> LookupResponse:
     cache, metrics = state.require_cache(), state.metrics
     metrics.lookups.labels("api").inc()
     t0 = time.perf_counter()
-    hit, nearest = await run_in_threadpool(
+    hit, nearest = await state.run(
         cache.probe, body.prompt, scope=scope, threshold=body.threshold
     )
     metrics.looked_up(hit, nearest, time.perf_counter() - t0)
@@ -141,7 +140,7 @@ async def store(request: Request, body: StoreRequest) -> StoreResponse:
     if "ttl" in body.model_fields_set:
         kwargs["ttl"] = body.ttl
     cache = state.require_cache()
-    entry_id = await run_in_threadpool(cache.store, body.prompt, body.response, **kwargs)
+    entry_id = await state.run(cache.store, body.prompt, body.response, **kwargs)
     state.metrics.stores.inc()
     return StoreResponse(entry_id=entry_id)
 
@@ -166,7 +165,7 @@ async def update_entry(request: Request, entry_id: str, body: UpdateRequest) -> 
         value = getattr(body, name)
         changes[name] = (value or []) if name == "tags" else value
     cache = state.require_cache()
-    await run_in_threadpool(lambda: cache.update(entry_id, **changes))
+    await state.run(lambda: cache.update(entry_id, **changes))
     state.metrics.invalidation("update", 1)
     entry = await _entry(state, principal, entry_id)
     return EntryModel.of(entry, list(entry.tags))
@@ -180,7 +179,7 @@ async def delete_entry(request: Request, entry_id: str) -> DeletedResponse:
         await _entry(state, principal, entry_id)
     except EntryNotFoundError:
         return DeletedResponse(deleted=False)
-    deleted = await run_in_threadpool(state.require_cache().delete, entry_id)
+    deleted = await state.run(state.require_cache().delete, entry_id)
     state.metrics.invalidation("delete", int(deleted))
     return DeletedResponse(deleted=deleted)
 
@@ -192,7 +191,7 @@ async def delete_prompt(request: Request, body: DeletePromptRequest) -> CountRes
     _check_prompt(state, body.prompt)
     scope = _scope(state, principal, body.scope)
     cache = state.require_cache()
-    removed = await run_in_threadpool(lambda: cache.delete_prompt(body.prompt, scope=scope))
+    removed = await state.run(lambda: cache.delete_prompt(body.prompt, scope=scope))
     state.metrics.invalidation("delete", removed)
     return CountResponse(removed=removed)
 
@@ -211,7 +210,7 @@ async def invalidate_tags(request: Request, body: TagsRequest) -> CountResponse:
     tags = list(body.tags)
     if tenant is not None:
         tags += [f"{tenant}:{tag}" for tag in body.tags]
-    removed = await run_in_threadpool(lambda: cache.invalidate_tags(*tags, namespace=tenant))
+    removed = await state.run(lambda: cache.invalidate_tags(*tags, namespace=tenant))
     state.metrics.invalidation("tags", removed)
     return CountResponse(removed=removed)
 
@@ -221,7 +220,7 @@ async def bump(request: Request, body: BumpRequest) -> BumpResponse:
     """Make every entry of a namespace unreachable at once; returns the new version."""
     state, principal = state_of(request), principal_of(request)
     namespace = principal.namespace(body.namespace, state.settings.default_namespace)
-    version = await run_in_threadpool(state.require_cache().bump, namespace)
+    version = await state.run(state.require_cache().bump, namespace)
     state.metrics.invalidation("version", 0)
     return BumpResponse(namespace=namespace, version=version)
 
@@ -231,7 +230,7 @@ async def version(request: Request, namespace: str) -> BumpResponse:
     """A namespace's current version (0 until first bumped)."""
     state, principal = state_of(request), principal_of(request)
     namespace = principal.namespace(namespace, state.settings.default_namespace)
-    current = await run_in_threadpool(state.require_cache().version, namespace)
+    current = await state.run(state.require_cache().version, namespace)
     return BumpResponse(namespace=namespace, version=current)
 
 
@@ -255,7 +254,7 @@ async def invalidate_similar(request: Request, body: SimilarRequest) -> IdsRespo
         )
     query: Any = body.text if body.text is not None else body.vector
     cache = state.require_cache()
-    removed = await run_in_threadpool(
+    removed = await state.run(
         lambda: cache.invalidate_similar(query, body.radius, scope=scope)
     )
     state.metrics.invalidation("semantic", len(removed))
@@ -268,7 +267,7 @@ async def expire(request: Request) -> CountResponse:
     (admin tokens only: it reaches every tenant's entries)."""
     principal_of(request).require_admin("/v1/cache/expire")
     state = state_of(request)
-    removed = await run_in_threadpool(state.require_cache().expire)
+    removed = await state.run(state.require_cache().expire)
     state.metrics.invalidation("ttl", removed)
     return CountResponse(removed=removed)
 
@@ -278,7 +277,7 @@ async def stats(request: Request) -> dict[str, Any]:
     """The cache's counters (admin tokens only: they cover every tenant)."""
     principal_of(request).require_admin("/v1/cache/stats")
     state = state_of(request)
-    result: dict[str, Any] = await run_in_threadpool(state.require_cache().stats)
+    result: dict[str, Any] = await state.run(state.require_cache().stats)
     embedder = state.require_cache().embedder
     inner = getattr(embedder, "inner", embedder)
     result["embedder"] = {

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -95,6 +96,9 @@ class _Seen:
     hit: Hit | None
     position: int | None
     version: int | None
+    #: the single-flight lead between processes, taken in the same trip when asked for and
+    #: the lookup missed (None: not asked, or the store failed)
+    lead: Lead[Hit] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class _Call:
     fence: int | None
     options: CallOptions
     deadline: float  # the event loop's clock
+    #: a lead this call holds: released in the same worker-thread trip as the store
+    lead: Lead[Hit] | None = None
 
 
 @router.post("/v1/chat/completions", responses=_ERRORS)
@@ -148,7 +154,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
             call = _Call(None, None, options, loop.time() + settings.upstream_deadline)
             return await _forward(state, request, payload, stream, call, headers)
         state.require_cache()
-        seen = await _lookup(state, key, options, probe=not options.refresh)
+        # a plain JSON miss also takes the lead between processes in the lookup's own trip
+        lead_on_miss = not options.refresh and not stream
+        seen = await _lookup(state, key, options, probe=not options.refresh, lead=lead_on_miss)
         if seen.hit is not None:
             outcome = "hit"
             return _hit_response(seen.hit, body.model, stream, wants_usage(payload))
@@ -160,6 +168,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         if leader is not None and not options.refresh:
             # single flight: the same question, at the same namespace version, is with the
             # upstream already; wait for it (at most the deadline), then look again
+            await _release(state, seen.lead)
             try:
                 await asyncio.wait_for(leader.wait(), max(0.0, deadline - loop.time()))
             except TimeoutError:
@@ -171,7 +180,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
                     "upstream_timeout",
                     code="upstream_deadline",
                 ) from None
-            seen = await _lookup(state, key, options, probe=True)
+            seen = await _lookup(state, key, options, probe=True, lead=lead_on_miss)
             if seen.hit is not None:
                 outcome = "hit"
                 metrics.singleflight_waits.inc()
@@ -180,32 +189,36 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         headers = {"x-semcache": "miss"}
         if seen.position is None:  # the store could not be read: answer, but cache nothing
             call = _Call(None, None, options, deadline)
-            return await _forward(state, request, payload, stream, call, headers)
-        call = _Call(key, seen.position, options, deadline)
-        if seen.version is None:
-            return await _forward(state, request, payload, stream, call, headers)
-        flight = (key.scope.digest, seen.version, normalise(key.prompt))
-        if stream or flight in state.inflight:
+        else:
+            call = _Call(key, seen.position, options, deadline)
+        flight = None
+        if seen.version is not None:
+            flight = (key.scope.digest, seen.version, normalise(key.prompt))
+        if call.key is None or flight is None or stream or flight in state.inflight:
+            await _release(state, seen.lead)  # without a flight of its own, no lead either
             return await _forward(state, request, payload, stream, call, headers)
         done = state.inflight[flight] = asyncio.Event()
+        lead = seen.lead
         try:
-            # single flight between processes sharing the store (other replicas, workers);
-            # a refresh goes to the upstream whatever is stored
-            lead = None if options.refresh else await _lead(state, key, deadline)
+            # single flight between processes sharing the store (other replicas, workers):
+            # the lookup's trip took the lead or found another process holding it; then poll
+            # (on the event loop) until its answer is stored or its lease is gone. A refresh
+            # goes to the upstream whatever is stored.
+            if lead is not None and not lead.led and lead.hit is None:
+                lead = await _lead(state, key, deadline)
             if lead is not None and lead.hit is not None:
                 outcome = "hit"
                 metrics.singleflight_waits.inc()
                 return _hit_response(lead.hit, body.model, stream, wants_usage(payload))
-            try:
-                return await _forward(state, request, payload, stream, call, headers)
-            finally:
-                if lead is not None and lead.led:
-                    with contextlib.suppress(SemcacheError):
-                        await state.run(lead.release)
+            call = dataclasses.replace(call, lead=lead)
+            return await _forward(state, request, payload, stream, call, headers)
         finally:
-            if state.inflight.get(flight) is done:
-                del state.inflight[flight]
-            done.set()
+            try:
+                await _release(state, lead)  # unless the store's trip released it already
+            finally:
+                if state.inflight.get(flight) is done:
+                    del state.inflight[flight]
+                done.set()
     finally:
         metrics.request_seconds.labels("chat", outcome).observe(time.perf_counter() - started)
 
@@ -227,6 +240,13 @@ async def _lead(state: ServerState, key: ChatKey, deadline: float) -> Lead[Hit] 
             return lead
         await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
         delay = min(delay * 2, LONGEST_WAIT)
+
+
+async def _release(state: ServerState, lead: Lead[Hit] | None) -> None:
+    """End a lead this request still holds (a worker-thread trip only when it does)."""
+    if lead is not None and lead.led:
+        with contextlib.suppress(SemcacheError):
+            await state.run(lead.release)
 
 
 def _check_size(state: ServerState, body: ChatCompletionRequest, options: CallOptions) -> None:
@@ -251,28 +271,40 @@ def _header(text: str) -> str:
 
 
 def _probe(
-    cache: Any, key: ChatKey, threshold: float | None, probe: bool
-) -> tuple[Hit | None, float | None, float, int, int]:
+    cache: Any, key: ChatKey, threshold: float | None, probe: bool, lead: bool
+) -> tuple[Hit | None, float | None, float, int, int, Lead[Hit] | None]:
     """The store position and namespace version (read first, in that order: an invalidation
-    after them fences the answer out), then the lookup, its nearest similarity and its time."""
+    after them fences the answer out), then the lookup, its nearest similarity and its time;
+    on a miss, with ``lead``, the single-flight lead between processes too (one worker-thread
+    trip instead of two)."""
     position: int = cache.position()
     version: int = cache.version(key.scope.namespace)
-    if not probe:
-        return None, None, 0.0, position, version
-    t0 = time.perf_counter()
-    hit, nearest = cache.probe(key.prompt, scope=key.scope, threshold=threshold)
-    return hit, nearest, time.perf_counter() - t0, position, version
+    hit, nearest, elapsed = None, None, 0.0
+    if probe:
+        t0 = time.perf_counter()
+        hit, nearest = cache.probe(key.prompt, scope=key.scope, threshold=threshold)
+        elapsed = time.perf_counter() - t0
+    taken = None
+    if lead and hit is None:
+        try:
+            taken = cache.lead(key.prompt, scope=key.scope, wait=False)
+        except SemcacheError as exc:  # no lease: the request goes upstream without one
+            log.warning("single-flight lease failed, forwarding: %s", exc)
+    return hit, nearest, elapsed, position, version, taken
 
 
-async def _lookup(state: ServerState, key: ChatKey, options: CallOptions, *, probe: bool) -> _Seen:
-    """One threadpool trip: position, version and (unless ``probe`` is false) the lookup."""
+async def _lookup(
+    state: ServerState, key: ChatKey, options: CallOptions, *, probe: bool, lead: bool = False
+) -> _Seen:
+    """One worker-thread trip: position, version, (unless ``probe`` is false) the lookup and
+    (with ``lead``, on a miss) the lead between processes."""
     cache, metrics = state.require_cache(), state.metrics
     if probe:
         metrics.lookups.labels("chat").inc()
         await state.pre_embed(key.prompt)
     try:
-        hit, near, elapsed, position, version = await state.run(
-            _probe, cache, key, options.threshold, probe
+        hit, near, elapsed, position, version, taken = await state.run(
+            _probe, cache, key, options.threshold, probe, lead
         )
     except SemcacheError as exc:  # the cache fails open: the caller still gets an answer
         log.warning("cache lookup failed, forwarding: %s", exc)
@@ -281,7 +313,7 @@ async def _lookup(state: ServerState, key: ChatKey, options: CallOptions, *, pro
         metrics.looked_up(hit, near, elapsed)
         if hit is not None:
             metrics.tokens_saved.inc(tokens_saved(hit))
-    return _Seen(hit, position, version)
+    return _Seen(hit, position, version, taken)
 
 
 def _hit_response(hit: Hit, model: str, stream: bool, include_usage: bool) -> Response:
@@ -385,9 +417,9 @@ async def _forward(
     call: _Call,
     headers: dict[str, str],
 ) -> Response:
-    client = state.upstream
-    if client is None:
+    if state.upstream is None:
         raise ApiError(502, "no upstream is configured (SEMCACHE_UPSTREAM)", "upstream_error")
+    client = state.upstream.client()
     metrics = state.metrics
     metrics.upstream_requests.inc()
     request_headers = _upstream_headers(state, request)
@@ -474,6 +506,20 @@ async def _finish_json(
     return JSONResponse(data, headers=headers)
 
 
+def _store_and_release(
+    cache: Any, lead: Lead[Hit] | None, prompt: str, content: str, kwargs: dict[str, Any]
+) -> str | None:
+    """Store an answer, then end the lead its call held (one worker-thread trip for both: the
+    lease must outlive the store, so that no other process asks the upstream in between)."""
+    try:
+        entry_id: str | None = cache.store(prompt, content, **kwargs)
+    finally:
+        if lead is not None:
+            with contextlib.suppress(SemcacheError):
+                lead.release()
+    return entry_id
+
+
 async def _store(
     state: ServerState, call: _Call, answer: Answer | None, reason: str | None
 ) -> tuple[str | None, str | None]:
@@ -498,7 +544,9 @@ async def _store(
     if options.ttl_given:
         kwargs["ttl"] = options.ttl
     try:
-        entry_id: str | None = await state.run(cache.store, key.prompt, answer.content, **kwargs)
+        entry_id: str | None = await state.run(
+            _store_and_release, cache, call.lead, key.prompt, answer.content, kwargs
+        )
     except SemcacheError as exc:
         log.warning("storing an answer failed: %s", exc)
         state.metrics.skipped("store failed")
