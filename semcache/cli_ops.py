@@ -1,12 +1,14 @@
 """Operator commands on a cache's data folder: ``stats``, ``verify``, ``import``, ``export``,
 ``invalidate``.
 
-They open the same folder the sidecar serves (``--data``, or ``SEMCACHE_DATA`` as for
-``semcache serve``) through the public :class:`~semcache.SemanticCache` API; the store is shared
-between processes, so they can run while the sidecar does. Commands that never embed (stats,
-verify, export, invalidate by tag or namespace) open the cache with a stand-in that carries the
-folder's recorded model id and dimension, so they start without loading the model; ``import``
-and ``invalidate --similar`` load it.
+They open the same folder or shared store the sidecar serves (``--data``, or ``SEMCACHE_DATA``
+as for ``semcache serve``; a ``postgresql://`` store is opened as one more replica, in the
+schema ``SEMCACHE_SCHEMA`` names, with its index in ``SEMCACHE_INDEX_DIR`` or the default
+folder under the user's cache directory) through the public :class:`~semcache.SemanticCache`
+API; the store is shared between processes, so they can run while the sidecar does. Commands
+that never embed (stats, verify, export, invalidate by tag or namespace) open the cache with a
+stand-in that carries the store's recorded model id and dimension, so they start without
+loading the model; ``import`` and ``invalidate --similar`` load it.
 
 Only typer is imported at module level (``semcache --help`` stays fast); rich, numpy and the
 cache load when a command runs.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -31,14 +34,16 @@ if TYPE_CHECKING:
     from .cache import SemanticCache
 
 DataOption = Annotated[
-    Path,
+    str,
     typer.Option(
         "--data",
         envvar="SEMCACHE_DATA",
-        help="the cache's data folder, as for `semcache serve` (env SEMCACHE_DATA)",
+        help="the cache's data folder or postgresql:// store, as for `semcache serve` (env "
+        "SEMCACHE_DATA; a store's schema and index folder come from SEMCACHE_SCHEMA and "
+        "SEMCACHE_INDEX_DIR)",
     ),
 ]
-DEFAULT_DATA = Path("indexes/default")
+DEFAULT_DATA = "indexes/default"
 IMPORT_FIELDS = frozenset({"prompt", "response", "scope", "tags", "ttl", "metadata"})
 SCOPE_FIELDS = frozenset({"namespace", "model", "params", "system", "context"})
 MAX_TTL = 1e12  # seconds (about 31,700 years): anything longer is a mistake; null never expires
@@ -50,7 +55,7 @@ def _fail(command: str, message: str, code: int = 1) -> typer.Exit:
 
 
 def _open(
-    data: Path, command: str, *, embed: bool, precision: str = "fp32", progress: bool = True
+    data: str, command: str, *, embed: bool, precision: str = "fp32", progress: bool = True
 ) -> SemanticCache:
     """Open the cache in ``data``; without ``embed`` no model is loaded (see module doc).
     A rebuild of the index on opening shows a progress bar unless ``progress`` is False."""
@@ -58,16 +63,27 @@ def _open(
     from .cdc.cli import InvalidationOnlyEmbedder, recorded_model
     from .embed import SentenceTransformerEmbedder
     from .errors import SemcacheError
+    from .pgstore import redact
+    from .stores import is_store_url
 
-    recorded = recorded_model(data)
+    where: dict[str, Any] = {}
+    if is_store_url(data):
+        where["schema"] = os.environ.get("SEMCACHE_SCHEMA", "semcache")
+        where["index_dir"] = os.environ.get("SEMCACHE_INDEX_DIR") or None
+    try:
+        recorded = recorded_model(data, where.get("schema", "semcache"))
+    except SemcacheError as exc:
+        raise _fail(command, str(exc)) from None
     if recorded is None and not embed:
-        raise _fail(command, f"no cache in {data} (no store there yet)")
+        shown = redact(data) if is_store_url(data) else data
+        raise _fail(command, f"no cache in {shown} (no store there yet)")
     try:
         with _bars(progress):  # opening rebuilds the index when it cannot be trusted
             if embed:
                 model = SentenceTransformerEmbedder(precision=precision)  # type: ignore[arg-type]
-                return SemanticCache(data, embedder=model)
-            return SemanticCache(data, embedder=InvalidationOnlyEmbedder(*recorded))  # type: ignore[misc]
+                return SemanticCache(data, embedder=model, **where)
+            stand_in = InvalidationOnlyEmbedder(*recorded)  # type: ignore[misc]
+            return SemanticCache(data, embedder=stand_in, **where)
     except SemcacheError as exc:
         raise _fail(command, str(exc)) from None
 
@@ -107,7 +123,7 @@ def stats(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"semcache {data}", show_header=False)
+    table = Table(title=f"semcache {cache.location}", show_header=False)
     table.add_column("name", style="bold")
     table.add_column("value", justify="right")
     for name, value in numbers.items():

@@ -44,14 +44,16 @@ LINES = [
 ]
 
 
-def semcache_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def semcache_cli(
+    *args: str, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The installed console script's code path: ``semcache.cli:main`` in a new process."""
     return subprocess.run(
         [sys.executable, "-c", "from semcache.cli import main; main()", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=ENV,
+        env={**ENV, **(env or {})},
     )
 
 
@@ -374,3 +376,37 @@ def test_the_bar_total_counts_a_last_line_without_its_newline(tmp_path: Path) ->
     for text, lines in [(b"", 0), (b"x\n", 1), (b"x\ny", 2), (b"x\n\n", 2), (b"y", 1)]:
         path.write_bytes(text)
         assert _count_lines(path) == lines, text
+
+
+@pytest.mark.postgres
+def test_operator_commands_work_on_a_shared_postgres_store(tmp_path: Path) -> None:
+    """``--data postgresql://...`` opens the store as one more replica (schema and index folder
+    from SEMCACHE_SCHEMA and SEMCACHE_INDEX_DIR, as for the sidecar), without the model."""
+    import uuid
+
+    import psycopg
+
+    from .fakes import HashEmbedder
+
+    url = "postgresql://root@127.0.0.1:5432/test"
+    schema = "semcache_cli_" + uuid.uuid4().hex[:10]
+    try:
+        with SemanticCache(
+            url, embedder=HashEmbedder(), schema=schema, index_dir=tmp_path / "app", threshold=0.9
+        ) as cache:
+            cache.store("alpha beta", "a", tags=["doc:1"])
+            cache.store("gamma delta", "b")
+        env = {"SEMCACHE_SCHEMA": schema, "SEMCACHE_INDEX_DIR": str(tmp_path / "ops")}
+        out = semcache_cli("stats", "--data", url, "--json", env=env)
+        assert out.returncode == 0, out.stderr
+        numbers = json.loads(out.stdout)
+        assert numbers["entries"] == 2 and f"schema {schema}" in numbers["store"]
+        assert semcache_cli("verify", "--data", url, env=env).returncode == 0
+        out = semcache_cli("invalidate", "--data", url, "--tag", "doc:1", env=env)
+        assert out.returncode == 0, out.stderr
+        out = semcache_cli("export", "--data", url, env=env)
+        assert [json.loads(line)["response"] for line in out.stdout.splitlines()] == ["b"]
+        assert (tmp_path / "ops").is_dir()  # the operator's replica kept its index there
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")  # type: ignore[arg-type]
