@@ -10,6 +10,8 @@ most ``--target`` wrong answers per lookup on *every* validation set:
 * the ``validation`` split of the generated near-miss families (seeded order);
 * the verifier-held-out 30% of BANKING77 pairs, GPTCache mock data (with mined negatives)
   and the hand-written near-miss intents (pair order: each prompt right after its partner);
+* the fifth of PAWS-Wiki's fitting part that ``evals/train_verifier.py`` keeps out of
+  training (its 30% test part is only reported);
 
 ``--paraphrase qqp,mrpc,stsb`` adds, as a check, the splits of the evaluation-only paraphrase
 sets that ``evals/bench_quality.py`` does not report (the other half of QQP, MRPC ``train``,
@@ -23,10 +25,10 @@ The examples the README and the test suite promise (:data:`MUST_SERVE`, :data:`M
 to miles" is not served from "Convert 5 miles to km") are constraints of the choice too, so
 the tests that check those examples show the promise is kept, not that it generalises.
 
-QQP's reported half, MRPC ``test``, STS-B ``test``, PAWS and the ``test`` families are never
-read here: they are what ``evals/bench_quality.py`` reports. ``--write`` records the choice in
-the model file (``meta["policy_default"]``), where :func:`semcache.threshold.default_policy`
-reads it.
+QQP's reported half, MRPC ``test``, STS-B ``test``, PAWS's test part and the ``test``
+families are never read here: they are what ``evals/bench_quality.py`` reports. ``--write``
+records the choice in the model file (``meta["policy_default"]``), where
+:func:`semcache.threshold.default_policy` reads it.
 
     HF_HUB_OFFLINE=1 .venv/bin/python evals/choose_default.py [--target 0.02] [--write]
         [--model FILE] [--paraphrase qqp,mrpc,stsb] [--dump FILE]
@@ -114,6 +116,7 @@ def validation_workloads(
     }
     for name in ("banking77", "gptcache_mock", "near_miss_intents"):
         out[f"{name} (held out)"] = workload_from_pairs(sets[name][1])
+    out["paws (validation)"] = workload_from_pairs(sets["paws_wiki_validation"][1])
     if "qqp" in paraphrase:
         qqp = load_named("qqp_gptcache")
         cache.preload(texts_of(qqp))
