@@ -24,7 +24,13 @@ Before the sidecars start it prints the embedding ceiling: the model's cost per 
 in batches, on this workload's prompts, on one thread. The ratio of the two bounds what batching
 can gain when embedding is the bottleneck.
 
+``--baseline DIR`` also runs each mode from another copy of the package (a folder holding a
+``semcache/`` tree, e.g. ``git archive <commit> semcache | tar -x -C DIR``), interleaved with
+this one, so a change is measured against its baseline under the same background load; the
+ratios to the ceiling are printed for both.
+
 Usage: python evals/bench_server.py [--seconds 12] [--rounds 4] [--clients 1,8,32] [--modes ...]
+       [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +53,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fake_upstream import start_sidecar, start_upstream, stop  # noqa: E402
+from tests.fake_upstream import (  # noqa: E402
+    _env,
+    free_port,
+    start_sidecar,
+    start_upstream,
+    stop,
+    wait_ready,
+)
 
 MODES: dict[str, dict[str, str]] = {
     "batching": {"SEMCACHE_BATCHING": "true"},
@@ -235,6 +250,23 @@ def embedding_ceiling() -> float:
     return 1 / costs[32]
 
 
+def start_baseline(
+    tree: Path, data: Path, upstream: str, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``semcache serve`` from another copy of the package (``tree/semcache``), for A/B runs."""
+    if not (tree / "semcache" / "server").is_dir():
+        raise SystemExit(f"--baseline {tree}: no semcache/server package in it")
+    port = free_port()
+    cmd = [sys.executable, "-m", "semcache.server", "--data", str(data), "--port", str(port)]
+    cmd += ["--upstream", upstream]
+    full = _env({**env, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT)])})
+    proc = subprocess.Popen(
+        cmd, cwd=tree, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_ready(f"http://127.0.0.1:{port}/healthz", proc)
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
 def summarise(clients: int, slices: list[dict[str, Any]]) -> dict[str, Any]:
     latencies = sorted(x for s in slices for x in s["latencies"])
     seconds = sum(s["seconds"] for s in slices)
@@ -260,6 +292,12 @@ def main() -> None:
     parser.add_argument("--modes", default="batching,one-at-a-time,unbatched")
     parser.add_argument("--wait-ms", type=float, default=None, help="batching modes: max wait (5)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the embedding ceiling")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="also run each mode from this folder's semcache/ (label MODE@base), interleaved",
+    )
     args = parser.parse_args()
     if args.wait_ms is not None:
         for name, env in MODES.items():
@@ -267,6 +305,8 @@ def main() -> None:
                 MODES[name] = {**env, "SEMCACHE_BATCH_MAX_WAIT_MS": str(args.wait_ms)}
     levels = [int(x) for x in args.clients.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.baseline is not None:
+        modes += [f"{m}@base" for m in modes]
     per_slice = args.seconds / args.rounds
 
     ceiling = None if args.no_ceiling else embedding_ceiling()
@@ -277,8 +317,14 @@ def main() -> None:
         try:
             bases: dict[str, str] = {}
             for mode in modes:
-                env = {**MODES[mode], "SEMCACHE_LOG_LEVEL": "warning"}
-                proc, base = start_sidecar(Path(tmp) / mode, upstream, env)
+                name, _, where = mode.partition("@")
+                env = {**MODES[name], "SEMCACHE_LOG_LEVEL": "warning"}
+                if where:
+                    proc, base = start_baseline(
+                        args.baseline.resolve(), Path(tmp) / mode, upstream, env
+                    )
+                else:
+                    proc, base = start_sidecar(Path(tmp) / mode, upstream, env)
                 procs.append(proc)
                 bases[mode] = base
                 asyncio.run(seed(base))
@@ -327,11 +373,13 @@ def main() -> None:
             f"\nat {top} clients: batching {b:.1f} req/s vs one-at-a-time {one:.1f} req/s "
             f"= {b / one:.2f}x (target >= 3x)"
         )
-    if ceiling is not None and "batching" in results:
-        b = rps("batching")
-        p99 = next(r for r in results["batching"] if r["clients"] == top)["p99_ms"]
+    for label in ("batching", "batching@base"):
+        if ceiling is None or label not in results:
+            continue
+        b = rps(label)
+        p99 = next(r for r in results[label] if r["clients"] == top)["p99_ms"]
         print(
-            f"at {top} clients: batching {b:.1f} req/s = {b / ceiling:.0%} of the embedding "
+            f"at {top} clients: {label} {b:.1f} req/s = {b / ceiling:.0%} of the embedding "
             f"ceiling ({ceiling:.0f} prompts/s; target >= 70% with p99 < 300 ms: p99 {p99:.0f} ms)"
         )
     if "batching" in results and "unbatched" in results:
