@@ -121,9 +121,7 @@ async def lookup(request: Request, body: LookupRequest) -> LookupResponse:
     cache, metrics = state.require_cache(), state.metrics
     metrics.lookups.labels("api").inc()
     t0 = time.perf_counter()
-    hit, nearest = await state.run(
-        cache.probe, body.prompt, scope=scope, threshold=body.threshold
-    )
+    hit, nearest = await state.run(cache.probe, body.prompt, scope=scope, threshold=body.threshold)
     metrics.looked_up(hit, nearest, time.perf_counter() - t0)
     return LookupResponse.of(hit)
 
@@ -254,9 +252,7 @@ async def invalidate_similar(request: Request, body: SimilarRequest) -> IdsRespo
         )
     query: Any = body.text if body.text is not None else body.vector
     cache = state.require_cache()
-    removed = await state.run(
-        lambda: cache.invalidate_similar(query, body.radius, scope=scope)
-    )
+    removed = await state.run(lambda: cache.invalidate_similar(query, body.radius, scope=scope))
     state.metrics.invalidation("semantic", len(removed))
     return IdsResponse(removed=removed)
 
