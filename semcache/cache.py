@@ -77,6 +77,8 @@ CONSISTENCY = ("bounded", "strong")
 INDEX_DIR = "index"
 #: The most neighbours a lookup fetches while it skips dead (expired, deleted) candidates.
 MAX_K = 256
+#: Entries ``invalidate_tags`` deletes per transaction (each holds the writers' turn).
+TAG_BATCH = 1000
 #: Writes between two culls of expired and version-dead entries.
 CULL_EVERY = 8
 
@@ -1209,10 +1211,10 @@ class SemanticCache:
         total = 0
         while True:
             with self._lock:
-                n = self._db.delete_tagged(tag_list, namespace, 1000)
+                n = self._db.delete_tagged(tag_list, namespace, TAG_BATCH)
                 self.replica.catch_up()
             total += n
-            if n == 0:
+            if n < TAG_BATCH:  # fewer than asked for: none left (one transaction, not two)
                 break
         self._stats["invalidations_tag"] += total
         return total

@@ -205,12 +205,14 @@ class Replica:
         dv = self.store.data_version()  # before the scan: a later commit changes it again
         limit = 10_000
         while True:
+            # the head before the scan: a change at or below it is in the log unless trimmed
+            # (read after, a commit in between would look like a trimmed log)
+            last = self.store.last_seq()
             changes = self.store.changes_since(self.shards.seq, limit)
             if changes and changes[0].seq != self.shards.seq + 1:
                 self._gap(allow_rebuild, f"the log resumes at {changes[0].seq}")
                 return
             if not changes:
-                last = self.store.last_seq()
                 if last < self.shards.seq:
                     self._gap(allow_rebuild, "the store is behind this replica")
                     return

@@ -16,6 +16,23 @@ from semcache import FakeClock, Scope, SemanticCache
 from .fakes import HashEmbedder
 
 
+def test_invalidate_tags_deletes_past_one_batch(fast_cache: SemanticCache) -> None:
+    from semcache.cache import TAG_BATCH
+
+    n = TAG_BATCH * 2 + 7
+    fast_cache.store_many(
+        [{"prompt": f"entry {i} words", "response": "x", "tags": ["big"]} for i in range(n)]
+    )
+    fast_cache.store("untagged words", "y", tags=["small"])
+    assert fast_cache.invalidate_tags("big") == n
+    assert fast_cache.stats()["entries"] == 1 and fast_cache.verify() == []
+    fast_cache.store_many(
+        [{"prompt": f"again {i} words", "response": "x", "tags": ["big"]} for i in range(TAG_BATCH)]
+    )
+    assert fast_cache.invalidate_tags("big") == TAG_BATCH  # exactly one full batch
+    assert fast_cache.stats()["entries"] == 1
+
+
 def test_invalidate_tags_counts_and_is_idempotent(fast_cache: SemanticCache) -> None:
     for i in range(30):
         fast_cache.store(f"tagged prompt {i}", "x", tags=[f"user:{i % 3}", "all"])

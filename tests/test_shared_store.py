@@ -332,3 +332,49 @@ def test_without_index_dir_a_replica_keeps_its_files_under_the_user_cache(
     finally:
         cache.close()
     assert any(cache.path.rglob("*")) and os.path.isdir(cache.path)
+
+
+WRITER = """
+import sys, time
+from semcache import SemanticCache
+from tests.fakes import HashEmbedder
+url, schema, folder, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+cache = SemanticCache(url, embedder=HashEmbedder(), threshold=0.7, schema=schema, index_dir=folder)
+print("ready", flush=True)
+end, i = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    cache.store(f"written {i} here", "a")
+    i += 1
+cache.close()
+print(i, flush=True)
+"""
+
+
+@pytest.mark.parametrize("consistency", ["strong", "bounded"])
+def test_a_replica_following_a_busy_writer_never_mistakes_it_for_a_trimmed_log(
+    tmp_path: Path, schema: str, consistency: str
+) -> None:
+    """Commits landing while a replica scans the log are new changes, not a gap: the replica
+    applies them instead of rebuilding its index (a rebuild costs minutes at 100k entries)."""
+    reader = local(tmp_path, schema, "reader", consistency=consistency)
+    try:
+        before = reader.stats()["index_rebuilds"]
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, URL, schema, str(tmp_path / "w"), "3"],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        lookups = 0
+        while writer.poll() is None:
+            reader.lookup(f"reading {lookups} there")
+            lookups += 1
+        written = int(writer.stdout.read().split()[-1])
+        assert writer.returncode == 0 and written > 50 and lookups > 50
+        assert reader.stats()["index_rebuilds"] == before
+        assert eventually(lambda: reader.lookup(f"written {written - 1} here"))
+        assert reader.verify() == []
+    finally:
+        reader.close()
