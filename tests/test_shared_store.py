@@ -253,17 +253,22 @@ def test_a_replica_whose_log_was_trimmed_past_its_checkpoint_rebuilds(
         assert again.call("verify") == []
 
 
-def test_identical_misses_on_three_replicas_make_one_call(tmp_path: Path, schema: str) -> None:
+@pytest.mark.parametrize("store", ["postgres", "sqlite folder"])
+def test_identical_misses_on_three_replicas_make_one_call(
+    tmp_path: Path, schema: str, store: str
+) -> None:
     calls = tmp_path / "calls"
     calls.touch()
     at = time.time() + 8.0  # every process has opened its cache by then
     procs = []
     for i, threads in enumerate((3, 3, 2)):
+        if store == "postgres":
+            where = {"schema": schema, "index_dir": str(tmp_path / f"r{i}")}
+            spec = {"path": URL, "options": {**OPTIONS, **where}}
+        else:  # three processes on one data folder share flights through the same rows
+            spec = {"path": str(tmp_path / "data"), "options": OPTIONS}
         cfg = {
-            "spec": {
-                "path": URL,
-                "options": {**OPTIONS, "schema": schema, "index_dir": str(tmp_path / f"r{i}")},
-            },
+            "spec": spec,
             "prompt": PROMPT,
             "threads": threads,
             "at": at,
