@@ -4,15 +4,18 @@ A bi-encoder scores "Convert 5 miles to km" and "Convert 5 km to miles" at 0.99 
 "sort ascending" / "sort descending" at 0.95. Those are wrong answers a threshold cannot stop.
 The verifier looks at what differs between the two texts: numbers and the units bound to
 them, negation, capitalised names, antonyms, content words on one side only, word order,
-question words and length, plus the cosine itself. A gradient-boosted tree ensemble (with
+question words and length, the embedding model's own word vectors (which one-sided word has
+no counterpart on the other side, how rare it is, how the differing spans compare:
+:mod:`semcache.wordvectors`), plus the cosine itself. A gradient-boosted tree ensemble (with
 monotone constraints, so "more evidence of a difference" never raises the score) turns those
-features into P(same answer). It runs in pure Python in tens of microseconds and is only
-consulted for candidates above ``min_similarity``.
+features into P(same answer). It runs in pure Python and numpy in a few hundred microseconds
+for a short pair (``evals/train_verifier.py`` prints it) and is only consulted for candidates
+above ``min_similarity``.
 
 The shipped model (``semcache/data/verifier_model.json``) was trained only on data we may
-ship: BANKING77 pairs, PAWS-Wiki dev, GPTCache's mock data and our hand-written near-miss
-intents (see ``semcache/data/PROVENANCE.md``). Retrain on your own pairs with
-:func:`train_verifier`.
+ship: BANKING77 pairs, PAWS-Wiki dev, GPTCache's mock data, our hand-written near-miss
+intents and generated near-miss families (see ``semcache/data/README.md``). Retrain on your
+own pairs with :func:`train_verifier`.
 """
 
 from __future__ import annotations
