@@ -402,7 +402,8 @@ class SemanticCache:
         return True
 
     def _load_policy_state(self) -> None:
-        """A learning policy resumes from the labels it had (kept in the store)."""
+        """A learning policy resumes from the labels it had (kept in the store), and keeps
+        new ones there in batches as they arrive, so a killed process loses at most one."""
         load = getattr(self.policy, "load_state", None)
         state = self._db.get_meta("policy_state") if load is not None else None
         if state:
@@ -410,6 +411,9 @@ class SemanticCache:
                 load(json.loads(state))  # type: ignore[misc]
             except (ValueError, SemcacheError) as exc:
                 log.warning("policy state in %s not restored: %s", self.location, exc)
+        persist = getattr(self.policy, "persist_to", None)
+        if persist is not None:
+            persist(lambda state: self._db.set_meta("policy_state", json.dumps(state)))
 
     def _save_policy_state(self) -> None:
         state_dict = getattr(self.policy, "state_dict", None)

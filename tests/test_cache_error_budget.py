@@ -80,3 +80,35 @@ def test_target_error_with_the_real_model(
         state = c.stats()["policy_state"]["default"]
         assert state["target"] == 0.02 and state["source"] == "prior"
         assert c.verify() == []
+
+
+def test_labels_reach_the_store_as_they_arrive_and_survive_a_kill(tmp_path: Path) -> None:
+    """A process killed with SIGKILL (no close, no checkpoint) keeps all but the last batch of
+    its labels: the policy saves them to the store every 16 labels."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from semcache import SemanticCache
+        from semcache.errorbudget import ErrorBudget
+        from tests.fakes import HashEmbedder
+        policy = ErrorBudget(0.02, scorer=lambda q, c, s: s, prior=0.5, min_similarity=0.3,
+                             explore=0.0, seed=1)
+        c = SemanticCache({str(tmp_path)!r}, embedder=HashEmbedder(), threshold=policy)
+        eid = c.store("alpha beta gamma delta epsilon", "answer")
+        for _ in range(40):
+            assert c.lookup("alpha beta gamma delta zeta") is not None
+            c.feedback(eid, True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True)
+    assert done.returncode == -9, done.stderr
+    reopened = budget(prior=0.5)
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=reopened):
+        saved = reopened.stats()["labels_by_source"].get("feedback", 0)
+        assert 40 - 16 < saved <= 40  # at most one batch of 16 lost
