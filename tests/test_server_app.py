@@ -84,6 +84,20 @@ def test_data_is_a_folder_or_a_postgres_url_kept_as_a_string(
         Settings(schema="")
 
 
+async def test_the_startup_log_shows_a_data_url_without_its_password(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = SemanticCache(tmp_path / "c", embedder=HashEmbedder(), threshold=0.9)
+    settings = Settings(data="postgresql://app:pw-in-log@db:5432/llm", upstream=None)
+    app = create_app(settings, cache)
+    with caplog.at_level("INFO", logger="semcache.server"):
+        async with app.router.lifespan_context(app):
+            pass
+    cache.close()
+    assert "data=postgresql://app@db:5432/llm" in caplog.text
+    assert "pw-in-log" not in caplog.text
+
+
 def test_serve_data_flag_takes_a_url_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
 
