@@ -13,6 +13,7 @@ and they are not logged: they are coordination, not cache state.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -40,10 +41,13 @@ class Lead(Generic[T]):
     computes without a lease after the wait timed out. :meth:`release` ends the lease (call it
     after the answer is stored, whatever happened); it is idempotent."""
 
-    def __init__(self, hit: T | None, key: str | None, leases: Leases | None) -> None:
+    def __init__(
+        self, hit: T | None, key: str | None, leases: Leases | None, owner: str = ""
+    ) -> None:
         self.hit = hit
         self._key = key
         self._leases = leases
+        self._owner = owner
 
     @property
     def led(self) -> bool:
@@ -53,7 +57,7 @@ class Lead(Generic[T]):
         key, leases = self._key, self._leases
         self._key = None
         if key is not None and leases is not None:
-            leases.release(key)
+            leases.release(key, self._owner)
 
 
 class Leases:
@@ -71,6 +75,7 @@ class Leases:
         self._store = store
         self.timeout = timeout
         self.owner = uuid.uuid4().hex
+        self._calls = itertools.count()
         self._time, self._sleep, self._monotonic = time_fn, sleep, monotonic
         self.waits = 0
         self.served = 0
@@ -84,16 +89,19 @@ class Leases:
         after the lease is taken, since another process may have stored the answer and let
         its lease go just before. With ``wait=False`` it looks once: a Lead that neither
         ``led`` nor has a ``hit`` means another process is computing the answer now."""
+        # each call is an owner of its own: two callers in this process never share a lease
+        # (nor can one release the other's)
+        owner = f"{self.owner}:{next(self._calls)}"
         deadline = self._monotonic() + (self.timeout if wait else 0.0)
         delay, waited = FIRST_WAIT, False
         while True:
-            if self._store.take_lease(key, self.owner, self._time(), self.timeout):
+            if self._store.take_lease(key, owner, self._time(), self.timeout):
                 found = answered()
                 if found is not None:
-                    self.release(key)
+                    self.release(key, owner)
                     self.served += waited
                     return Lead(found, None, None)
-                return Lead(None, key, self)
+                return Lead(None, key, self, owner)
             if not waited:
                 waited = True
                 self.waits += 1
@@ -114,5 +122,5 @@ class Leases:
             self._sleep(delay)
             delay = min(delay * 2, LONGEST_WAIT)
 
-    def release(self, key: str) -> None:
-        self._store.release_lease(key, self.owner)
+    def release(self, key: str, owner: str) -> None:
+        self._store.release_lease(key, owner)

@@ -23,9 +23,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import httpx
 import pytest
 
 from .fake_upstream import _env, _spawn, free_port, start_upstream, stop, wait_ready
+from .polling import eventually
 
 pytestmark = pytest.mark.postgres
 
@@ -150,16 +150,6 @@ def waits(base: str) -> float:
         if line.startswith("semcache_singleflight_waits_total "):
             return float(line.split()[1])
     raise AssertionError("no semcache_singleflight_waits_total in /metrics")
-
-
-def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """``check()``'s first truthy result, polled until ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.01)
 
 
 def stored(c: Cluster, via: str, prompt: str, **options: Any) -> tuple[str, dict[str, Any], str]:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from semcache import Scope, SemanticCache
 from semcache.errors import EmbedderMismatchError, InvalidInputError
 
 from .fakes import HashEmbedder
+from .polling import eventually
 from .procs import ENV, ROOT, Worker
 
 pytestmark = pytest.mark.postgres
@@ -58,16 +59,6 @@ def local(tmp: Path, schema: str, name: str, **options: Any) -> SemanticCache:
         index_dir=tmp / name,
         **{**OPTIONS, **options},
     )
-
-
-def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """``check()``'s first truthy result, polled until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.005)
 
 
 def test_an_answer_stored_on_one_replica_is_served_by_the_others(
