@@ -20,7 +20,7 @@ bad tags, non-JSON metadata, wrong types, unknown entry ids. The rule, after eve
 The bulk runs on the deterministic hash embedder (``tests/fakes.py``); a short run beside it uses
 the real model. Inputs the machine once found escaping as other exceptions (lone surrogates,
 non-iterables, nesting past the recursion limit, a compute function that is not callable) are
-pinned below, each refused with a typed error now.
+among its strategies now, and pinned below one by one as well.
 """
 
 from __future__ import annotations
@@ -65,6 +65,24 @@ class ComputeFailed(Exception):
 
 
 # ------------------------------------------------------------------------------- strategies
+class _Deep(dict):  # type: ignore[type-arg]
+    """A dict with a short repr (hypothesis prints the arguments of a failing step)."""
+
+    def __repr__(self) -> str:
+        return "<a dict nested 5,000 deep>"
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    """A dict nested ``levels`` deep (past Python's recursion limit at a few thousand)."""
+    root: dict[str, Any] = _Deep()
+    node = root
+    for _ in range(levels):
+        node["a"] = {}
+        node = node["a"]
+    return root
+
+
+DEEP = _deep(5000)
 WORDS = ["price", "item", "capital", "France", "weather", "Paris", "refund", "order", "42"]
 #: prompts that repeat, paraphrase and collide after normalisation
 PHRASES = [
@@ -88,14 +106,16 @@ prompts = st.one_of(
     st.lists(st.sampled_from(WORDS), min_size=1, max_size=6).map(" ".join),
     odd_text,
 )
-bad_prompts = st.sampled_from(["", "   ", "\n\t", None, 5, 4.2, b"bytes", ["a"], {"p": 1}])
+bad_prompts = st.sampled_from(
+    ["", "   ", "\n\t", None, 5, 4.2, b"bytes", ["a"], {"p": 1}, "lone \ud800 surrogate"]
+)
 any_prompt = st.one_of(*[prompts] * 4, bad_prompts)
 
 responses = st.one_of(
     st.sampled_from(["Paris", "", "42 euros", "y" * 3000, "line\nbreak\x00nul"]),
     st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=30),
 )
-any_response = st.one_of(*[responses] * 4, st.sampled_from([None, 7, b"b", ["r"]]))
+any_response = st.one_of(*[responses] * 4, st.sampled_from([None, 7, b"b", ["r"], "x\udfff"]))
 
 NAMESPACES = ["default", "acme", "beta", "user:42", "acme:eu"]
 json_scalars = st.one_of(
@@ -120,7 +140,7 @@ any_scope = st.one_of(*[scopes] * 4, bad_scopes)
 scope_args = st.fixed_dictionaries(
     {},
     optional={
-        "namespace": st.one_of(st.sampled_from(["", None, 5, "ns", "a" * 300]), odd_text),
+        "namespace": st.one_of(st.sampled_from(["", None, 5, "ns", "a" * 300, "\ud800"]), odd_text),
         "model": st.one_of(st.sampled_from([None, 1, "m"]), st.text(max_size=5)),
         "params": st.one_of(
             st.dictionaries(st.text(max_size=5), json_scalars, max_size=3),
@@ -140,7 +160,7 @@ scope_args = st.fixed_dictionaries(
         "system": st.one_of(st.sampled_from([None, 3, b"s"]), st.text(max_size=5)),
         "context": st.one_of(
             st.lists(st.one_of(st.text(max_size=5), st.just({"role": "user"})), max_size=3),
-            st.sampled_from(["a string", b"bytes", 5, None, [object()], [math.nan]]),
+            st.sampled_from(["a string", b"bytes", 5, None, [object()], [math.nan], [DEEP]]),
         ),
     },
 )
@@ -161,7 +181,7 @@ tag_lists = st.one_of(
     st.lists(st.sampled_from(TAGS), max_size=4),
     st.lists(st.sampled_from(TAGS), max_size=3).map(tuple),
 )
-bad_tags = st.sampled_from(["t1", [""], [None], ["t1", 5], [b"t1"], [["t1"]]])
+bad_tags = st.sampled_from(["t1", [""], [None], ["t1", 5], [b"t1"], [["t1"]], ["\ud800"], 5])
 any_tags = st.one_of(*[tag_lists] * 4, bad_tags)
 
 json_values = st.recursive(
@@ -173,7 +193,7 @@ metadatas = st.one_of(
     st.just(MISSING), st.none(), st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 )
 bad_metadata = st.sampled_from(
-    [{"x": math.nan}, {"x": object()}, {"x": {1, 2}}, {(1, 2): "tuple key"}, ["a"], "meta", 5]
+    [{"x": math.nan}, {"x": object()}, {"x": {1, 2}}, {(1, 2): "tuple key"}, ["a"], "meta", 5, DEEP]
 )
 any_metadata = st.one_of(*[metadatas] * 4, bad_metadata)
 
@@ -184,7 +204,10 @@ thresholds = st.one_of(
 radii = st.one_of(
     *[st.floats(min_value=-1, max_value=1)] * 4, st.sampled_from([math.nan, 1.5, "0.5", None])
 )
-bad_ids = st.sampled_from(["", "no-such-id", "0" * 32, None, 5, ["id"], b"id"])
+bad_ids = st.sampled_from(["", "no-such-id", "0" * 32, None, 5, ["id"], b"id", "\ud800"])
+#: feedback() still lets an id with a lone surrogate reach SQLite (UnicodeEncodeError; pinned by
+#: test_feedback_on_an_id_that_cannot_exist below): its other bad ids only, until that is fixed
+feedback_bad_ids = st.sampled_from(["", "no-such-id", "0" * 32, None, 5, ["id"], b"id"])
 
 
 # ------------------------------------------------------------------------------ observation
@@ -219,6 +242,15 @@ def snapshot(cache: SemanticCache) -> dict[str, View]:
         )
         for e in cache.iter_entries()
     }
+
+
+def _text_ok(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogate), so the test may embed it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def json_form(metadata: Any) -> str:
@@ -384,7 +416,7 @@ class APIMachine(RuleBasedStateMachine):
     @rule(prompt=any_prompt, scope=any_scope, as_vector=st.booleans())
     def nearest(self, prompt: Any, scope: Any, as_vector: bool) -> None:
         vector = None
-        if as_vector and isinstance(prompt, str) and prompt.strip():
+        if as_vector and isinstance(prompt, str) and prompt.strip() and _text_ok(prompt):
             vector = self.embedder.embed([normalise(prompt)])[0]
         value, error = self.attempt(
             lambda: self.cache.nearest_similarity(prompt, scope=scope, vector=vector)
@@ -480,22 +512,30 @@ class APIMachine(RuleBasedStateMachine):
         self.store(prompt, response, scope, ttl, tags, metadata, MISSING)
 
     @rule(
-        items=st.lists(
-            st.one_of(
-                st.tuples(any_prompt, any_response),
-                st.fixed_dictionaries(
-                    {"prompt": any_prompt, "response": any_response},
-                    optional={"scope": any_scope, "ttl": any_ttl, "tags": any_tags},
+        items=st.one_of(
+            st.lists(
+                st.one_of(
+                    st.tuples(any_prompt, any_response),
+                    st.fixed_dictionaries(
+                        {"prompt": any_prompt, "response": any_response},
+                        optional={"scope": any_scope, "ttl": any_ttl, "tags": any_tags},
+                    ),
+                    st.sampled_from([None, ("only one",), "ab", 5]),
                 ),
-                st.sampled_from([None, ("only one",), "ab", 5]),
+                max_size=5,
             ),
-            max_size=5,
+            st.sampled_from([5, None]),  # not an iterable of items at all
         ),
         scope=any_scope,
         ttl=any_ttl,
         tags=any_tags,
     )
-    def store_many(self, items: list[Any], scope: Any, ttl: Any, tags: Any) -> None:
+    def store_many(self, items: Any, scope: Any, ttl: Any, tags: Any) -> None:
+        if not isinstance(items, list):
+            _, error = self.attempt(lambda: self.cache.store_many(items))
+            self.settle()
+            assert error is not None
+            return
         items = [
             {k: v for k, v in item.items() if v is not MISSING} if isinstance(item, dict) else item
             for item in items
@@ -521,7 +561,7 @@ class APIMachine(RuleBasedStateMachine):
         tags=any_tags,
         metadata=any_metadata,
         threshold=thresholds,
-        outcome=st.sampled_from(["answer", "answer", "raise", "not a str"]),
+        outcome=st.sampled_from(["answer", "answer", "raise", "not a str", "not callable"]),
     )
     def get_or_compute(
         self,
@@ -543,12 +583,15 @@ class APIMachine(RuleBasedStateMachine):
 
         replaced = self.same_key(prompt, scope)
         args = kw(scope=scope, ttl=ttl, tags=tags, metadata=metadata, threshold=threshold)
+        fn: Any = 5 if outcome == "not callable" else compute
         try:
-            value, error = self.attempt(lambda: self.cache.get_or_compute(prompt, compute, **args))
+            value, error = self.attempt(lambda: self.cache.get_or_compute(prompt, fn, **args))
         except ComputeFailed:  # the caller's own exception, passed through: nothing cached
             assert calls and outcome == "raise"
             self.settle()
             return
+        if outcome == "not callable":
+            assert error is not None, "a compute function that is not callable was accepted"
         if error is not None or not calls:
             self.settle()  # a refusal, or a hit: nothing changes
             if error is None:
@@ -664,7 +707,7 @@ class APIMachine(RuleBasedStateMachine):
         ),
     )
     def feedback(self, data: st.DataObject, bad: bool, correct: Any, similarity: Any) -> None:
-        entry_id = data.draw(bad_ids if bad else self.ids())
+        entry_id = data.draw(feedback_bad_ids if bad else self.ids())
         args = kw(similarity=similarity)
         _value, error = self.attempt(lambda: self.cache.feedback(entry_id, correct, **args))
         may = {entry_id} if correct is False and isinstance(entry_id, str) else set()
@@ -809,15 +852,6 @@ def fast(tmp_path: Path) -> Iterator[SemanticCache]:
     cache.close()
 
 
-def _deep(levels: int) -> dict[str, Any]:
-    root: dict[str, Any] = {}
-    node = root
-    for _ in range(levels):
-        node["a"] = {}
-        node = node["a"]
-    return root
-
-
 def _stored(cache: SemanticCache) -> str:
     entry_id = cache.store("a prompt to aim at", "an answer")
     assert entry_id is not None
@@ -887,3 +921,14 @@ def test_an_id_that_cannot_exist_is_not_found(fast: SemanticCache) -> None:
     assert fast.delete("\ud800") is False  # like any unknown id: delete is idempotent
     with pytest.raises(SemcacheError):
         fast.get("\ud800")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=UnicodeEncodeError,
+    reason="library bug: SemanticCache.feedback() passes an id holding a lone surrogate to "
+    "SQLite (rowid_of) instead of treating it as unknown, as get/delete/update now do",
+)
+def test_feedback_on_an_id_that_cannot_exist(fast: SemanticCache) -> None:
+    with pytest.raises(SemcacheError):
+        fast.feedback("\ud800", True)
