@@ -129,6 +129,12 @@ def _check_response(response: Any) -> str:
     return check_text(response, "the response")
 
 
+def _may_be_id(value: Any) -> bool:
+    """Whether ``value`` can be an entry id at all (ids are hex strings); anything else is
+    simply not found, never sent to the store."""
+    return isinstance(value, str) and value.isascii()
+
+
 def _check_fn(fn: Any) -> None:
     if not callable(fn):
         raise InvalidInputError(f"the compute function must be callable, not {type(fn).__name__}")
@@ -1071,8 +1077,7 @@ class SemanticCache:
 
     # ------------------------------------------------------------------------ write-through
     def _row_by_uid(self, entry_id: Any) -> dict[str, Any]:
-        valid = isinstance(entry_id, str) and entry_id.isascii()  # ids are hex
-        row = self._db.get_by_uid(entry_id) if valid else None
+        row = self._db.get_by_uid(entry_id) if _may_be_id(entry_id) else None
         if row is None:
             raise EntryNotFoundError(f"no entry {entry_id!r}")
         return row
@@ -1110,8 +1115,7 @@ class SemanticCache:
         """Delete one entry by id; True if it existed. Idempotent."""
         self._check_open()
         with self._lock:
-            valid = isinstance(entry_id, str) and entry_id.isascii()  # ids are hex
-            rowid = self._db.rowid_of(entry_id) if valid else None
+            rowid = self._db.rowid_of(entry_id) if _may_be_id(entry_id) else None
             if rowid is None:
                 return False
             removed = self._db.delete_entry(rowid, self.clock.now())
@@ -1188,7 +1192,7 @@ class SemanticCache:
         if not isinstance(correct, bool):
             raise InvalidInputError("correct must be True or False")
         with self._lock:
-            rowid = self._db.rowid_of(entry_id) if isinstance(entry_id, str) else None
+            rowid = self._db.rowid_of(entry_id) if _may_be_id(entry_id) else None
             if rowid is None:
                 raise EntryNotFoundError(f"no entry {entry_id!r}")
             if not correct:

@@ -205,9 +205,7 @@ radii = st.one_of(
     *[st.floats(min_value=-1, max_value=1)] * 4, st.sampled_from([math.nan, 1.5, "0.5", None])
 )
 bad_ids = st.sampled_from(["", "no-such-id", "0" * 32, None, 5, ["id"], b"id", "\ud800"])
-#: feedback() still lets an id with a lone surrogate reach SQLite (UnicodeEncodeError; pinned by
-#: test_feedback_on_an_id_that_cannot_exist below): its other bad ids only, until that is fixed
-feedback_bad_ids = st.sampled_from(["", "no-such-id", "0" * 32, None, 5, ["id"], b"id"])
+feedback_bad_ids = bad_ids
 
 
 # ------------------------------------------------------------------------------ observation
@@ -923,12 +921,6 @@ def test_an_id_that_cannot_exist_is_not_found(fast: SemanticCache) -> None:
         fast.get("\ud800")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="library bug: SemanticCache.feedback() passes an id holding a lone surrogate to "
-    "SQLite (rowid_of) instead of treating it as unknown, as get/delete/update now do",
-)
 def test_feedback_on_an_id_that_cannot_exist(fast: SemanticCache) -> None:
     with pytest.raises(SemcacheError):
         fast.feedback("\ud800", True)
