@@ -382,11 +382,11 @@ class APIMachine(RuleBasedStateMachine):
         floor = THRESHOLD if threshold is None else threshold
         assert hit.tier == "l1" or hit.similarity >= floor - SLACK
 
-    def ids(self) -> st.SearchStrategy[Any]:
+    def ids(self, empty: st.SearchStrategy[Any] = bad_ids) -> st.SearchStrategy[Any]:
         # in the order the entries were stored (iter_entries' order), never sorted: the ids are
         # random, and a choice must pick the same entry when hypothesis replays it
         known = list(self.before)
-        return st.sampled_from(known) if known else bad_ids
+        return st.sampled_from(known) if known else empty
 
     def cosine(self, a: str, b: np.ndarray) -> float:
         if a not in self.vectors:
@@ -705,7 +705,7 @@ class APIMachine(RuleBasedStateMachine):
         ),
     )
     def feedback(self, data: st.DataObject, bad: bool, correct: Any, similarity: Any) -> None:
-        entry_id = data.draw(feedback_bad_ids if bad else self.ids())
+        entry_id = data.draw(feedback_bad_ids if bad else self.ids(feedback_bad_ids))
         args = kw(similarity=similarity)
         _value, error = self.attempt(lambda: self.cache.feedback(entry_id, correct, **args))
         may = {entry_id} if correct is False and isinstance(entry_id, str) else set()
