@@ -205,7 +205,6 @@ radii = st.one_of(
     *[st.floats(min_value=-1, max_value=1)] * 4, st.sampled_from([math.nan, 1.5, "0.5", None])
 )
 bad_ids = st.sampled_from(["", "no-such-id", "0" * 32, None, 5, ["id"], b"id", "\ud800"])
-feedback_bad_ids = bad_ids
 
 
 # ------------------------------------------------------------------------------ observation
@@ -382,11 +381,11 @@ class APIMachine(RuleBasedStateMachine):
         floor = THRESHOLD if threshold is None else threshold
         assert hit.tier == "l1" or hit.similarity >= floor - SLACK
 
-    def ids(self, empty: st.SearchStrategy[Any] = bad_ids) -> st.SearchStrategy[Any]:
+    def ids(self) -> st.SearchStrategy[Any]:
         # in the order the entries were stored (iter_entries' order), never sorted: the ids are
         # random, and a choice must pick the same entry when hypothesis replays it
         known = list(self.before)
-        return st.sampled_from(known) if known else empty
+        return st.sampled_from(known) if known else bad_ids
 
     def cosine(self, a: str, b: np.ndarray) -> float:
         if a not in self.vectors:
@@ -705,7 +704,7 @@ class APIMachine(RuleBasedStateMachine):
         ),
     )
     def feedback(self, data: st.DataObject, bad: bool, correct: Any, similarity: Any) -> None:
-        entry_id = data.draw(feedback_bad_ids if bad else self.ids(feedback_bad_ids))
+        entry_id = data.draw(bad_ids if bad else self.ids())
         args = kw(similarity=similarity)
         _value, error = self.attempt(lambda: self.cache.feedback(entry_id, correct, **args))
         may = {entry_id} if correct is False and isinstance(entry_id, str) else set()
