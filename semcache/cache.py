@@ -129,6 +129,12 @@ def _check_response(response: Any) -> str:
     return check_text(response, "the response")
 
 
+def _check_namespace(namespace: Any) -> None:
+    if not isinstance(namespace, str) or not namespace:
+        raise InvalidInputError(f"a namespace is a non-empty string, not {namespace!r}")
+    check_text(namespace, "the namespace")
+
+
 def _may_be_id(value: Any) -> bool:
     """Whether ``value`` can be an entry id at all (ids are hex strings); anything else is
     simply not found, never sent to the store."""
@@ -770,8 +776,8 @@ class SemanticCache:
                 shard, scope_json = scopes[scope.digest]
                 rows.append(self._row(item, vector, shard, scope_json, now, now))
             with self._db.transaction():
+                self._cull(now)  # before the insert: no entry is culled by its own write
                 written = self._db.insert_many(rows, [item["tags"] for item in items])
-                self._cull(now)
                 first = min(rowid for rowid, _ in written)
                 self._stats["evictions"] += self.evictor.enforce(first, self._flush_access)
             self._stats["stores"] += len(rows)
@@ -820,6 +826,7 @@ class SemanticCache:
             values = self._row(item, vector, shard, scope.to_json(), now, born)
             candidate = Candidate(scope.namespace, scope.digest, values["l1_key"], tags, vector)
             with self._db.transaction():
+                self._cull(now)  # before the insert: an entry is never culled by its own write
                 written = self._db.insert(
                     values,
                     tags,
@@ -829,7 +836,6 @@ class SemanticCache:
                 if written is None:
                     self._stats["fenced"] += 1
                     return None
-                self._cull(now)
                 self._stats["evictions"] += self.evictor.enforce(written[0], self._flush_access)
             self._stats["stores"] += 1
             self.replica.catch_up()
@@ -1108,6 +1114,8 @@ class SemanticCache:
         """Every stored entry (of ``namespace`` only, if given), in the order they were first
         stored; for export and inspection. Expired entries not yet removed are included."""
         self._check_open()
+        if namespace is not None:
+            _check_namespace(namespace)
         for row, tags in self._db.iter_entries(namespace):
             yield self._entry(row, tags)
 
@@ -1231,9 +1239,7 @@ class SemanticCache:
         """Make every entry of ``namespace`` unreachable at once (O(1)); returns the new
         version. The dead entries are deleted lazily, by writes and ``expire()``."""
         self._check_open()
-        if not isinstance(namespace, str) or not namespace:
-            raise InvalidInputError("namespace must be a non-empty string")
-        check_text(namespace, "the namespace")
+        _check_namespace(namespace)
         with self._lock:
             version = self._db.bump(namespace, self.clock.now())
             self.replica.catch_up()
@@ -1243,6 +1249,7 @@ class SemanticCache:
     def version(self, namespace: str) -> int:
         """The namespace's current version (0 until first bumped)."""
         self._check_open()
+        _check_namespace(namespace)
         with self._lock:
             self.replica.sync()
             return self.replica.version(namespace)

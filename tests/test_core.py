@@ -558,3 +558,28 @@ def test_stats_report_wrong_feedback_and_the_largest_namespaces(
     assert stats["namespaces"] == {"acme": 3}
     with pytest.raises(InvalidInputError, match="finite"):
         fast_cache.store("huge ttl words", "x", ttl=10**400)
+
+
+def test_an_entry_is_never_culled_by_its_own_write(tmp_path: Path) -> None:
+    """Writes cull expired entries in batches (every few writes); an entry whose TTL ends at
+    once is still stored by its write, and ``get`` finds it (expired) until a later cull."""
+    from semcache.cache import CULL_EVERY
+
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as cache:
+        for i in range(CULL_EVERY * 2):
+            eid = cache.store("the same prompt", f"answer {i}", ttl=0)
+            assert cache.get(eid).response == f"answer {i}"  # type: ignore[arg-type]
+        for _ in range(CULL_EVERY * 2):
+            (bulk,) = cache.store_many([("bulk prompt", "b")], ttl=0)
+            assert cache.get(bulk).response == "b"
+
+
+def test_namespaces_are_checked_alike_everywhere(fast_cache: SemanticCache) -> None:
+    for bad in (5, "", None, "\ud800"):
+        with pytest.raises(InvalidInputError):
+            fast_cache.version(bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError):
+            fast_cache.bump(bad)  # type: ignore[arg-type]
+        if bad is not None:  # None means every namespace there
+            with pytest.raises(InvalidInputError):
+                list(fast_cache.iter_entries(namespace=bad))  # type: ignore[arg-type]
