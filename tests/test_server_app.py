@@ -69,13 +69,24 @@ def test_data_is_a_folder_or_a_postgres_url_kept_as_a_string(
     s = Settings()
     assert s.data == url and isinstance(s.data, str) and s.data_is_url  # not Path()-folded
     assert s.index_dir == tmp_path / "idx" and s.schema == "cache_b"
-    assert s.cache_kwargs() == {"index_dir": tmp_path / "idx", "schema": "cache_b"}
+    assert s.cache_kwargs() == {
+        "index_dir": tmp_path / "idx",
+        "schema": "cache_b",
+        "consistency": "bounded",
+    }
     assert "s3cret-pw" not in repr(s) and "s3cret-pw" not in s.data_shown
     assert s.data_shown == "postgresql://app@db.internal:5432/llm?sslmode=require"
     monkeypatch.delenv("SEMCACHE_INDEX_DIR")
     monkeypatch.delenv("SEMCACHE_SCHEMA")
     s = Settings(data="postgres://h/db")
-    assert s.data == "postgres://h/db" and s.cache_kwargs() == {"schema": "semcache"}
+    assert s.data == "postgres://h/db"
+    assert s.cache_kwargs() == {"schema": "semcache", "consistency": "bounded"}
+    monkeypatch.setenv("SEMCACHE_CONSISTENCY", "strong")
+    assert Settings(data="postgres://h/db").cache_kwargs()["consistency"] == "strong"
+    monkeypatch.setenv("SEMCACHE_CONSISTENCY", "eventual")
+    with pytest.raises(ValueError, match="consistency"):
+        Settings(data="postgres://h/db")
+    monkeypatch.delenv("SEMCACHE_CONSISTENCY")
     assert Settings(data=Path("postgresql://h/db")).data_is_url is False  # a Path is a folder
     for bad in ("mysql://h/db", "s3://bucket/cache"):
         with pytest.raises(ValueError, match="folder or a postgresql:// URL"):
@@ -132,6 +143,7 @@ def test_a_sidecar_on_a_postgres_url_opens_the_shared_store(tmp_path: Path) -> N
         data=PG_URL.replace("root@", "root:pw-not-shown@"),
         index_dir=tmp_path / "idx",
         schema=schema,
+        consistency="strong",
         threshold=0.85,
         embed_process=False,
         batching=False,
@@ -140,6 +152,7 @@ def test_a_sidecar_on_a_postgres_url_opens_the_shared_store(tmp_path: Path) -> N
         cache, _, closers = _open_cache(settings)
         try:
             assert cache.shared and cache.path == tmp_path / "idx"
+            assert cache.consistency == "strong"  # SEMCACHE_CONSISTENCY reaches the cache
             assert schema in cache.location and "pw-not-shown" not in cache.location
             cache.store("what is the capital of France?", "Paris")
             hit = cache.lookup("what is the capital of France?")

@@ -11,6 +11,8 @@ variable                    meaning                              default
 ``SEMCACHE_INDEX_DIR``      with a URL: folder of this replica's unset: a per-store folder
                             local index files                    under the user cache dir
 ``SEMCACHE_SCHEMA``         with a URL: the store's schema       ``semcache``
+``SEMCACHE_CONSISTENCY``    with a URL: ``bounded`` or ``strong``  ``bounded``
+                            (see SemanticCache)
 ``SEMCACHE_HOST``           interface to listen on               ``127.0.0.1``
 ``SEMCACHE_PORT``           port                                 ``8080``
 ``SEMCACHE_UPSTREAM``       OpenAI-compatible base URL of misses ``https://api.openai.com/v1``
@@ -137,6 +139,12 @@ class Settings(BaseSettings):
         min_length=1,
         description="with a postgresql:// data URL: the schema that holds the cache's tables",
     )
+    consistency: Literal["bounded", "strong"] = Field(
+        "bounded",
+        description="with a postgresql:// data URL: 'bounded' (L1 hits and other replicas' new "
+        "entries lag by the propagation delay) or 'strong' (every lookup first catches up "
+        "with the store: one more round trip)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     upstream: str | None = Field(
@@ -243,11 +251,12 @@ class Settings(BaseSettings):
         return redact(self.data)
 
     def cache_kwargs(self) -> dict[str, Any]:
-        """Where the data lives, as :class:`~semcache.SemanticCache` keywords: ``index_dir``
-        and ``schema`` only for a URL (a data folder holds its own index and has no schema)."""
+        """Where the data lives, as :class:`~semcache.SemanticCache` keywords: ``index_dir``,
+        ``schema`` and ``consistency`` only for a URL (a data folder holds its own index, has
+        no schema, and is always as consistent as the strong mode)."""
         if not self.data_is_url:
             return {}
-        kwargs: dict[str, Any] = {"schema": self.schema}
+        kwargs: dict[str, Any] = {"schema": self.schema, "consistency": self.consistency}
         if self.index_dir is not None:
             kwargs["index_dir"] = self.index_dir
         return kwargs
