@@ -340,7 +340,7 @@ class SemanticCache:
                 slot = ""
         except OSError as exc:  # a file in the way, no permission, a read-only disk
             self._db.close()
-            raise StoreError(f"cannot use {index_dir} as an index folder: {exc}") from exc
+            raise StoreError(f"cannot use {exc.filename} as an index folder: {exc}") from exc
         self.evictor = Evictor(self._db, eviction, max_entries, max_bytes)
         self.shards = ShardSet(
             self.path / INDEX_DIR, self.dim, self.embedder.model_id, index_factory

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from semcache import Scope, SemanticCache
-from semcache.errors import EmbedderMismatchError, InvalidInputError
+from semcache.errors import EmbedderMismatchError, InvalidInputError, StoreError
 
 from .fakes import HashEmbedder
 from .polling import eventually
@@ -139,16 +139,21 @@ def test_a_replica_that_has_not_heard_of_an_invalidation_serves_no_dead_semantic
     reader = local(tmp_path, schema, "reader")
     ns, other = Scope(namespace="ns"), Scope(namespace="other")
     try:
+        short = Scope(namespace="short")
         writer.store(PROMPT, "old", scope=ns)
         gone = writer.store(PROMPT, "old too", scope=other)
+        writer.store(PROMPT, "brief", scope=short, ttl=1.0)
         assert eventually(lambda: reader.lookup(PARAPHRASE, scope=other))
         assert reader.lookup(PARAPHRASE, scope=ns) and reader.lookup(PROMPT, scope=other)
+        assert eventually(lambda: reader.lookup(PARAPHRASE, scope=short))
         deafen(reader)  # its index, L1 and version cache are frozen from here on
         writer.bump("ns")
         assert writer.delete(gone)  # type: ignore[arg-type]
         # semantic hits are confirmed against the store of record
         assert reader.lookup(PARAPHRASE, scope=ns) is None
         assert reader.lookup(PARAPHRASE, scope=other) is None
+        time.sleep(1.1)
+        assert reader.lookup(PARAPHRASE, scope=short) is None  # expired, never served
         # the bounded mode's stated limit: an L1 hit is served until the change is heard
         hit = reader.lookup(PROMPT, scope=other)
         assert hit is not None and hit.tier == "l1" and hit.response == "old too"
@@ -298,6 +303,9 @@ def test_a_shared_store_is_opened_only_as_asked(tmp_path: Path, schema: str) -> 
         SemanticCache(
             URL, embedder=HashEmbedder(), schema=schema, consistency="eventual", **OPTIONS
         )
+    (tmp_path / "a file").write_text("in the way")
+    with pytest.raises(StoreError, match="as an index folder"):
+        local(tmp_path, schema, "a file")
     cache = local(tmp_path, schema, "a")
     try:
         stats = cache.stats()
