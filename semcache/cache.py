@@ -765,7 +765,7 @@ class SemanticCache:
         with self._lock:
             self._check_open()
             now = self.clock.now()
-            self.replica.sync()
+            self.replica.sync(fresh=True)  # written under the namespace's version now
             rows: list[dict[str, Any]] = []
             scopes: dict[str, tuple[str, str]] = {}  # digest -> (shard, scope JSON)
             for item, vector in zip(items, vectors, strict=True):
@@ -1251,7 +1251,7 @@ class SemanticCache:
         self._check_open()
         _check_namespace(namespace)
         with self._lock:
-            self.replica.sync()
+            self.replica.sync(fresh=self.consistency == "strong")
             return self.replica.version(namespace)
 
     def invalidate_similar(

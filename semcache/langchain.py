@@ -226,9 +226,7 @@ class SemanticLangChainCache(BaseCache):
     async def alookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
         return await asyncio.to_thread(self.lookup, prompt, llm_string)
 
-    async def aupdate(
-        self, prompt: str, llm_string: str, return_val: Sequence[Generation]
-    ) -> None:
+    async def aupdate(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
         await asyncio.to_thread(self.update, prompt, llm_string, return_val)
 
     async def aclear(self, **kwargs: Any) -> None:

@@ -88,7 +88,8 @@ class Leases:
         looks in the store for the answer (None while there is none); it is asked again right
         after the lease is taken, since another process may have stored the answer and let
         its lease go just before. With ``wait=False`` it looks once: a Lead that neither
-        ``led`` nor has a ``hit`` means another process is computing the answer now."""
+        ``led`` nor has a ``hit`` means another caller (of this process or another) is
+        computing the answer now."""
         # each call is an owner of its own: two callers in this process never share a lease
         # (nor can one release the other's)
         owner = f"{self.owner}:{next(self._calls)}"
