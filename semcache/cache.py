@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import os
+import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -47,7 +49,7 @@ from .folder import FolderLock
 from .index import FaissIndex, VectorIndex
 from .keys import check_text, exact_key, normalise, shard_key
 from .l1 import L1Cache, L1Item
-from .leases import Lead, Leases
+from .leases import FIRST_WAIT, LONGEST_WAIT, Lead, Leases
 from .progress import Progress
 from .replica import Replica
 from .shards import IndexFactory, ShardSet
@@ -139,6 +141,25 @@ def _may_be_id(value: Any) -> bool:
     """Whether ``value`` can be an entry id at all (ids are hex strings); anything else is
     simply not found, never sent to the store."""
     return isinstance(value, str) and value.isascii()
+
+
+def _release_quietly(lead: Lead[Hit] | None) -> None:
+    """End a lease; a store that fails here only delays other processes until it expires."""
+    if lead is None:
+        return
+    try:
+        lead.release()
+    except SemcacheError as exc:
+        log.warning("could not give back a single-flight lease (it expires on its own): %s", exc)
+
+
+def _release_orphan(look: asyncio.Future[Lead[Hit]]) -> None:
+    """A lease a cancelled caller's look took after all: give it back (off the loop)."""
+    if look.cancelled() or look.exception() is not None:
+        return
+    lead = look.result()
+    if lead.led:
+        threading.Thread(target=_release_quietly, args=(lead,), daemon=True).start()
 
 
 def _check_fn(fn: Any) -> None:
@@ -1004,10 +1025,9 @@ class SemanticCache:
             error = exc
             raise
         finally:
-            if lead is not None:
-                lead.release()
             self._flights.finish(flight, result, error)
             self._flights.land(flight)
+            _release_quietly(lead)  # after the flight: a failing store never strands it
 
     async def aget_or_compute(
         self,
@@ -1041,7 +1061,7 @@ class SemanticCache:
                 return result
         result, error, lead = None, None, None
         try:
-            lead = await asyncio.to_thread(self._lead, item["norm"], looked.shard)
+            lead = await self._alead(item["norm"], looked.shard)
             again = lead.hit or await asyncio.to_thread(self._recheck, item, looked, policy)
             if again is not None:
                 result = again.response
@@ -1053,10 +1073,28 @@ class SemanticCache:
             error = exc
             raise
         finally:
-            if lead is not None:
-                await asyncio.to_thread(lead.release)
             self._flights.finish(flight, result, error)
             self._flights.land(flight)
+            if lead is not None and lead.led:  # in a thread of its own: nothing to await here
+                threading.Thread(target=_release_quietly, args=(lead,), daemon=True).start()
+
+    async def _alead(self, norm: str, shard: str) -> Lead[Hit]:
+        """:meth:`_lead` for asyncio: polls the lease from the event loop (no thread waits
+        on another process), and a lease taken by a look the caller was cancelled during is
+        given back, not left to expire."""
+        deadline = time.monotonic() + self.flight_timeout
+        delay = FIRST_WAIT
+        while True:
+            look = asyncio.ensure_future(asyncio.to_thread(self._lead, norm, shard, wait=False))
+            try:
+                lead = await asyncio.shield(look)
+            except asyncio.CancelledError:
+                look.add_done_callback(_release_orphan)
+                raise
+            if lead.led or lead.hit is not None or time.monotonic() >= deadline:
+                return lead
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LONGEST_WAIT)
 
     def _stale(self, norm: str, vector: np.ndarray, shard: str, policy: HitPolicy) -> Hit | None:
         """An answer expired less than ``max_stale`` ago (stale-while-revalidate), or None."""

@@ -97,7 +97,11 @@ class Leases:
         delay, waited = FIRST_WAIT, False
         while True:
             if self._store.take_lease(key, owner, self._time(), self.timeout):
-                found = answered()
+                try:
+                    found = answered()
+                except BaseException:
+                    self.release(key, owner)  # never leave a lease nobody will end
+                    raise
                 if found is not None:
                     self.release(key, owner)
                     self.served += waited

@@ -84,10 +84,16 @@ def replica_id(index_dir: Path) -> str:
     except FileNotFoundError:
         name = ""
     if not name:
-        name = uuid.uuid4().hex
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(name)
-        os.replace(tmp, marker)
+        # a file of its own, linked in only if no other process named the folder first
+        tmp = index_dir / f".{REPLICA_FILE}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(uuid.uuid4().hex)
+        try:
+            os.link(tmp, marker)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        name = marker.read_text().strip()
     return name
 
 

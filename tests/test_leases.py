@@ -98,3 +98,93 @@ def test_two_callers_in_one_process_never_share_a_lease(tmp_path: Path) -> None:
     assert not other.lead_or_wait("k", lambda: None, wait=False).led  # still the first's
     first.release()
     assert other.lead_or_wait("k", lambda: None, wait=False).led
+
+
+def test_a_look_that_fails_after_taking_the_lease_gives_it_back(tmp_path: Path) -> None:
+    import pytest
+
+    from semcache.errors import StoreError
+
+    store, clock = Store(tmp_path / "s.db"), Clock()
+    one = leases(store, clock)
+
+    def failing() -> str | None:
+        raise StoreError("the store went away")
+
+    with pytest.raises(StoreError):
+        one.lead_or_wait("k", failing)
+    assert store.lease_owner("k", clock.t) is None
+
+
+def test_a_failing_release_never_strands_the_flight(tmp_path: Path) -> None:
+    """A store that fails while a leader gives its lease back (a dropped connection) must not
+    leave its prompt's flight open: the next miss would wait on it forever."""
+    import threading
+
+    from semcache import SemanticCache
+    from semcache.errors import StoreError
+
+    from .fakes import HashEmbedder
+
+    with SemanticCache(
+        tmp_path / "c", embedder=HashEmbedder(), threshold=0.9, flight_timeout=1.0
+    ) as cache:
+        real = cache._db.release_lease
+
+        def broken(key: str, owner: str) -> None:
+            raise StoreError("connection lost")
+
+        cache._db.release_lease = broken  # type: ignore[method-assign]
+        assert cache.get_or_compute("hello world", lambda p: "one", tags=["t"]) == "one"
+        cache._db.release_lease = real  # type: ignore[method-assign]
+        assert len(cache._flights) == 0
+        cache.invalidate_tags("t")
+        # the lease it could not give back expires (flight_timeout): then the next miss leads
+        done: list[str] = []
+        thread = threading.Thread(
+            target=lambda: done.append(cache.get_or_compute("hello world", lambda p: "two"))
+        )
+        thread.start()
+        thread.join(timeout=10)
+        assert done == ["two"]
+
+
+def test_a_cancelled_async_caller_leaves_no_lease_behind(tmp_path: Path) -> None:
+    import asyncio
+    import time as _time
+
+    from semcache import SemanticCache
+
+    from .fakes import HashEmbedder
+
+    async def scenario() -> None:
+        with SemanticCache(
+            tmp_path / "c", embedder=HashEmbedder(), threshold=0.9, flight_timeout=30
+        ) as cache:
+            real = cache._db.take_lease
+
+            def slow(*args: object) -> bool:
+                _time.sleep(0.3)
+                return real(*args)  # type: ignore[arg-type]
+
+            cache._db.take_lease = slow  # type: ignore[method-assign,assignment]
+            task = asyncio.ensure_future(cache.aget_or_compute("hello world", lambda p: "x"))
+            await asyncio.sleep(0.15)  # inside the slow take
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            cache._db.take_lease = real  # type: ignore[method-assign]
+            deadline = _time.monotonic() + 5
+            while cache._db.execute("SELECT count(*) FROM leases")[0][0] and (
+                _time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.05)
+            assert cache._db.execute("SELECT count(*) FROM leases")[0][0] == 0
+            assert len(cache._flights) == 0
+            started = _time.monotonic()
+            assert await cache.aget_or_compute("hello world", lambda p: "y") == "y"
+            assert _time.monotonic() - started < 5  # no wait for an orphaned lease
+
+    import contextlib
+
+    asyncio.run(scenario())
