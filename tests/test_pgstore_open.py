@@ -75,3 +75,17 @@ def test_the_default_index_folder_is_named_by_the_store(
     assert default_index_dir("abc") != default_index_dir("abd")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_index_dir("abc") == Path.home() / ".cache" / "semcache" / "abc"
+
+
+def test_openers_of_a_fresh_index_folder_agree_on_its_replica_id(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from semcache.stores import replica_id
+
+    for attempt in range(5):
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        with ThreadPoolExecutor(8) as pool:
+            names = set(pool.map(lambda _: replica_id(folder), range(8)))
+        assert len(names) == 1 and replica_id(folder) in names
+        assert [p.name for p in folder.iterdir()] == ["replica-id"]  # no temporary file left
