@@ -86,6 +86,6 @@ def test_openers_of_a_fresh_index_folder_agree_on_its_replica_id(tmp_path: Path)
         folder = tmp_path / str(attempt)
         folder.mkdir()
         with ThreadPoolExecutor(8) as pool:
-            names = set(pool.map(lambda _: replica_id(folder), range(8)))
+            names = set(pool.map(replica_id, [folder] * 8))
         assert len(names) == 1 and replica_id(folder) in names
         assert [p.name for p in folder.iterdir()] == ["replica-id"]  # no temporary file left
