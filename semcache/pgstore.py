@@ -55,7 +55,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from .errors import InvalidInputError, StoreError
-from .store import EVICTION_POLICIES, HOLD_TTL, Change, Fence, Row
+from .store import EVICTION_POLICIES, HOLD_TTL, Change, Fence, MetaLog, Row
 
 #: The PostgreSQL schema's own version (independent of the SQLite store's).
 SCHEMA_VERSION = 3
@@ -111,7 +111,7 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-class PostgresStore:
+class PostgresStore(MetaLog):
     """A semcache store of record in one PostgreSQL schema; safe to share between threads.
 
     ``url`` is a libpq connection string (``postgresql://user@host:5432/db``); ``schema`` the
@@ -874,17 +874,6 @@ class PostgresStore:
             conn.execute("DELETE FROM changes WHERE seq <= %s", (upto,))
             self._raise_meta(conn, "changes_trimmed", upto)
 
-    def checkpoint_tokens(self, slot: str = "") -> set[str]:
-        """The tokens a manifest of replica ``slot`` may carry to be trusted (see ``Store``)."""
-        keys = (f"checkpoint_token{slot}", f"checkpoint_pending{slot}")
-        return {v for v in (self.get_meta(k) for k in keys) if v is not None}
-
-    def begin_checkpoint(self, token: str, slot: str = "") -> None:
-        """Replica ``slot`` is about to write a checkpoint under ``token``: until it is
-        recorded, a manifest with either this token or the last recorded one is this store's.
-        Every replica of the shared store has a slot of its own."""
-        self.set_meta(f"checkpoint_pending{slot}", token)
-
     def record_checkpoint(self, token: str, trim_upto: int, now: float, slot: str = "") -> int:
         """A replica checkpoint is durable: remember its token (so a manifest that is not this
         store's latest checkpoint is never trusted) and trim the log up to ``trim_upto``, but
@@ -915,9 +904,6 @@ class PostgresStore:
     def release_hold(self, holder: str) -> None:
         with self.transaction() as conn:
             conn.execute("DELETE FROM holds WHERE holder = %s", (holder,))
-
-    def trimmed_upto(self) -> int:
-        return int(self.get_meta("changes_trimmed") or 0)
 
     # -- flight leases (single-flight between replicas) -------------------------------------------
     def take_lease(self, key: str, owner: str, now: float, ttl: float) -> bool:

@@ -148,7 +148,33 @@ def entry_size(values: dict[str, Any], tags: Iterable[str]) -> int:
     return size + 64  # the numeric columns and the row's own overhead
 
 
-class Store:
+class MetaLog:
+    """What both stores keep in their ``meta`` table about the log and replicas' checkpoints,
+    written once over ``get_meta``/``set_meta``."""
+
+    def get_meta(self, key: str) -> str | None:
+        raise NotImplementedError
+
+    def set_meta(self, key: str, value: str) -> None:
+        raise NotImplementedError
+
+    def checkpoint_tokens(self, slot: str = "") -> set[str]:
+        """The tokens a manifest of replica ``slot`` may carry to be trusted: the last recorded
+        checkpoint's and a pending one's (see :meth:`begin_checkpoint`)."""
+        keys = (f"checkpoint_token{slot}", f"checkpoint_pending{slot}")
+        return {v for v in (self.get_meta(k) for k in keys) if v is not None}
+
+    def begin_checkpoint(self, token: str, slot: str = "") -> None:
+        """Replica ``slot`` (``""``: the folder's own index) is about to write a checkpoint
+        under ``token``: until it is recorded, a manifest with either this token or the last
+        recorded one is this store's. Each replica of a shared store has a slot of its own."""
+        self.set_meta(f"checkpoint_pending{slot}", token)
+
+    def trimmed_upto(self) -> int:
+        return int(self.get_meta("changes_trimmed") or 0)
+
+
+class Store(MetaLog):
     """SQLite (WAL) access for one data folder; safe to share between threads.
 
     One connection, serialised by a re-entrant lock; ``transaction()`` is ``BEGIN IMMEDIATE`` and
@@ -776,18 +802,6 @@ class Store:
                 (str(upto),),
             )
 
-    def checkpoint_tokens(self, slot: str = "") -> set[str]:
-        """The tokens a manifest of replica ``slot`` may carry to be trusted: the last recorded
-        checkpoint's and a pending one's (see :meth:`begin_checkpoint`)."""
-        keys = (f"checkpoint_token{slot}", f"checkpoint_pending{slot}")
-        return {v for v in (self.get_meta(k) for k in keys) if v is not None}
-
-    def begin_checkpoint(self, token: str, slot: str = "") -> None:
-        """Replica ``slot`` (``""``: the folder's own index) is about to write a checkpoint
-        under ``token``: until it is recorded, a manifest with either this token or the last
-        recorded one is this store's. Each replica of a shared store has a slot of its own."""
-        self.set_meta(f"checkpoint_pending{slot}", token)
-
     def record_checkpoint(self, token: str, trim_upto: int, now: float, slot: str = "") -> int:
         """A replica checkpoint is durable: remember its token (so a manifest that is not this
         store's latest checkpoint is never trusted) and trim the log up to ``trim_upto``, but
@@ -817,9 +831,6 @@ class Store:
     def release_hold(self, holder: str) -> None:
         with self.transaction() as conn:
             conn.execute("DELETE FROM holds WHERE holder = ?", (holder,))
-
-    def trimmed_upto(self) -> int:
-        return int(self.get_meta("changes_trimmed") or 0)
 
     # -- flight leases (single-flight between processes) ------------------------------------------
     def take_lease(self, key: str, owner: str, now: float, ttl: float) -> bool:
