@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -49,7 +48,7 @@ from .folder import FolderLock
 from .index import FaissIndex, VectorIndex
 from .keys import check_text, exact_key, normalise, shard_key
 from .l1 import L1Cache, L1Item
-from .leases import FIRST_WAIT, LONGEST_WAIT, Lead, Leases
+from .leases import Lead, Leases, poll_lead
 from .progress import Progress
 from .replica import Replica
 from .shards import IndexFactory, ShardSet
@@ -1082,19 +1081,17 @@ class SemanticCache:
         """:meth:`_lead` for asyncio: polls the lease from the event loop (no thread waits
         on another process), and a lease taken by a look the caller was cancelled during is
         given back, not left to expire."""
-        deadline = time.monotonic() + self.flight_timeout
-        delay = FIRST_WAIT
-        while True:
-            look = asyncio.ensure_future(asyncio.to_thread(self._lead, norm, shard, wait=False))
+
+        async def look() -> Lead[Hit]:
+            task = asyncio.ensure_future(asyncio.to_thread(self._lead, norm, shard, wait=False))
             try:
-                lead = await asyncio.shield(look)
+                return await asyncio.shield(task)
             except asyncio.CancelledError:
-                look.add_done_callback(_release_orphan)
+                task.add_done_callback(_release_orphan)
                 raise
-            if lead.led or lead.hit is not None or time.monotonic() >= deadline:
-                return lead
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, LONGEST_WAIT)
+
+        deadline = asyncio.get_running_loop().time() + self.flight_timeout
+        return await poll_lead(look, deadline)
 
     def _stale(self, norm: str, vector: np.ndarray, shard: str, policy: HitPolicy) -> Hit | None:
         """An answer expired less than ``max_stale`` ago (stale-while-revalidate), or None."""

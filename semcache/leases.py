@@ -13,11 +13,12 @@ and they are not logged: they are coordination, not cache state.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 log = logging.getLogger("semcache")
@@ -129,3 +130,18 @@ class Leases:
 
     def release(self, key: str, owner: str) -> None:
         self._store.release_lease(key, owner)
+
+
+async def poll_lead(look: Callable[[], Awaitable[Lead[T]]], deadline: float) -> Lead[T]:
+    """Wait for a lead on the event loop: ``look`` is one non-blocking try (a
+    ``lead_or_wait(..., wait=False)`` run off the loop), repeated with a growing pause until it
+    leads, finds the answer, or the loop's clock reaches ``deadline``; the last try is
+    returned. No thread is held while another process computes."""
+    loop = asyncio.get_running_loop()
+    delay = FIRST_WAIT
+    while True:
+        lead = await look()
+        if lead.led or lead.hit is not None or loop.time() >= deadline:
+            return lead
+        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+        delay = min(delay * 2, LONGEST_WAIT)

@@ -4,9 +4,10 @@ sharing a PostgreSQL store are in test_shared_store.py."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-from semcache.leases import LONGEST_WAIT, Leases
+from semcache.leases import LONGEST_WAIT, Lead, Leases, poll_lead
 from semcache.store import Store
 
 
@@ -188,3 +189,34 @@ def test_a_cancelled_async_caller_leaves_no_lease_behind(tmp_path: Path) -> None
     import contextlib
 
     asyncio.run(scenario())
+
+
+def test_poll_lead_tries_until_it_leads_or_finds_the_answer() -> None:
+    tries: list[float] = []
+
+    async def run() -> Lead[str]:
+        async def look() -> Lead[str]:
+            tries.append(asyncio.get_running_loop().time())
+            return Lead("answer", None, None) if len(tries) == 4 else Lead(None, None, None)
+
+        return await poll_lead(look, asyncio.get_running_loop().time() + 30)
+
+    lead = asyncio.run(run())
+    assert lead.hit == "answer" and len(tries) == 4
+
+
+def test_poll_lead_gives_up_at_the_deadline_with_the_last_try() -> None:
+    async def run() -> tuple[Lead[str], float, float]:
+        loop = asyncio.get_running_loop()
+
+        async def look() -> Lead[str]:
+            return Lead(None, None, None)
+
+        start = loop.time()
+        lead = await poll_lead(look, start + 0.2)
+        return lead, start, loop.time()
+
+    lead, start, end = asyncio.run(run())
+    assert not lead.led and lead.hit is None
+    assert end - start >= 0.2  # it waited for the deadline, and not much longer
+    assert end - start < 0.2 + 5 * LONGEST_WAIT

@@ -55,7 +55,7 @@ from ...chat import (
 )
 from ...errors import SemcacheError
 from ...keys import normalise
-from ...leases import FIRST_WAIT, LONGEST_WAIT, Lead
+from ...leases import Lead, poll_lead
 from ...types import Hit
 from ..app import ServerState, principal_of, state_of
 from ..errors import ApiError, error_response, request_id_of
@@ -228,18 +228,16 @@ async def _lead(state: ServerState, key: ChatKey, deadline: float) -> Lead[Hit] 
     polling: no worker thread is held) while another one asks the upstream, up to the
     deadline. None: go to the upstream without a lead (the wait ran out, or the store failed:
     the cache fails open)."""
-    cache, loop = state.require_cache(), asyncio.get_running_loop()
-    delay = FIRST_WAIT
-    while True:
-        try:
-            lead = await state.run(cache.lead, key.prompt, scope=key.scope, wait=False)
-        except SemcacheError as exc:
-            log.warning("single-flight lease failed, forwarding: %s", exc)
-            return None
-        if lead.led or lead.hit is not None or loop.time() >= deadline:
-            return lead
-        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-        delay = min(delay * 2, LONGEST_WAIT)
+    cache = state.require_cache()
+
+    async def look() -> Lead[Hit]:
+        return await state.run(cache.lead, key.prompt, scope=key.scope, wait=False)
+
+    try:
+        return await poll_lead(look, deadline)
+    except SemcacheError as exc:
+        log.warning("single-flight lease failed, forwarding: %s", exc)
+        return None
 
 
 async def _release(state: ServerState, lead: Lead[Hit] | None) -> None:
