@@ -937,7 +937,12 @@ class PostgresStore(MetaLog):
         change log commits, and every ``poll`` seconds regardless, so a notification lost with
         a dropped connection costs at most ``poll`` seconds. Stop it with ``close()``."""
         self._check_open()
-        return Listener(self.url, self.channel, on_change, poll)
+
+        def nudge() -> None:  # wakes a closing listener now, not at its next poll
+            if not self._closed:
+                self.execute("SELECT pg_notify(%s, 'closing')", (self.channel,))
+
+        return Listener(self.url, self.channel, on_change, poll, nudge=nudge)
 
     def quick_check(self) -> list[str]:
         """What ``verify()`` reports about the store itself: the log heads must be at or past
@@ -1114,13 +1119,21 @@ def _channel(schema: str) -> str:
 class Listener:
     """A daemon thread that LISTENs on a store's channel and calls back on each wake-up."""
 
-    def __init__(self, url: str, channel: str, on_change: Callable[[], None], poll: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        on_change: Callable[[], None],
+        poll: float,
+        *,
+        nudge: Callable[[], None] | None = None,
+    ) -> None:
         self._url = url
+        self._nudge = nudge
         self._channel = channel
         self._on_change = on_change
         self._poll = max(0.01, float(poll))
         self._stop = threading.Event()
-        self._conn: psycopg.Connection[Any] | None = None
         self.connected = threading.Event()
         self.wakeups = 0
         self._thread = threading.Thread(target=self._run, name="semcache-listener", daemon=True)
@@ -1131,7 +1144,6 @@ class Listener:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
-                    self._conn = conn
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                     self.connected.set()
                     backoff = 0.1
@@ -1150,8 +1162,6 @@ class Listener:
                 self._wake()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._poll)
-            finally:
-                self._conn = None
         self.connected.clear()
 
     def _wake(self) -> None:
@@ -1169,10 +1179,14 @@ class Listener:
         return self.connected.is_set() and self._thread.is_alive()
 
     def close(self) -> None:
+        """Stop listening; returns once the thread has ended. The thread waits for a
+        notification, so ``nudge`` (one ``NOTIFY`` on the channel) wakes it at once; without
+        one, or if it fails, the thread ends at its next poll."""
         self._stop.set()
-        conn = self._conn
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.cancel_safe() if hasattr(conn, "cancel_safe") else conn.cancel()
+        if self._nudge is not None and self.connected.is_set():
+            try:
+                self._nudge()
+            except Exception as exc:  # the store is failing: the poll ends the thread
+                log.debug("could not wake the change listener: %s", exc)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=self._poll + 5)

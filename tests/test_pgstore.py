@@ -378,3 +378,21 @@ def test_a_writer_stuck_holding_its_turn_makes_others_fail_not_hang(
         stuck.rollback()
     assert other.insert(values("after"), ()) is not None
     other.close()
+
+
+def test_a_listener_wakes_on_commits_and_closing_it_does_not_wait_for_its_poll(
+    store: PostgresStore,
+) -> None:
+    woken = threading.Event()
+    listener = store.listen(woken.set, poll=600.0)  # polling alone would take ten minutes
+    assert listener.connected.wait(20)
+    deadline = time.monotonic() + 20
+    while listener.wakeups < 1 and time.monotonic() < deadline:  # its first look, on connecting
+        time.sleep(0.01)
+    woken.clear()
+    store.insert(values("a commit elsewhere"), ())
+    assert woken.wait(20)  # the notification, not the poll
+    closer = threading.Thread(target=listener.close)
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive() and not listener.alive
