@@ -105,6 +105,11 @@ _BOUND_ONLY = frozenset({
 })  # fmt: skip
 _SYMBOLS = {"$": "usd", "€": "eur", "£": "gbp", "¥": "jpy", "₹": "inr", "%": "pct", "°": "deg"}
 _CURRENCY_SYMBOLS = frozenset("$€£¥₹")
+#: "20 degrees Fahrenheit" is 20°F: the scale after "degrees" is the number's unit.
+_DEGREE_WORDS = frozenset(("degree", "degrees", "deg"))
+_TEMPERATURES = {
+    w: _UNIT_WORDS[w] for w in ("c", "f", "k", "celsius", "centigrade", "fahrenheit", "kelvin")
+}
 #: Time words are everywhere ("hours a day"): as free units they count only beside a number.
 _TIME_UNITS = frozenset(
     ("sec", "ms", "min", "hour", "day", "week", "month", "year", "decade", "century")
@@ -194,6 +199,10 @@ def quantities(text: str) -> Quantities:
             elif nxt[0] == "sym" and nxt[1] == "°":  # 20°C, 20 °F, 20°
                 after = items[i + 2] if i + 2 < len(items) else ("", "")
                 unit = _UNIT_WORDS.get(after[1], "deg") if after[1] in ("c", "f", "k") else "deg"
+                bound_at.update((i + 1, i + 2) if unit != "deg" else (i + 1,))
+            elif nxt[0] == "word" and nxt[1] in _DEGREE_WORDS:  # 20 degrees (Celsius)
+                after = items[i + 2] if i + 2 < len(items) else ("", "")
+                unit = _TEMPERATURES.get(after[1], "deg") if after[0] == "word" else "deg"
                 bound_at.update((i + 1, i + 2) if unit != "deg" else (i + 1,))
             elif nxt[0] == "sym" and nxt[1] in _SYMBOLS:
                 unit = _SYMBOLS[nxt[1]]

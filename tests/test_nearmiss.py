@@ -29,6 +29,8 @@ SAME = [
     ("What happened in 1990 in Paris", "What happened in Paris in 1990"),
     ("mp3 or mp4?", "mp3 or mp4 ?"),
     ("Can I go?", "May I go?"),  # "may" is a date only beside a number
+    ("What is 20 degrees Celsius in Fahrenheit?", "What is 20°C in Fahrenheit?"),
+    ("Turn it 90 degrees", "Turn it 90°"),
 ]
 # (a, b, reason): different quantities.
 DIFFERENT = [
@@ -39,6 +41,11 @@ DIFFERENT = [
     ("python 3.10 features", "python 3.1 features", "numbers differ"),
     ("meeting on 2023-01-05", "meeting on 2023-01-06", "numbers differ"),
     ("-5 degrees outside", "5 degrees outside", "numbers differ"),
+    (
+        "How many degrees Celsius are in 173 degrees Fahrenheit?",
+        "What is 173 degrees Celsius in degrees Fahrenheit?",
+        "units bound to the numbers differ",
+    ),
     ("Convert 5 miles to km", "Convert miles to km", "numbers differ"),
     ("What's the weather today?", "What's the weather tomorrow?", "dates differ"),
     ("Flights on March 3", "Flights on April 3", "dates differ"),
