@@ -205,7 +205,9 @@ class FaissIndex:
         self._rmat = np.zeros((0, dim), dtype=np.float32)
         self._rn = 0
         self._rpos: dict[int, int] = {}
-        self._lock = threading.RLock()
+        self._generation = 0  # counts graph rebuilds and drops: a merge of an older one is void
+        self._lock = threading.RLock()  # guards every field; held only briefly
+        self._merge_lock = threading.Lock()  # one merge at a time
 
     # -- size and membership -------------------------------------------------------------
     def __len__(self) -> int:
@@ -234,7 +236,7 @@ class FaissIndex:
             assert self._flat is not None
             self._flat.add_with_ids(vectors, ids)
             if len(self._present) >= self.hnsw_threshold:
-                self._build_hnsw(*self._all_vectors())
+                self._new_graph(*self._all_vectors())
 
     def _append_recent(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         need = self._rn + len(ids)
@@ -273,28 +275,58 @@ class FaissIndex:
         return self._rn
 
     def merge(self, limit: int | None = None) -> int:
-        """Move up to ``limit`` (all, if None) recent vectors into the graph; returns how many
-        are still pending."""
-        with self._lock:
-            if self._hnsw is not None and self._rn:
-                self._merge_locked(self._rn if limit is None else min(limit, self._rn))
-            return self._rn
+        """Move recent vectors into the graph; returns how many are still pending.
 
-    def _merge_locked(self, n: int) -> None:
-        """Move the newest ``n`` recent vectors into the graph: taken from the segment's end,
-        so a merge costs O(n), whatever the segment's size."""
-        assert self._hnsw is not None
-        rest = self._rn - n
-        ids = self._rids[rest : self._rn].copy()
-        vectors = self._rmat[rest : self._rn].copy()
-        start = self._hnsw.ntotal
-        with _build_threads(n >= 64):  # batches insert in parallel
-            self._hnsw.add(vectors)
-        self._labels = np.concatenate([self._labels, ids])
+        Moves at least ``min(limit, pending)`` of them (all, if ``limit`` is None), and at
+        least a sixteenth of the graph's size while that many are pending, because each merge
+        copies the graph once. The graph a search uses is never changed: the merge grows a
+        copy outside the lock, then swaps it in under the lock for a moment, while searches
+        keep using the old graph and the recent segment, which holds the merged vectors until
+        the swap. A vector removed or replaced during the merge is a tombstone in the new
+        graph. Merges run one at a time; a graph rebuilt meanwhile discards the merge.
+        """
+        with self._merge_lock:
+            with self._lock:
+                if self._hnsw is None or not self._rn:
+                    return self._rn
+                graph, generation = self._hnsw, self._generation
+                n = self._rn if limit is None else min(self._rn, max(limit, graph.ntotal // 16))
+                ids = self._rids[self._rn - n : self._rn].copy()  # the newest n
+                vectors = self._rmat[self._rn - n : self._rn].copy()
+            grown = self._grow(graph, vectors)
+            with self._lock:
+                if self._generation == generation:
+                    self._swap_in(grown, graph.ntotal, ids, vectors)
+                return self._rn
+
+    @staticmethod
+    def _grow(graph: faiss.IndexHNSWFlat, vectors: np.ndarray) -> faiss.IndexHNSWFlat:
+        """A copy of ``graph`` with ``vectors`` inserted (labels from ``graph.ntotal``); runs
+        without the lock: a published graph is never changed."""
+        grown = faiss.clone_index(graph)
+        with _build_threads(len(vectors) >= 64):  # batches insert in parallel
+            grown.add(vectors)
+        return grown
+
+    def _swap_in(
+        self, grown: faiss.IndexHNSWFlat, start: int, ids: np.ndarray, vectors: np.ndarray
+    ) -> None:
+        """Publish ``grown`` (the graph plus ``ids`` at labels from ``start``): each id whose
+        recent row still holds its vector leaves the segment for its label; the labels of ids
+        removed or replaced since the merge began are tombstones."""
+        tombed = False
         for offset, id_ in enumerate(ids.tolist()):
-            self._label_of[id_] = start + offset
-            del self._rpos[id_]
-        self._rn = rest
+            row = self._rpos.get(id_)
+            if row is not None and np.array_equal(self._rmat[row], vectors[offset]):
+                self._label_of[id_] = start + offset
+                self._drop_recent(id_)
+            else:
+                self._tombs.add(start + offset)
+                tombed = True
+        self._hnsw = grown
+        self._labels = np.concatenate([self._labels, ids])
+        if tombed:
+            self._params = None
 
     def remove(self, ids: np.ndarray) -> int:
         with self._lock:
@@ -328,7 +360,7 @@ class FaissIndex:
             if len(ids_):
                 self._flat.add_with_ids(vectors, ids_)
         elif len(self._tombs) > self._hnsw.ntotal // 4:
-            self._build_hnsw(*self._all_vectors())
+            self._new_graph(*self._all_vectors())
         return len(present)
 
     def _hnsw_matrix(self) -> np.ndarray:
@@ -355,19 +387,24 @@ class FaissIndex:
         vectors = self._flat.index.reconstruct_n(0, n)
         return ids, np.ascontiguousarray(vectors, dtype=np.float32)
 
-    def _build_hnsw(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def _new_graph(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Start an empty graph with every live vector in the recent segment: :meth:`merge`
+        grows the graph behind the searches (exact over the segment meanwhile), so no call
+        waits on a graph build, neither at the threshold nor when tombstones are compacted."""
         hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = self.ef_construction
         hnsw.hnsw.efSearch = self.ef_search
-        with _build_threads(True):
-            hnsw.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        ids = ids.copy()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).copy()
         self._hnsw = hnsw
         self._flat = None
-        self._labels = ids.copy()
-        self._label_of = {id_: label for label, id_ in enumerate(ids.tolist())}
+        self._labels = _EMPTY_IDS
+        self._label_of = {}
         self._tombs = set()
         self._params = None
+        self._generation += 1
         self._clear_recent()
+        self._append_recent(ids, vectors)
 
     def _drop_hnsw(self) -> None:
         self._clear_recent()
@@ -377,6 +414,7 @@ class FaissIndex:
         self._tombs = set()
         self._params = None
         self._mirror = None
+        self._generation += 1
 
     # -- search ---------------------------------------------------------------------------
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
