@@ -539,11 +539,14 @@ class SemanticCache:
         # the fence position before anything is read, only when a write may follow this lookup
         observed = Observed(self._db.position(), self.clock.now()) if fence else None
         strong = self.consistency == "strong"
+        # with the vector given, the store's exact row comes with the candidates (one read);
+        # otherwise it is looked for first, since finding it saves the embedding
+        given = vector is not None
         with self._lock:
             self.replica.sync(fresh=strong)
             shard = self._shard(scope)
             self._stats["lookups"] += 1
-            hit = self._exact(norm, shard, self.clock.now())
+            hit = self._exact(norm, shard, self.clock.now(), store=not given)
         if hit is not None:
             return _Looked(hit, vector, shard, None, observed)
         if vector is None:
@@ -552,7 +555,13 @@ class SemanticCache:
             self.replica.sync(fresh=strong)  # a bump or delete while we embedded must count
             shard = self._shard(scope)
             now = self.clock.now()
-            nearest, rows = self._candidates(vector, shard, policy, now)
+            key = exact_key(shard, norm) if given else None
+            nearest, rows, exact = self._candidates(vector, shard, policy, now, key)
+            if exact is not None:
+                assert key is not None
+                hit = self._exact_hit(key, exact, now)
+        if hit is not None:
+            return _Looked(hit, vector, shard, None, observed)
         # the policy runs outside the cache-wide lock
         choice = self._choose(norm, rows, policy, scope.namespace)
         with self._lock:
@@ -578,33 +587,55 @@ class SemanticCache:
             sims, _ = self.replica.search(self._shard(_scope(scope)), query, 1)
         return float(sims[0]) if len(sims) else None
 
-    def _exact(self, norm: str, shard: str, now: float, *, record: bool = True) -> Hit | None:
-        """An exact repeat live at ``now``; ``record=False`` only looks (no L1, stats, LRU)."""
+    def _exact(
+        self, norm: str, shard: str, now: float, *, record: bool = True, store: bool = True
+    ) -> Hit | None:
+        """An exact repeat live at ``now``; ``record=False`` only looks (no L1, stats, LRU);
+        ``store=False`` looks in L1 alone."""
         key = exact_key(shard, norm)
         item = self.l1.get(key, now) if record else None
-        if item is None:
-            row = self._db.find_exact(key, now)
-            if row is None:
-                return None
-            item = L1Item(row.id, row.uid, row.prompt, row.response, row.expires_at, row.metadata)
-            if not record:
-                return Hit(item.response, 1.0, item.uid, "l1", item.prompt, item.metadata)
-            self.l1.put(key, item)
+        if item is not None:
+            return self._l1_hit(item, now)
+        if not store:
+            return None
+        row = self._db.find_exact(key, now)
+        if row is None:
+            return None
+        if not record:
+            return Hit(row.response, 1.0, row.uid, "l1", row.prompt, row.metadata)
+        return self._exact_hit(key, row, now)
+
+    def _exact_hit(self, key: str, row: Row, now: float) -> Hit:
+        """Serve an exact repeat read from the store, and keep it in L1."""
+        item = L1Item(row.id, row.uid, row.prompt, row.response, row.expires_at, row.metadata)
+        self.l1.put(key, item)
+        return self._l1_hit(item, now)
+
+    def _l1_hit(self, item: L1Item, now: float) -> Hit:
         self._touch(item.rowid, now)
         self._stats["hits_l1"] += 1
         return Hit(item.response, 1.0, item.uid, "l1", item.prompt, item.metadata)
 
     def _candidates(
-        self, vector: np.ndarray, shard: str, policy: HitPolicy, now: float
-    ) -> tuple[float | None, list[tuple[float, Row]]]:
+        self, vector: np.ndarray, shard: str, policy: HitPolicy, now: float, key: str | None
+    ) -> tuple[float | None, list[tuple[float, Row]], Row | None]:
         """(nearest similarity searched, up to ``k`` live rows above the policy's floor, best
-        first). Dead neighbours (expired, deleted, another version) are skipped by searching
-        wider, so they never hide a live one."""
+        first, and the live exact repeat with ``key`` when one is asked for and stored). Dead
+        neighbours (expired, deleted, another version) are skipped by searching wider, so they
+        never hide a live one."""
         k = self.k
+        exact = None
         while True:
             sims, ids = self.replica.search(shard, vector, k)
             keep = sims >= policy.min_similarity
-            rows = self._db.candidates([int(i) for i in ids[keep]], shard, now)
+            wanted = [int(i) for i in ids[keep]]
+            if key is None:
+                rows = self._db.candidates(wanted, shard, now)
+            else:
+                exact, rows = self._db.lookup_rows(key, wanted, shard, now)
+                if exact is not None:
+                    return None, [], exact
+                key = None  # asked once: a wider search needs the candidates alone
             if len(ids) < k or not keep.all() or len(rows) >= self.k or k >= MAX_K:
                 break
             k = min(k * 4, MAX_K)
@@ -614,7 +645,7 @@ class SemanticCache:
             for sim, rowid in zip(sims[keep].tolist(), ids[keep].tolist(), strict=True)
             if rowid in rows
         ]
-        return nearest, live[: self.k]
+        return nearest, live[: self.k], None
 
     @staticmethod
     def _choose(
@@ -937,7 +968,9 @@ class SemanticCache:
         assert looked.vector is not None
         with self._lock:
             self.replica.sync(fresh=True)
-            _, rows = self._candidates(looked.vector, looked.shard, policy, self.clock.now())
+            _, rows, _ = self._candidates(
+                looked.vector, looked.shard, policy, self.clock.now(), None
+            )
         served = self._choose(item["norm"], rows, policy, item["scope"].namespace).served
         return None if served is None else served[1]
 
@@ -1102,7 +1135,7 @@ class SemanticCache:
             exact = self._exact(norm, shard, horizon, record=False)
             if exact is not None:
                 return exact
-            _, rows = self._candidates(vector, shard, policy, horizon)
+            _, rows, _ = self._candidates(vector, shard, policy, horizon, None)
         served = self._choose(norm, rows, policy, "").served
         return None if served is None else served[1]
 

@@ -549,6 +549,22 @@ class PostgresStore(MetaLog):
         )
         return {int(r[0]): _row(r) for r in rows}
 
+    def lookup_rows(
+        self, l1_key: str, ids: Sequence[int], shard: str, now: float
+    ) -> tuple[Row | None, dict[int, Row]]:
+        """:meth:`find_exact` and :meth:`candidates` in one round trip, for a lookup that has
+        its vector already (no embedding to save by looking for the exact repeat first)."""
+        wanted = [int(i) for i in ids]
+        rows = self._read(
+            f"SELECT {_ROW_COLUMNS}, l1_key = %s FROM entries "
+            "WHERE (l1_key = %s OR (id = ANY(%s::bigint[]) AND shard = %s)) "
+            f"AND (expires_at IS NULL OR expires_at > %s) AND {_CURRENT}",
+            (l1_key, l1_key, wanted, shard, now),
+        )
+        exact = next((_row(r) for r in rows if r[-1]), None)
+        among = set(wanted)
+        return exact, {int(r[0]): _row(r) for r in rows if int(r[0]) in among and r[2] == shard}
+
     def get_by_uid(self, uid: str) -> dict[str, Any] | None:
         """Every column of the entry with this uid, or None."""
         with self._connection() as conn:

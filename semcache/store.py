@@ -483,6 +483,14 @@ class Store(MetaLog):
             out.update((r[0], _row(r)) for r in rows)
         return out
 
+    def lookup_rows(
+        self, l1_key: str, ids: Sequence[int], shard: str, now: float
+    ) -> tuple[Row | None, dict[int, Row]]:
+        """:meth:`find_exact` and :meth:`candidates` together, for a lookup that has its
+        vector already (no embedding to save by looking for the exact repeat first): a shared
+        store answers both in one round trip."""
+        return self.find_exact(l1_key, now), self.candidates(ids, shard, now)
+
     def get_by_uid(self, uid: str) -> dict[str, Any] | None:
         """Every column of the entry with this uid, or None."""
         with self._lock:

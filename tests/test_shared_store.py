@@ -162,6 +162,36 @@ def test_a_replica_that_has_not_heard_of_an_invalidation_serves_no_dead_semantic
         reader.close()
 
 
+def test_a_lookup_given_its_vector_reads_the_exact_repeat_with_the_candidates(
+    tmp_path: Path, schema: str
+) -> None:
+    writer = local(tmp_path, schema, "writer")
+    reader = local(tmp_path, schema, "reader")
+    try:
+        writer.store("first prompt here", "warm")
+        assert eventually(lambda: reader.lookup("first prompt here"))
+        deafen(reader)  # it never hears of what follows: only the store can know it
+        writer.store(PROMPT, "exact", scope=Scope(namespace="ns"))
+        writer.store("one two three four five", "bumped away", scope=Scope(namespace="ns"))
+        elsewhere = HashEmbedder().embed(["nothing like the prompt at all"])[0]
+
+        def no_separate_read(*args: Any) -> None:
+            raise AssertionError("the exact repeat was read on its own")
+
+        reader._db.find_exact = no_separate_read  # type: ignore[method-assign]
+        hit = reader.lookup(PROMPT, scope=Scope(namespace="ns"), vector=elsewhere)
+        assert hit is not None and hit.tier == "l1" and hit.response == "exact"
+        assert reader.lookup(PROMPT, vector=elsewhere) is None  # another scope
+        writer.bump("ns")  # another replica's bump counts at once
+        gone = reader.lookup(
+            "one two three four five", scope=Scope(namespace="ns"), vector=elsewhere
+        )
+        assert gone is None
+    finally:
+        writer.close()
+        reader.close()
+
+
 def test_the_strong_mode_confirms_l1_hits_too(tmp_path: Path, schema: str) -> None:
     writer = local(tmp_path, schema, "writer")
     strong = local(tmp_path, schema, "strong", consistency="strong")

@@ -136,6 +136,27 @@ def test_an_exact_repeat_is_replaced(store: Store) -> None:
     assert store.rowid_of(first[1]) is None and store.counters()[0] == 1
 
 
+def test_a_lookups_rows_are_its_exact_repeat_and_its_live_candidates(store: Store) -> None:
+    a, b, c = (store.insert(row(p, seed=i), ()) for i, p in enumerate(("a", "b", "c")))
+    other = store.insert(row("elsewhere", namespace="ns2"), ())
+    expired = row("expired", seed=5)
+    expired["expires_at"] = 5.0
+    d = store.insert(expired, ())
+    assert a and b and c and other and d
+    ids = [b[0], c[0], other[0], d[0], 10**9]  # another shard's, an expired and an unknown id
+    exact, rows = store.lookup_rows("digest-ns:0/a", ids, "digest-ns:0", now=10.0)
+    assert exact is not None and exact.id == a[0] and exact.response == "answer to a"
+    assert sorted(rows) == sorted([b[0], c[0]])  # a is not among the ids asked for
+    assert (exact, rows) == (
+        store.find_exact("digest-ns:0/a", 10.0),
+        store.candidates(ids, "digest-ns:0", 10.0),
+    )
+    exact, rows = store.lookup_rows("digest-ns:0/a", [a[0]], "digest-ns:0", now=10.0)
+    assert exact is not None and list(rows) == [a[0]]
+    assert store.lookup_rows("digest-ns:0/expired", [], "digest-ns:0", now=10.0) == (None, {})
+    assert store.lookup_rows("digest-ns:0/nothing", [b[0]], "digest-ns:0", 10.0)[0] is None
+
+
 def test_invalidations_are_fenced_and_a_fenced_insert_refuses_what_they_cover(
     store: Store,
 ) -> None:
