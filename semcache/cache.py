@@ -18,7 +18,6 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import os
 import threading
 import uuid
@@ -31,6 +30,16 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .checks import (
+    as_scope,
+    check_fn,
+    check_metadata,
+    check_namespace,
+    check_response,
+    check_tags,
+    check_ttl,
+    may_be_id,
+)
 from .clock import Clock, SystemClock
 from .embed import Embedder, SentenceTransformerEmbedder, as_unit_matrix
 from .errors import (
@@ -46,7 +55,7 @@ from .feedback import Feedback
 from .fence import Candidate, Observed, any_covers
 from .folder import FolderLock
 from .index import FaissIndex, VectorIndex
-from .keys import check_text, exact_key, normalise, shard_key
+from .keys import exact_key, normalise, shard_key
 from .l1 import L1Cache, L1Item
 from .leases import Lead, Leases, poll_lead
 from .progress import Progress
@@ -57,7 +66,7 @@ from .store import Row, entry_size
 from .stores import SYNCHRONOUS, default_index_dir, is_store_url, open_store, replica_id
 from .sweeper import Sweeper
 from .threshold import HitPolicy, as_policy, check_threshold
-from .types import DEFAULT_SCOPE, Entry, Hit, Scope
+from .types import Entry, Hit, Scope
 
 log = logging.getLogger("semcache")
 
@@ -84,64 +93,6 @@ TAG_BATCH = 1000
 CULL_EVERY = 8
 
 
-def _check_ttl(ttl: Any) -> float | None:
-    if ttl is None:
-        return None
-    try:
-        finite = not isinstance(ttl, bool) and isinstance(ttl, int | float) and math.isfinite(ttl)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite:
-        raise InvalidInputError(f"ttl must be None or a finite number of seconds, not {ttl!r}")
-    if ttl < 0:
-        raise InvalidInputError(f"ttl must not be negative, got {ttl}")
-    return float(ttl)
-
-
-def _check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
-    if tags is None:
-        return ()
-    if isinstance(tags, str) or not isinstance(tags, Iterable):
-        raise InvalidInputError(f"tags must be a list of strings, not {type(tags).__name__}")
-    out = tuple(tags)
-    for tag in out:
-        if not isinstance(tag, str) or not tag:
-            raise InvalidInputError(f"a tag must be a non-empty string, not {tag!r}")
-        check_text(tag, "a tag")
-    return tuple(dict.fromkeys(out))
-
-
-def _check_metadata(metadata: Mapping[str, Any] | None) -> str | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, Mapping):
-        raise InvalidInputError("metadata must be a mapping")
-    try:
-        return json.dumps(dict(metadata), separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"metadata must be JSON-serialisable: {exc}") from None
-    except RecursionError:
-        raise InvalidInputError("metadata is nested too deeply") from None
-
-
-def _check_response(response: Any) -> str:
-    if not isinstance(response, str):
-        raise InvalidInputError(f"a response must be a str, not {type(response).__name__}")
-    return check_text(response, "the response")
-
-
-def _check_namespace(namespace: Any) -> None:
-    if not isinstance(namespace, str) or not namespace:
-        raise InvalidInputError(f"a namespace is a non-empty string, not {namespace!r}")
-    check_text(namespace, "the namespace")
-
-
-def _may_be_id(value: Any) -> bool:
-    """Whether ``value`` can be an entry id at all (ids are hex strings); anything else is
-    simply not found, never sent to the store."""
-    return isinstance(value, str) and value.isascii()
-
-
 def _release_quietly(lead: Lead[Hit] | None) -> None:
     """End a lease; a store that fails here only delays other processes until it expires."""
     if lead is None:
@@ -161,11 +112,6 @@ def _release_orphan(look: asyncio.Future[Lead[Hit]]) -> None:
         threading.Thread(target=_release_quietly, args=(lead,), daemon=True).start()
 
 
-def _check_fn(fn: Any) -> None:
-    if not callable(fn):
-        raise InvalidInputError(f"the compute function must be callable, not {type(fn).__name__}")
-
-
 async def _call(fn: Callable[[str], Any], prompt: str) -> Any:
     """Call a compute function from asyncio: awaited if async, in a thread if not."""
     if inspect.iscoroutinefunction(fn):
@@ -174,14 +120,6 @@ async def _call(fn: Callable[[str], Any], prompt: str) -> Any:
     if inspect.isawaitable(result):
         result = await result
     return result
-
-
-def _scope(scope: Scope | None) -> Scope:
-    if scope is None:
-        return DEFAULT_SCOPE
-    if not isinstance(scope, Scope):
-        raise InvalidInputError(f"scope must be a semcache.Scope, not {type(scope).__name__}")
-    return scope
 
 
 @dataclass
@@ -325,9 +263,9 @@ class SemanticCache:
                 raise InvalidInputError(f"target_error must be a rate, not {target_error!r}")
             threshold = ErrorBudget(float(target_error))
         self.policy: HitPolicy = as_policy(threshold)
-        self.default_ttl = _check_ttl(default_ttl)
-        self.max_ttl = _check_ttl(max_ttl)
-        self.max_stale = _check_ttl(max_stale) or 0.0
+        self.default_ttl = check_ttl(default_ttl)
+        self.max_ttl = check_ttl(max_ttl)
+        self.max_stale = check_ttl(max_stale) or 0.0
         self.clock: Clock = clock or SystemClock()
         self.k = k
         self.cull_limit = cull_limit
@@ -505,7 +443,7 @@ class SemanticCache:
         ``vector`` is the prompt's embedding when the caller already has it.
         """
         query = None if vector is None else as_unit_matrix(vector, self.dim)[0]
-        return self._lookup(prompt, _scope(scope), self._policy(threshold), query).hit
+        return self._lookup(prompt, as_scope(scope), self._policy(threshold), query).hit
 
     def probe(
         self,
@@ -522,7 +460,7 @@ class SemanticCache:
         and for an empty scope.
         """
         query = None if vector is None else as_unit_matrix(vector, self.dim)[0]
-        looked = self._lookup(prompt, _scope(scope), self._policy(threshold), query)
+        looked = self._lookup(prompt, as_scope(scope), self._policy(threshold), query)
         return looked.hit, looked.nearest
 
     def _lookup(
@@ -584,7 +522,7 @@ class SemanticCache:
         query = self._vector(normalise(prompt), vector)
         with self._lock:
             self.replica.sync()
-            sims, _ = self.replica.search(self._shard(_scope(scope)), query, 1)
+            sims, _ = self.replica.search(self._shard(as_scope(scope)), query, 1)
         return float(sims[0]) if len(sims) else None
 
     def _exact(
@@ -720,7 +658,7 @@ class SemanticCache:
         if fence is not None and (isinstance(fence, bool) or not isinstance(fence, int)):
             raise InvalidInputError(f"fence must be an int from position(), not {fence!r}")
         norm = normalise(prompt)
-        item = self._prepare(norm, response, _scope(scope), ttl, tags, metadata)
+        item = self._prepare(norm, response, as_scope(scope), ttl, tags, metadata)
         observed = None if fence is None else Observed(fence, self.clock.now())
         return self._write(item, self._vector(norm, vector), observed)
 
@@ -757,7 +695,7 @@ class SemanticCache:
                 self._prepare(
                     norm,
                     fields.get("response"),
-                    _scope(fields.get("scope", scope)),
+                    as_scope(fields.get("scope", scope)),
                     fields.get("ttl", ttl),
                     fields.get("tags", tags),
                     fields.get("metadata"),
@@ -846,11 +784,11 @@ class SemanticCache:
     ) -> dict[str, Any]:
         return {
             "norm": norm,
-            "response": _check_response(response),
+            "response": check_response(response),
             "scope": scope,
-            "ttl": self.default_ttl if ttl is MISSING else _check_ttl(ttl),
-            "tags": _check_tags(tags),
-            "metadata": _check_metadata(metadata),
+            "ttl": self.default_ttl if ttl is MISSING else check_ttl(ttl),
+            "tags": check_tags(tags),
+            "metadata": check_metadata(metadata),
         }
 
     def _expiry(self, ttl: float | None, now: float) -> float | None:
@@ -956,7 +894,7 @@ class SemanticCache:
         ``wait=False`` looks once and never blocks (an event loop polls with it): neither
         ``led`` nor ``hit`` then means another process is computing the answer now."""
         self._check_open()
-        scope = _scope(scope)
+        scope = as_scope(scope)
         with self._lock:
             shard = self._shard(scope)
         return self._lead(normalise(prompt), shard, wait=wait)
@@ -977,7 +915,7 @@ class SemanticCache:
     def _land(self, item: dict[str, Any], looked: _Looked, result: Any, policy: HitPolicy) -> str:
         """A leader's answer: checked, counted and written behind the lookup's fence; a
         candidate the policy refused gets its free label (did the LLM answer the same?)."""
-        result = _check_response(result)
+        result = check_response(result)
         self._stats["computes"] += 1
         assert looked.vector is not None and looked.observed is not None
         self._write({**item, "response": result}, looked.vector, looked.observed)
@@ -990,7 +928,7 @@ class SemanticCache:
         self, item: dict[str, Any], looked: _Looked, fresh: Any, policy: HitPolicy
     ) -> str:
         """An explored hit: the LLM's answer is returned, and labels the cached one."""
-        fresh = _check_response(fresh)
+        fresh = check_response(fresh)
         assert looked.hit is not None and looked.choice is not None
         self._stats["explored"] += 1
         self._label(policy, looked.hit.response, fresh, looked.choice.decision, item, "explore")
@@ -1030,9 +968,9 @@ class SemanticCache:
         version, its prompt, a semantic radius around it) commits while ``fn`` runs, the answer
         is returned but not cached.
         """
-        _check_fn(fn)
+        check_fn(fn)
         policy = self._policy(threshold)
-        item = self._prepare(normalise(prompt), "", _scope(scope), ttl, tags, metadata)
+        item = self._prepare(normalise(prompt), "", as_scope(scope), ttl, tags, metadata)
         while True:
             answer, flight, looked = self._lead_or_follow(item, prompt, policy)
             if flight is None:
@@ -1074,9 +1012,9 @@ class SemanticCache:
     ) -> str:
         """``get_or_compute`` for asyncio: ``fn`` may be sync or async; the event loop never
         blocks on embedding or SQLite. A cancelled leader hands its flight over to a follower."""
-        _check_fn(fn)
+        check_fn(fn)
         policy = self._policy(threshold)
-        item = self._prepare(normalise(prompt), "", _scope(scope), ttl, tags, metadata)
+        item = self._prepare(normalise(prompt), "", as_scope(scope), ttl, tags, metadata)
         while True:
             answer, flight, looked = await asyncio.to_thread(
                 self._lead_or_follow, item, prompt, policy
@@ -1151,7 +1089,7 @@ class SemanticCache:
 
     # ------------------------------------------------------------------------ write-through
     def _row_by_uid(self, entry_id: Any) -> dict[str, Any]:
-        row = self._db.get_by_uid(entry_id) if _may_be_id(entry_id) else None
+        row = self._db.get_by_uid(entry_id) if may_be_id(entry_id) else None
         if row is None:
             raise EntryNotFoundError(f"no entry {entry_id!r}")
         return row
@@ -1183,7 +1121,7 @@ class SemanticCache:
         stored; for export and inspection. Expired entries not yet removed are included."""
         self._check_open()
         if namespace is not None:
-            _check_namespace(namespace)
+            check_namespace(namespace)
         for row, tags in self._db.iter_entries(namespace):
             yield self._entry(row, tags)
 
@@ -1191,7 +1129,7 @@ class SemanticCache:
         """Delete one entry by id; True if it existed. Idempotent."""
         self._check_open()
         with self._lock:
-            rowid = self._db.rowid_of(entry_id) if _may_be_id(entry_id) else None
+            rowid = self._db.rowid_of(entry_id) if may_be_id(entry_id) else None
             if rowid is None:
                 return False
             removed = self._db.delete_entry(rowid, self.clock.now())
@@ -1205,7 +1143,7 @@ class SemanticCache:
         norm = normalise(prompt)
         with self._lock:
             self.replica.sync()
-            key = exact_key(self._shard(_scope(scope)), norm)
+            key = exact_key(self._shard(as_scope(scope)), norm)
             n = self._db.delete_prompt(key, self.clock.now())
             self._stats["invalidations_delete"] += n
             self.replica.catch_up()
@@ -1226,13 +1164,13 @@ class SemanticCache:
         values: dict[str, Any] = {}
         new_vector: np.ndarray | None = None
         if response is not MISSING:
-            values["response"] = _check_response(response)
+            values["response"] = check_response(response)
         if prompt is not MISSING:
             values["prompt"] = normalise(prompt)
             new_vector = self.embed([values["prompt"]])[0]
-        tag_list = None if tags is MISSING else _check_tags(tags)
-        meta = MISSING if metadata is MISSING else _check_metadata(metadata)
-        expires = MISSING if ttl is MISSING else _check_ttl(ttl)
+        tag_list = None if tags is MISSING else check_tags(tags)
+        meta = MISSING if metadata is MISSING else check_metadata(metadata)
+        expires = MISSING if ttl is MISSING else check_ttl(ttl)
         with self._lock:
             row = self._row_by_uid(entry_id)
             now = self.clock.now()
@@ -1268,7 +1206,7 @@ class SemanticCache:
         if not isinstance(correct, bool):
             raise InvalidInputError("correct must be True or False")
         with self._lock:
-            rowid = self._db.rowid_of(entry_id) if _may_be_id(entry_id) else None
+            rowid = self._db.rowid_of(entry_id) if may_be_id(entry_id) else None
             if rowid is None:
                 raise EntryNotFoundError(f"no entry {entry_id!r}")
             if not correct:
@@ -1286,7 +1224,7 @@ class SemanticCache:
         returns how many. Cost grows with the entries tagged, not with the cache. Answers being
         computed for such entries when this is called are not cached afterwards."""
         self._check_open()
-        tag_list = _check_tags(tags)
+        tag_list = check_tags(tags)
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
             raise InvalidInputError("namespace must be a non-empty string or None")
         if not tag_list:
@@ -1307,7 +1245,7 @@ class SemanticCache:
         """Make every entry of ``namespace`` unreachable at once (O(1)); returns the new
         version. The dead entries are deleted lazily, by writes and ``expire()``."""
         self._check_open()
-        _check_namespace(namespace)
+        check_namespace(namespace)
         with self._lock:
             version = self._db.bump(namespace, self.clock.now())
             self.replica.catch_up()
@@ -1317,7 +1255,7 @@ class SemanticCache:
     def version(self, namespace: str) -> int:
         """The namespace's current version (0 until first bumped)."""
         self._check_open()
-        _check_namespace(namespace)
+        check_namespace(namespace)
         with self._lock:
             self.replica.sync(fresh=self.consistency == "strong")
             return self.replica.version(namespace)
@@ -1338,7 +1276,7 @@ class SemanticCache:
             query = self.embed([normalise(text_or_vector)])[0]
         else:
             query = as_unit_matrix(text_or_vector, self.dim)[0]
-        scope_ = None if scope is None else _scope(scope)
+        scope_ = None if scope is None else as_scope(scope)
         with self._lock:
             self.replica.sync()
             if scope_ is not None:

@@ -1,0 +1,84 @@
+"""The checks on what the public API is given: a typed error (:class:`InvalidInputError`) for
+bad input before anything is read or written, so nothing stored is touched by it."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .errors import InvalidInputError
+from .keys import check_text
+from .types import DEFAULT_SCOPE, Scope
+
+
+def check_ttl(ttl: Any) -> float | None:
+    if ttl is None:
+        return None
+    try:
+        finite = not isinstance(ttl, bool) and isinstance(ttl, int | float) and math.isfinite(ttl)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise InvalidInputError(f"ttl must be None or a finite number of seconds, not {ttl!r}")
+    if ttl < 0:
+        raise InvalidInputError(f"ttl must not be negative, got {ttl}")
+    return float(ttl)
+
+
+def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
+    if tags is None:
+        return ()
+    if isinstance(tags, str) or not isinstance(tags, Iterable):
+        raise InvalidInputError(f"tags must be a list of strings, not {type(tags).__name__}")
+    out = tuple(tags)
+    for tag in out:
+        if not isinstance(tag, str) or not tag:
+            raise InvalidInputError(f"a tag must be a non-empty string, not {tag!r}")
+        check_text(tag, "a tag")
+    return tuple(dict.fromkeys(out))
+
+
+def check_metadata(metadata: Mapping[str, Any] | None) -> str | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise InvalidInputError("metadata must be a mapping")
+    try:
+        return json.dumps(dict(metadata), separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"metadata must be JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError("metadata is nested too deeply") from None
+
+
+def check_response(response: Any) -> str:
+    if not isinstance(response, str):
+        raise InvalidInputError(f"a response must be a str, not {type(response).__name__}")
+    return check_text(response, "the response")
+
+
+def check_namespace(namespace: Any) -> None:
+    if not isinstance(namespace, str) or not namespace:
+        raise InvalidInputError(f"a namespace is a non-empty string, not {namespace!r}")
+    check_text(namespace, "the namespace")
+
+
+def may_be_id(value: Any) -> bool:
+    """Whether ``value`` can be an entry id at all (ids are hex strings); anything else is
+    simply not found, never sent to the store."""
+    return isinstance(value, str) and value.isascii()
+
+
+def check_fn(fn: Any) -> None:
+    if not callable(fn):
+        raise InvalidInputError(f"the compute function must be callable, not {type(fn).__name__}")
+
+
+def as_scope(scope: Scope | None) -> Scope:
+    if scope is None:
+        return DEFAULT_SCOPE
+    if not isinstance(scope, Scope):
+        raise InvalidInputError(f"scope must be a semcache.Scope, not {type(scope).__name__}")
+    return scope
