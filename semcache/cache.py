@@ -1256,9 +1256,10 @@ class SemanticCache:
         """The namespace's current version (0 until first bumped)."""
         self._check_open()
         check_namespace(namespace)
-        with self._lock:
-            self.replica.sync(fresh=self.consistency == "strong")
-            return self.replica.version(namespace)
+        # the replica's own lock is enough here: the cache-wide one would queue this behind
+        # every lookup and write in flight (the sidecar asks on each request)
+        self.replica.sync(fresh=self.consistency == "strong")
+        return self.replica.version(namespace)
 
     def invalidate_similar(
         self,

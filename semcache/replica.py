@@ -286,9 +286,15 @@ class Replica:
 
     # -- reading ----------------------------------------------------------------------------
     def version(self, namespace: str) -> int:
+        """The namespace's version as of this replica's position. A miss reads the store
+        under the replica's lock: a bump applied between that read and remembering its result
+        would otherwise be forgotten, and the old version kept until the next bump."""
         version = self.versions.get(namespace)
         if version is None:
-            version = self.versions[namespace] = self.store.version(namespace)
+            with self.lock:
+                version = self.versions.get(namespace)
+                if version is None:
+                    version = self.versions[namespace] = self.store.version(namespace)
         return version
 
     def search(self, shard: str, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -704,3 +704,38 @@ def test_a_read_only_database_raises_store_errors_only(tmp_path: Path) -> None:
         assert _only_store_errors(tmp_path) == []
     finally:
         subprocess.run(["chattr", "-i", str(db)], check=True)
+
+
+def test_a_bump_applied_while_a_version_is_being_read_is_not_forgotten(tmp_path: Path) -> None:
+    """A version read from the store and a bump applied by another thread (a listener, another
+    caller's catch-up) in between: the replica must not keep the old version afterwards."""
+    cache = SemanticCache(tmp_path / "c", embedder=HashEmbedder())
+    replica, store = cache.replica, cache._db
+    read, proceed = threading.Event(), threading.Event()
+    original = store.version
+
+    def slow_version(namespace: str) -> int:
+        value = original(namespace)
+        read.set()
+        proceed.wait(5)
+        return value
+
+    store.version = slow_version  # type: ignore[method-assign]
+    try:
+        reader = threading.Thread(target=replica.version, args=("ns",))
+        reader.start()
+        assert read.wait(5)  # it has read version 0 from the store
+        store.bump("ns", now=1.0)  # committed now (as by another process)
+        follower = threading.Thread(target=replica.catch_up)  # as a listener would
+        follower.start()
+        follower.join(0.5)  # it waits for the reader, or (the bug) applies the bump now
+        proceed.set()
+        reader.join(5)
+        follower.join(5)
+        store.version = original  # type: ignore[method-assign]
+        assert replica.version("ns") == 1
+        assert cache.version("ns") == 1
+    finally:
+        proceed.set()
+        store.version = original  # type: ignore[method-assign]
+        cache.close()
