@@ -17,9 +17,9 @@ snapshot of the store. A checkpoint is announced to the store before its files a
 recorded after, so a crash in between leaves a checkpoint the store still recognises.
 
 Writes land in each graph's small exact segment of recent vectors (see
-:class:`~semcache.index.FaissIndex`); a background merger moves them into the graph in chunks,
-each under the replica's lock, once writes pause (or a segment outgrows its bound), so a write
-rarely waits on a graph insertion and a lookup waits at most for one chunk.
+:class:`~semcache.index.FaissIndex`); a background merger moves them into the graph once writes
+pause (or a segment outgrows its bound). It does so outside the replica's lock, so neither a
+write nor a lookup waits on a graph insertion.
 """
 
 from __future__ import annotations
@@ -95,12 +95,21 @@ class Replica:
         ``quiet``, else only of a shard whose segment outgrew its ``recent_max`` (bounded search
         cost). False when there is nothing to merge now."""
         with self.lock:
-            for _, index in self.shards.items():
-                pending = getattr(index, "pending", 0)
-                if pending and (quiet or pending > getattr(index, "recent_max", pending)):
-                    index.merge(chunk)  # type: ignore[attr-defined]
-                    return True
-        return False
+            target = next(
+                (
+                    index
+                    for _, index in self.shards.items()
+                    if (pending := getattr(index, "pending", 0))
+                    and (quiet or pending > getattr(index, "recent_max", pending))
+                ),
+                None,
+            )
+        if target is None:
+            return False
+        # outside the replica's lock: the index grows its graph behind its own lock, so
+        # lookups and writes (and this replica's catch-ups) go on while it merges
+        target.merge(chunk)  # type: ignore[attr-defined]
+        return True
 
     def quiet(self, seconds: float) -> bool:
         """No vector was added for ``seconds``."""
@@ -404,9 +413,9 @@ class _Merger:
         self._thread.start()
 
     def _run(self) -> None:
-        # Merging holds the replica's lock (a graph cannot be searched while it grows), so it
-        # waits for a pause in the writes, like a segment merge: during a burst of writes the
-        # recent segment grows (searched exactly), up to its bound.
+        # Merging waits for a pause in the writes, like a segment merge (it competes with them
+        # for the CPU): during a burst of writes the recent segment grows (searched exactly),
+        # up to its bound.
         while not self._stop.wait(self._idle):
             try:
                 while self._replica.merge_step(

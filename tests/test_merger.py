@@ -1,0 +1,58 @@
+"""The replica's background merger (semcache.replica): it moves recent writes into the graph
+outside the replica's lock, so a merge in progress holds up no write, lookup or catch-up."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from semcache import FaissIndex, SemanticCache
+
+from .fakes import HashEmbedder
+
+
+class HeldMerge(FaissIndex):
+    """A FaissIndex whose merges wait, once entered, until the test lets them go."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, hnsw_threshold=20)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def merge(self, limit: int | None = None) -> int:
+        self.entered.set()
+        assert self.go.wait(60), "the test never released the merge"
+        return super().merge(limit)
+
+
+def test_writes_and_lookups_go_on_while_the_merger_is_inside_a_merge(tmp_path: Path) -> None:
+    indexes: list[HeldMerge] = []
+
+    def factory(dim: int) -> HeldMerge:
+        indexes.append(HeldMerge(dim))
+        return indexes[-1]
+
+    cache = SemanticCache(tmp_path / "c", embedder=HashEmbedder(), index_factory=factory)
+    try:
+        cache.store_many([(f"stored prompt number {i} here", f"answer {i}") for i in range(40)])
+        assert len(indexes) == 1 and indexes[0].pending  # a graph, with writes to merge
+        assert indexes[0].entered.wait(30)  # the merger is inside a merge, held there
+        done: list[object] = []
+
+        def work() -> None:
+            done.append(cache.store("a prompt stored during the merge", "fresh"))
+            done.append(cache.lookup("a prompt stored during the merge"))
+            done.append(cache.lookup("stored prompt number 7 here", vector=None))
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive(), "a write or lookup waited for the merge"
+        entry, fresh, old = done
+        assert fresh is not None and fresh.response == "fresh" and fresh.entry_id == entry
+        assert old is not None and old.response == "answer 7"
+        assert cache.verify() == []
+    finally:
+        for index in indexes:
+            index.go.set()
+        cache.close()
