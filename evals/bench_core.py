@@ -2,10 +2,14 @@
 
 Run: ``.venv/bin/python evals/bench_core.py [--sizes 10000 100000]``. Prints figures; asserts
 nothing. Stored entries carry synthetic unit vectors (embedding 100k prompts would take minutes
-and does not change the index's work), loaded with ``store_many``; then 5,000 single stores at
-that size, the fence and log-following cost, and lookups once the index has caught up. Lookups
+and does not change the index's work), loaded with ``store_many``; then lookups (and the shard
+index's own searches) while the index catches up behind the load, 5,000 single stores at that
+size, the fence and log-following cost, and lookups once the index has caught up. Lookups
 "with embedding" embed real prompts with the real model. A plain FAISS flat search over the same
-vectors runs in the same process for comparison.
+vectors runs in the same process for comparison. Last, the shard's graph is searched at several
+``efSearch`` values, each with its recall of the neighbours above the similarity floor (exact
+top-``k`` neighbours at or above ``--floor``, for queries spread from 0.88 to 1.0 similarity to
+an entry) beside its latency: the cache's job is finding near-duplicates above the floor.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -36,6 +41,56 @@ def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def near_queries(
+    rng: np.random.Generator, base: np.ndarray, n: int, lo: float, hi: float
+) -> np.ndarray:
+    """``n`` queries, each at a similarity drawn from [lo, hi] to a random row of ``base``
+    (a random direction added: in high dimension it is nearly orthogonal to the row)."""
+    rows = base[rng.integers(0, len(base), n)]
+    sims = rng.uniform(lo, hi, n)
+    scale = np.sqrt(1.0 / sims**2 - 1.0).astype(np.float32)
+    q = rows + unit(rng, n, base.shape[1]) * scale[:, None]
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def pending(cache: SemanticCache) -> int:
+    return sum(getattr(index, "pending", 0) for _, index in cache.shards.items())
+
+
+def ef_sweep(index: Any, queries: np.ndarray, floor: float, k: int) -> None:
+    """Recall of the exact top-``k`` neighbours at or above ``floor``, and the index's search
+    latency, at several ``efSearch`` values of the shard's (fully merged) graph."""
+    ids = index.ids()
+    exact = faiss.IndexFlatIP(index.dim)
+    exact.add(index.vectors(ids))
+    gt_sims, gt_rows = exact.search(queries, k)
+    want = [
+        set(ids[rows[sims >= floor]].tolist()) for sims, rows in zip(gt_sims, gt_rows, strict=True)
+    ]
+    total = sum(len(w) for w in want)
+    print(
+        f"efSearch sweep, {len(queries)} queries at similarity 0.88-1.0 to an entry "
+        f"({total} neighbours >= {floor} among the exact top {k}):"
+    )
+    saved = index.ef_search
+    try:
+        for ef in (16, 24, 32, 48, 64, 96, 128):
+            index.ef_search = ef
+            lat, found = [], 0
+            for q, wanted in zip(queries, want, strict=True):
+                t = time.perf_counter()
+                _, got = index.search(q, k)
+                lat.append(time.perf_counter() - t)
+                found += len(wanted & set(got.tolist()))
+            print(
+                f"  efSearch {ef:3d}{' (default)' if ef == saved else '          '}: recall "
+                f"{found / max(total, 1):.2%} ({total - found} missed)  index search "
+                f"p50 {pct(lat, 50):.3f} ms  p99 {pct(lat, 99):.3f} ms"
+            )
+    finally:
+        index.ef_search = saved
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -52,7 +107,11 @@ def realistic(rng: np.random.Generator, path: Path, n: int) -> np.ndarray:
 
 
 def bench(
-    size: int, embedder: SentenceTransformerEmbedder, queries: int, real: Path | None
+    size: int,
+    embedder: SentenceTransformerEmbedder,
+    queries: int,
+    real: Path | None,
+    floor: float,
 ) -> None:
     rng = np.random.default_rng(size)
     dim = embedder.dim
@@ -62,19 +121,33 @@ def bench(
         cache = SemanticCache(tmp, embedder=embedder, threshold=0.9, checkpoint_every=10**9)
         answer = "x" * 850  # answers of about 850 characters, as in the issue's disk comparison
         t0 = time.perf_counter()
-        cache.store_many(
-            [(f"synthetic prompt {i}", answer) for i in range(size)], vectors=vectors
-        )
+        cache.store_many([(f"synthetic prompt {i}", answer) for i in range(size)], vectors=vectors)
         bulk_s = time.perf_counter() - t0
-        while any(getattr(index, "pending", 0) for _, index in cache.shards.items()):
-            time.sleep(0.05)  # the background merger moves the recent segment into the graph
+        # lookups, and the shard index's own searches, while the background merger moves the
+        # recent segment into the graph
+        shard_index = next(index for _, index in cache.shards.items())
+        behind = pending(cache)
+        probe = near_queries(rng, vectors, 400, 0.88, 1.0)
+        catchup_lat: list[float] = []
+        index_lat: list[float] = []
+        j = 0
+        while pending(cache):  # paced, so the samples span the whole catch-up
+            q = probe[j % len(probe)]
+            t = time.perf_counter()
+            cache.lookup(f"catch-up query {j}", vector=q)
+            catchup_lat.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            shard_index.search(q, cache.k)
+            index_lat.append(time.perf_counter() - t)
+            j += 1
+            time.sleep(0.05)
         ready_s = time.perf_counter() - t0
         extra = unit(rng, 5000, dim)
         t0 = time.perf_counter()
         for i in range(len(extra)):
             cache.store(f"single prompt {i}", answer, vector=extra[i])
         store_s = time.perf_counter() - t0
-        while any(getattr(index, "pending", 0) for _, index in cache.shards.items()):
+        while pending(cache):
             time.sleep(0.05)
         t0 = time.perf_counter()
         cache.checkpoint()
@@ -134,6 +207,13 @@ def bench(
             f"({bulk_s:.1f} s); index caught up (ready to serve from the graph) after "
             f"{ready_s:.1f} s"
         )
+        if catchup_lat:
+            print(
+                f"while the index caught up ({behind:,} vectors behind the load): lookup excl. "
+                f"embedding p50 {pct(catchup_lat, 50):.3f} ms  p99 {pct(catchup_lat, 99):.3f} ms"
+                f" ({len(catchup_lat)} lookups); the shard index's search alone p50 "
+                f"{pct(index_lat, 50):.3f} ms  p99 {pct(index_lat, 99):.3f} ms"
+            )
         print(
             f"single store() (vector given, excl. embedding) at {size:,}: "
             f"{len(extra) / store_s:,.0f} stores/s; checkpoint {checkpoint_s:.2f} s"
@@ -161,6 +241,8 @@ def bench(
             f"lookup path added to embedding: p50 "
             f"{statistics.median(full_lat) * 1000 - statistics.median(embed_lat) * 1000:.3f} ms"
         )
+        if getattr(shard_index, "kind", "") == "hnsw":
+            ef_sweep(shard_index, near_queries(rng, vectors, queries, 0.88, 1.0), floor, cache.k)
         cache.close()
         t0 = time.perf_counter()
         SemanticCache(tmp, embedder=embedder).close()
@@ -192,11 +274,15 @@ def main() -> None:
         "--real", type=Path, default=None,
         help="an .npy of real sentence embeddings to build realistic vectors from",
     )  # fmt: skip
+    parser.add_argument(
+        "--floor", type=float, default=0.9,
+        help="the similarity floor whose neighbours the efSearch sweep's recall counts",
+    )  # fmt: skip
     args = parser.parse_args()
     embedder = SentenceTransformerEmbedder()
     print(f"faiss threads: {faiss.omp_get_max_threads()}, cpu count: {os.cpu_count()}")
     for size in args.sizes:
-        bench(size, embedder, args.queries, args.real)
+        bench(size, embedder, args.queries, args.real, args.floor)
     bench_store_many(embedder)
 
 
