@@ -158,19 +158,22 @@ class FaissIndex:
 
     Below ``hnsw_threshold`` vectors it is a flat inner-product index: exact k-NN, exact range
     search, O(n) removal (cheap at that size). At the threshold it becomes an HNSW graph, whose
-    own storage holds the vectors: k-NN in well under a millisecond, and removal in O(1) as a
-    tombstone that searches filter out with an ``IDSelector``; the graph is rebuilt from its
-    live vectors when tombstones pass a quarter of it, and turns flat again below half the
-    threshold. Exact range searches (semantic invalidation) over a large graph use a
+    own storage holds the vectors: approximate k-NN without a scan, and removal in O(1) as a
+    tombstone that searches filter out with an ``IDSelector``. When tombstones pass a quarter of
+    the graph, a new graph is started from the live vectors; below half the threshold it turns
+    flat again. Exact range searches (semantic invalidation) over a large graph use a
     :class:`~semcache.radius.RadiusIndex` mirror, built on the first such search once the
     shard holds ``radius_mirror_min`` vectors and kept in step afterwards; smaller shards are
     scanned exactly.
 
-    Once it is a graph, new vectors first land in a small exact segment of recent writes in
-    front of it (searched by a matrix product and merged with the graph's answers), so a write
-    never waits on a graph insertion; :meth:`merge` moves them into the graph in batches (the
-    replica's background merger does it, in larger batches while more than ``recent_max`` are
-    pending), as Lucene's and Milvus's segments do.
+    In graph mode, new vectors first land in an exact segment of recent writes in front of the
+    graph (searched by a matrix product and merged with the graph's answers), so a write never
+    waits on a graph insertion; so does every vector of a new graph (it starts empty).
+    :meth:`merge` moves them into the graph in batches (the replica's background merger does
+    it), as Lucene's and Milvus's segments do. A search never waits on a graph insertion
+    either: a merge grows a copy of the graph without the lock and swaps it in under the lock
+    in a moment; a published graph is never changed. A merge holds the lock only to take its
+    batch and to swap, so ``merge`` may run in one thread while others search and write.
     """
 
     def __init__(
@@ -317,7 +320,7 @@ class FaissIndex:
         tombed = False
         for offset, id_ in enumerate(ids.tolist()):
             row = self._rpos.get(id_)
-            if row is not None and np.array_equal(self._rmat[row], vectors[offset]):
+            if row is not None and np.array_equal(self._rmat[row], vectors[offset], equal_nan=True):
                 self._label_of[id_] = start + offset
                 self._drop_recent(id_)
             else:
