@@ -5,7 +5,10 @@ near-miss guards, then the verifier. This script replays each validation workloa
 then store on a miss: the cache's own decision rule, in memory, with each prompt's nearest
 earlier prompts found once: ``semcache/eval/fastreplay.py``) for every operating point of a
 grid and keeps the one that answers the most repeatable prompts on average while serving at
-most ``--target`` wrong answers per lookup on *every* validation set:
+most ``--target`` wrong answers per lookup on *every* validation set (default 1.5%: the 2%
+goal less a margin, because a point chosen at the limit of a few hundred validation lookups
+serves more than that on new traffic; chosen at 2%, the retrained verifier's point served
+2.72% on QQP's reported half: ``semcache/data/README.md``):
 
 * the ``validation`` split of the generated near-miss families (seeded order);
 * the verifier-held-out 30% of BANKING77 pairs, GPTCache mock data (with mined negatives)
@@ -30,7 +33,7 @@ families are never read here: they are what ``evals/bench_quality.py`` reports. 
 records the choice in the model file (``meta["policy_default"]``), where
 :func:`semcache.threshold.default_policy` reads it.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python evals/choose_default.py [--target 0.02] [--write]
+    HF_HUB_OFFLINE=1 .venv/bin/python evals/choose_default.py [--target 0.015] [--write]
         [--model FILE] [--paraphrase qqp,mrpc,stsb] [--dump FILE]
 """
 
@@ -200,7 +203,9 @@ def sweep(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(SHIPPED_MODEL))
-    ap.add_argument("--target", type=float, default=0.02, help="wrong answers per lookup")
+    ap.add_argument(
+        "--target", type=float, default=0.015, help="wrong answers per lookup, every set"
+    )
     ap.add_argument("--write", action="store_true", help="record the choice in the model file")
     ap.add_argument("--show", type=int, default=12, help="operating points printed")
     ap.add_argument("--limit", type=int, default=4000, help="prompts per paraphrase workload")

@@ -84,13 +84,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(SHIPPED_MODEL))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--paws-weight", type=float, default=0.1)
+    ap.add_argument("--paws-weight", type=float, default=2.0)
     ap.add_argument("--hand-weight", type=float, default=2.0)
     ap.add_argument("--families-weight", type=float, default=3.0)
     ap.add_argument("--floor", type=float, default=0.5, help="cosine floor (min_similarity)")
     ap.add_argument("--target-fhr", type=float, default=0.02)
     ap.add_argument("--veto", type=float, default=0.5, help="default policy: veto below this score")
     ap.add_argument("--confidence", type=float, default=0.95)
+    ap.add_argument("--trees", type=int, default=150, help="boosting iterations")
+    ap.add_argument("--depth", type=int, default=5, help="depth of each tree")
     ap.add_argument("--dry-run", action="store_true", help="do not write the model")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,7 +110,10 @@ def main() -> None:
         train += tr
         w += [weights.get(name, 1.0)] * len(tr)
     train_sims = sims_of(cache, train)
-    model = train_verifier(train, train_sims.tolist(), sample_weight=w, seed=args.seed)
+    model = train_verifier(
+        train, train_sims.tolist(), sample_weight=w, seed=args.seed, max_iter=args.trees,
+        max_depth=args.depth,
+    )  # fmt: skip
     print(f"trained on {len(train)} pairs in {time.time() - t0:.1f}s")
 
     # Two operating points, both calibrated on held-out BANKING77 + GPTCache mock + hand-written

@@ -211,3 +211,25 @@ def test_same_request_scores_one_and_nothing_else_does(a: str, b: str, same: boo
     assert same_request(a, b) is same and same_request(b, a) is same
     if same:
         assert shipped_model().score(a, b, 0.95) == 1.0
+
+
+def test_order_features_see_a_swap_and_not_a_rewording() -> None:
+    """Swapped names or roles keep the bag of words; the order and role features see them."""
+    swap = features(
+        "The show was chaired by Terry Wogan with a panel including Michael Flanders.",
+        "The show was chaired by Michael Flanders with a panel including Terry Wogan.",
+    )
+    assert swap["content_jaccard"] == 1.0
+    assert swap["role_changes"] >= 2 and swap["role_change_share"] > 0
+    assert swap["entity_order_swap"] == 1.0 and swap["entity_role_changes"] >= 2
+    assert swap["inversions"] > 0 and swap["broken_links"] > 0
+    assert swap["shared_bigram_jaccard"] < 1.0
+    same = features("How do I reset my password?", "How can I reset my password?")
+    assert same["role_changes"] == same["inversions"] == same["broken_links"] == 0
+    assert same["entity_order_swap"] == 0 and same["shared_bigram_jaccard"] == 1.0
+    directions = features("Flights from Boston to Denver", "Flights from Denver to Boston")
+    assert directions["role_changes"] == 2 and directions["entity_order_swap"] == 1.0
+    # The shipped model refuses the swapped direction at the default's operating point.
+    model = shipped_model()
+    swapped = model.score("Flights from Boston to Denver", "Flights from Denver to Boston", 0.97)
+    assert swapped < shipped_policy("default").min_score
