@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from semcache.errors import InvalidInputError
@@ -77,10 +80,26 @@ def test_bad_files_and_arguments(tmp_path: Path) -> None:
         generate(validation=1.5)
 
 
+class _WordOrderEmbedder(HashEmbedder):
+    """The bag-of-words embedder plus a small part drawn from the whole text.
+
+    Two phrasings with the same words ("What is 5 km in miles" / "What is 5 miles in km")
+    would otherwise get one vector, and the order in which tied candidates are offered is the
+    index's own, which an in-memory replay cannot reproduce.
+    """
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = super().embed(texts)
+        for row, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+            out[row] += 0.1 * np.random.default_rng(seed).standard_normal(self.dim)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
 def test_in_memory_replay_matches_the_cache(tmp_path: Path) -> None:
     """replay_in_memory makes the same decisions as a replay through SemanticCache."""
     wl = workload_from_groups(to_groups(load_families(SHIPPED, split="validation")[:40]), seed=0)
-    emb = HashEmbedder()
+    emb = _WordOrderEmbedder()
     for policy in (StaticThreshold(0.6), GuardedPolicy(StaticThreshold(0.6))):
         real = replay(wl, policy, embedder=emb, path=tmp_path / repr(id(policy)))
         fast = replay_in_memory(wl, policy, emb)
