@@ -20,8 +20,11 @@ serves more than that on new traffic; chosen at 2%, the retrained verifier's poi
 sets that ``evals/bench_quality.py`` does not report (the other half of QQP, MRPC ``train``,
 STS-B ``train`` + ``dev``; pair order, at most ``--limit`` prompts each). The shipped choice is
 made without them (they may not be shipped, nor anything fit on them); with QQP and MRPC added
-the same point is chosen today. STS-B's captions repeat near-identical sentences that no pair
-links, which the replay counts as different answers, so no point of the grid passes on it.
+(at ``--target 0.02``) it would be cos >= 0.92, p >= 0.7 today, not the shipped cos >= 0.89,
+p >= 0.9, which serves 2.38% wrong on QQP's other half: nothing in the validation mix is like
+QQP's near-duplicates (see the README). STS-B's captions repeat near-identical sentences that
+no pair links, which the replay counts as different answers, so no point of the grid passes on
+it.
 
 The examples the README and the test suite promise (:data:`MUST_SERVE`, :data:`MUST_REFUSE`:
 "What's France's capital city?" is served from "What is the capital of France?", "Convert 5 km
