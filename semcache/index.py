@@ -278,22 +278,24 @@ class FaissIndex:
         return self._rn
 
     def merge(self, limit: int | None = None) -> int:
-        """Move recent vectors into the graph; returns how many are still pending.
+        """Move up to ``limit`` (all, if None) recent vectors into the graph; returns how many
+        are still pending.
 
-        Moves at least ``min(limit, pending)`` of them (all, if ``limit`` is None), and at
-        least a sixteenth of the graph's size while that many are pending, because each merge
-        copies the graph once. The graph a search uses is never changed: the merge grows a
-        copy outside the lock, then swaps it in under the lock for a moment, while searches
-        keep using the old graph and the recent segment, which holds the merged vectors until
-        the swap. A vector removed or replaced during the merge is a tombstone in the new
-        graph. Merges run one at a time; a graph rebuilt meanwhile discards the merge.
+        The graph a search uses is never changed: the merge grows a copy outside the lock,
+        then swaps it in under the lock for a moment, while searches keep using the old graph
+        and the recent segment, which holds the merged vectors until the swap. A vector removed
+        or replaced during the merge is a tombstone in the new graph. Merges run one at a time;
+        a graph replaced meanwhile (compacted, or flat again) discards the merge. Each merge
+        copies the whole graph once (here, a graph of 100k 384-dimensional vectors in 0.11-0.12
+        s, while inserting 256 vectors took 0.33-0.41 s), so a caller that holds no lock of
+        its own gains from batches of a few thousand.
         """
         with self._merge_lock:
             with self._lock:
                 if self._hnsw is None or not self._rn:
                     return self._rn
                 graph, generation = self._hnsw, self._generation
-                n = self._rn if limit is None else min(self._rn, max(limit, graph.ntotal // 16))
+                n = self._rn if limit is None else min(self._rn, limit)
                 ids = self._rids[self._rn - n : self._rn].copy()  # the newest n
                 vectors = self._rmat[self._rn - n : self._rn].copy()
             grown = self._grow(graph, vectors)
