@@ -106,9 +106,12 @@ class Replica:
             )
         if target is None:
             return False
-        # outside the replica's lock: the index grows its graph behind its own lock, so
-        # lookups and writes (and this replica's catch-ups) go on while it merges
-        target.merge(chunk)  # type: ignore[attr-defined]
+        # Each merge copies the graph once, so a large graph takes larger batches (a 32nd of
+        # it, at most the bound of the recent segment, which is searched exactly until the
+        # merge lands). Outside the replica's lock: the index grows its graph behind its own
+        # lock, so lookups and writes (and this replica's catch-ups) go on while it merges.
+        bound = getattr(target, "recent_max", chunk)
+        target.merge(max(chunk, min(len(target) // 32, bound)))  # type: ignore[attr-defined]
         return True
 
     def quiet(self, seconds: float) -> bool:
