@@ -29,8 +29,8 @@ class PausedMergeIndex(FaissIndex):
     """A FaissIndex whose merges stop after growing their copy of the graph, before the swap,
     until the test lets them go."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, dim: int, hnsw_threshold: int) -> None:
+        super().__init__(dim, hnsw_threshold=hnsw_threshold)
         self.grown = threading.Event()
         self.go = threading.Event()
 
