@@ -57,6 +57,11 @@ def _file_name(shard: str, generation: str) -> str:
     return f"{hashlib.sha256(shard.encode()).hexdigest()[:32]}-{generation}.idx"
 
 
+def _pending(index: VectorIndex) -> int:
+    """Vectors an index holds outside its graph, waiting for a merge (0 for indexes without)."""
+    return int(getattr(index, "pending", 0))
+
+
 class ShardSet:
     """Per-shard indexes with a dirty set, saved and loaded as a unit."""
 
@@ -67,6 +72,9 @@ class ShardSet:
         self._factory = factory
         self._shards: dict[str, VectorIndex] = {}
         self._dirty: set[str] = set()
+        # each shard's recent writes not yet in its graph, as last saved or loaded: a merge
+        # since then changes the shard without a write, and makes it worth saving again
+        self._saved_pending: dict[str, int] = {}
         self._full = False  # the next save writes every shard afresh
         self.seq = 0  # last change-log seq reflected in the indexes
         self._lock_file: int | None = None
@@ -141,14 +149,22 @@ class ShardSet:
             manifest = {}
         if not manifest:
             self._dirty.update(self._shards)
+        self._dirty.update(
+            shard
+            for shard, index in self._shards.items()
+            if _pending(index) != self._saved_pending.get(shard, 0)
+        )
         files: dict[str, dict[str, object]] = dict(manifest.get("shards", {}))  # type: ignore[arg-type]
         generation = uuid.uuid4().hex[:12]
         for shard in sorted(self._dirty):
             index = self._shards.get(shard)
             if index is None or len(index) == 0:
                 files.pop(shard, None)
+                self._saved_pending.pop(shard, None)
                 continue
             name = _file_name(shard, generation)
+            # read before the snapshot: a merge landing in between only makes it save again
+            self._saved_pending[shard] = _pending(index)
             data = index.to_bytes()
             _atomic_write(self.folder / name, data)
             files[shard] = {
@@ -223,6 +239,7 @@ class ShardSet:
             raise IndexCorruptError(f"the manifest in {self.folder} is malformed ({exc})") from exc
         self._shards = shards
         self._dirty.clear()
+        self._saved_pending = {shard: _pending(index) for shard, index in shards.items()}
         self.seq = seq
         self.store_id = body.get("store_id")  # type: ignore[assignment]
         self.token = body.get("token")  # type: ignore[assignment]

@@ -9,6 +9,7 @@ from pathlib import Path
 from semcache import FaissIndex, SemanticCache
 
 from .fakes import HashEmbedder
+from .polling import eventually
 
 
 class HeldMerge(FaissIndex):
@@ -55,4 +56,33 @@ def test_writes_and_lookups_go_on_while_the_merger_is_inside_a_merge(tmp_path: P
     finally:
         for index in indexes:
             index.go.set()
+        cache.close()
+
+
+def test_a_merge_without_writes_after_it_is_saved_by_the_next_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint taken while writes still wait for the graph, then a merge, then no write:
+    the next checkpoint saves the merged graph, so a reopened cache does not merge it all again."""
+
+    def factory(dim: int) -> FaissIndex:
+        return FaissIndex(dim, hnsw_threshold=200)
+
+    def opened() -> SemanticCache:
+        return SemanticCache(tmp_path / "c", embedder=HashEmbedder(), index_factory=factory)
+
+    cache = opened()
+    cache.store_many([(f"prompt number {i} on topic {i * 7}", "x") for i in range(260)])
+    cache.close()  # the merger is stopped first: the checkpoint holds writes not yet merged
+    cache = opened()
+    try:
+        (_, index), *_ = cache.shards.items()
+        assert getattr(index, "pending", 0) > 0
+        assert eventually(lambda: getattr(index, "pending", 1) == 0)  # merged, nothing written
+    finally:
+        cache.close()
+    cache = opened()
+    try:
+        (_, index), *_ = cache.shards.items()
+        assert getattr(index, "pending", 1) == 0 and len(index) == 260
+        assert cache.verify() == []
+    finally:
         cache.close()
