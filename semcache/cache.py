@@ -57,7 +57,7 @@ from .folder import FolderLock
 from .index import FaissIndex, VectorIndex
 from .keys import exact_key, normalise, shard_key
 from .l1 import L1Cache, L1Item
-from .leases import Lead, Leases, poll_lead
+from .leases import Lead, Leases, poll_lead, release_quietly
 from .progress import Progress
 from .replica import Replica
 from .shards import IndexFactory, ShardSet
@@ -91,25 +91,6 @@ MAX_K = 256
 TAG_BATCH = 1000
 #: Writes between two culls of expired and version-dead entries.
 CULL_EVERY = 8
-
-
-def _release_quietly(lead: Lead[Hit] | None) -> None:
-    """End a lease; a store that fails here only delays other processes until it expires."""
-    if lead is None:
-        return
-    try:
-        lead.release()
-    except SemcacheError as exc:
-        log.warning("could not give back a single-flight lease (it expires on its own): %s", exc)
-
-
-def _release_orphan(look: asyncio.Future[Lead[Hit]]) -> None:
-    """A lease a cancelled caller's look took after all: give it back (off the loop)."""
-    if look.cancelled() or look.exception() is not None:
-        return
-    lead = look.result()
-    if lead.led:
-        threading.Thread(target=_release_quietly, args=(lead,), daemon=True).start()
 
 
 async def _call(fn: Callable[[str], Any], prompt: str) -> Any:
@@ -477,29 +458,28 @@ class SemanticCache:
         # the fence position before anything is read, only when a write may follow this lookup
         observed = Observed(self._db.position(), self.clock.now()) if fence else None
         strong = self.consistency == "strong"
-        # with the vector given, the store's exact row comes with the candidates (one read);
-        # otherwise it is looked for first, since finding it saves the embedding
-        given = vector is not None
+        # with the vector given, the store's exact row comes with the candidates (one read,
+        # one pass under the lock); otherwise it is looked for first, since finding it saves
+        # the embedding
         with self._lock:
             self.replica.sync(fresh=strong)
             shard = self._shard(scope)
             self._stats["lookups"] += 1
-            hit = self._exact(norm, shard, self.clock.now(), store=not given)
+            now = self.clock.now()
+            hit = self._exact(norm, shard, now, store=vector is None)
+            if hit is None and vector is not None:  # one look: no embedding to wait for
+                key = exact_key(shard, norm)
+                nearest, rows, exact = self._candidates(vector, shard, policy, now, key)
+                hit = None if exact is None else self._exact_hit(key, exact, now)
         if hit is not None:
             return _Looked(hit, vector, shard, None, observed)
         if vector is None:
             vector = self.embed([norm])[0]
-        with self._lock:
-            self.replica.sync(fresh=strong)  # a bump or delete while we embedded must count
-            shard = self._shard(scope)
-            now = self.clock.now()
-            key = exact_key(shard, norm) if given else None
-            nearest, rows, exact = self._candidates(vector, shard, policy, now, key)
-            if exact is not None:
-                assert key is not None
-                hit = self._exact_hit(key, exact, now)
-        if hit is not None:
-            return _Looked(hit, vector, shard, None, observed)
+            with self._lock:
+                self.replica.sync(fresh=strong)  # a bump or delete while we embedded must count
+                shard = self._shard(scope)
+                now = self.clock.now()
+                nearest, rows, _ = self._candidates(vector, shard, policy, now, None)
         # the policy runs outside the cache-wide lock
         choice = self._choose(norm, rows, policy, scope.namespace)
         with self._lock:
@@ -997,7 +977,7 @@ class SemanticCache:
         finally:
             self._flights.finish(flight, result, error)
             self._flights.land(flight)
-            _release_quietly(lead)  # after the flight: a failing store never strands it
+            release_quietly(lead)  # after the flight: a failing store never strands it
 
     async def aget_or_compute(
         self,
@@ -1046,7 +1026,7 @@ class SemanticCache:
             self._flights.finish(flight, result, error)
             self._flights.land(flight)
             if lead is not None and lead.led:  # in a thread of its own: nothing to await here
-                threading.Thread(target=_release_quietly, args=(lead,), daemon=True).start()
+                threading.Thread(target=release_quietly, args=(lead,), daemon=True).start()
 
     async def _alead(self, norm: str, shard: str) -> Lead[Hit]:
         """:meth:`_lead` for asyncio: polls the lease from the event loop (no thread waits
@@ -1054,12 +1034,7 @@ class SemanticCache:
         given back, not left to expire."""
 
         async def look() -> Lead[Hit]:
-            task = asyncio.ensure_future(asyncio.to_thread(self._lead, norm, shard, wait=False))
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                task.add_done_callback(_release_orphan)
-                raise
+            return await asyncio.to_thread(self._lead, norm, shard, wait=False)
 
         deadline = asyncio.get_running_loop().time() + self.flight_timeout
         return await poll_lead(look, deadline)

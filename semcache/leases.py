@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
+
+from .errors import SemcacheError
 
 log = logging.getLogger("semcache")
 
@@ -132,15 +135,40 @@ class Leases:
         self._store.release_lease(key, owner)
 
 
+def release_quietly(lead: Lead[Any] | None) -> None:
+    """End a lease; a store that fails here only delays other processes until it expires."""
+    if lead is None:
+        return
+    try:
+        lead.release()
+    except SemcacheError as exc:
+        log.warning("could not give back a single-flight lease (it expires on its own): %s", exc)
+
+
+def _release_orphan(look: asyncio.Future[Lead[Any]]) -> None:
+    """A lease a cancelled caller's look took after all: give it back (off the loop)."""
+    if look.cancelled() or look.exception() is not None:
+        return
+    lead = look.result()
+    if lead.led:
+        threading.Thread(target=release_quietly, args=(lead,), daemon=True).start()
+
+
 async def poll_lead(look: Callable[[], Awaitable[Lead[T]]], deadline: float) -> Lead[T]:
     """Wait for a lead on the event loop: ``look`` is one non-blocking try (a
     ``lead_or_wait(..., wait=False)`` run off the loop), repeated with a growing pause until it
     leads, finds the answer, or the loop's clock reaches ``deadline``; the last try is
-    returned. No thread is held while another process computes."""
+    returned. No thread is held while another process computes, and a lease that a try took
+    for a caller cancelled meanwhile is given back, not left to expire."""
     loop = asyncio.get_running_loop()
     delay = FIRST_WAIT
     while True:
-        lead = await look()
+        task = asyncio.ensure_future(look())
+        try:
+            lead = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_release_orphan)
+            raise
         if lead.led or lead.hit is not None or loop.time() >= deadline:
             return lead
         await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))

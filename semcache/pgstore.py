@@ -66,6 +66,8 @@ _CURRENT = (
     "version >= coalesce((SELECT n.version FROM namespaces n "
     "WHERE n.namespace = entries.namespace), 0)"
 )
+#: Seconds a closing listener's wake-up waits for a pooled connection.
+NUDGE_TIMEOUT = 1.0
 #: Rows per bulk INSERT statement (one array per column).
 _INSERT_CHUNK = 2000
 #: The entries columns a caller may give, with their types (bulk inserts cast arrays to them).
@@ -955,8 +957,9 @@ class PostgresStore(MetaLog):
         self._check_open()
 
         def nudge() -> None:  # wakes a closing listener now, not at its next poll
-            if not self._closed:
-                self.execute("SELECT pg_notify(%s, 'closing')", (self.channel,))
+            if not self._closed:  # a busy pool is not waited for: the poll ends it then
+                with self._pool.connection(timeout=NUDGE_TIMEOUT) as conn:
+                    conn.execute("SELECT pg_notify(%s, 'closing')", (self.channel,))
 
         return Listener(self.url, self.channel, on_change, poll, nudge=nudge)
 

@@ -5,6 +5,8 @@ sharing a PostgreSQL store are in test_shared_store.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from pathlib import Path
 
 from semcache.leases import LONGEST_WAIT, Lead, Leases, poll_lead
@@ -220,3 +222,29 @@ def test_poll_lead_gives_up_at_the_deadline_with_the_last_try() -> None:
     assert not lead.led and lead.hit is None
     assert end - start >= 0.2  # it waited for the deadline, and not much longer
     assert end - start < 0.2 + 5 * LONGEST_WAIT
+
+
+def test_poll_lead_gives_back_a_lease_its_try_took_for_a_cancelled_caller() -> None:
+    released = threading.Event()
+
+    class Recorder:
+        def release(self, key: str, owner: str) -> None:
+            released.set()
+
+    async def run() -> None:
+        started = asyncio.Event()
+
+        async def look() -> Lead[str]:
+            started.set()
+            await asyncio.sleep(0.2)  # the store's answer comes after the caller gave up
+            return Lead(None, "key", Recorder(), "owner")  # type: ignore[arg-type]
+
+        waiter = asyncio.ensure_future(poll_lead(look, asyncio.get_running_loop().time() + 30))
+        await started.wait()
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        await asyncio.sleep(0.3)  # the try finishes behind the shield
+
+    asyncio.run(run())
+    assert released.wait(10)
