@@ -266,6 +266,15 @@ class FaissIndex:
             self._rpos[moved] = row
         self._rn = last
 
+    def _shrink_recent(self) -> None:
+        """Give back the segment's memory once merges drained it: after a threshold crossing,
+        a compaction or a bulk load it held the whole shard."""
+        cap = len(self._rids)
+        if cap > 1024 and self._rn < cap // 4:
+            keep = max(2 * self._rn, 64)
+            self._rids = self._rids[:keep].copy()
+            self._rmat = self._rmat[:keep].copy()
+
     def _clear_recent(self) -> None:
         self._rids = np.zeros(0, dtype=np.int64)
         self._rmat = np.zeros((0, self.dim), dtype=np.float32)
@@ -332,6 +341,7 @@ class FaissIndex:
         self._labels = np.concatenate([self._labels, ids])
         if tombed:
             self._params = None
+        self._shrink_recent()
 
     def remove(self, ids: np.ndarray) -> int:
         with self._lock:
@@ -354,6 +364,7 @@ class FaissIndex:
             else:
                 self._tombs.add(self._label_of.pop(id_))
                 tombed = True
+        self._shrink_recent()
         if tombed:
             self._params = None
         if self._mirror is not None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from semcache import FaissIndex, SemanticCache
 
 from .fakes import HashEmbedder
@@ -86,3 +88,18 @@ def test_a_merge_without_writes_after_it_is_saved_by_the_next_checkpoint(tmp_pat
         assert cache.verify() == []
     finally:
         cache.close()
+
+
+def test_the_recent_segment_gives_its_memory_back_once_merged() -> None:
+    index = FaissIndex(16, hnsw_threshold=100)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index.add(np.arange(6000), x)  # past the threshold: the whole shard waits in the segment
+    assert index.pending == 6000
+    while index.merge(2000):
+        pass
+    assert index.pending == 0 and len(index) == 6000
+    assert index._rmat.nbytes < 6000 * 16 * 4 // 4  # not the whole shard's worth any more
+    sims, ids = index.search(x[17], 1)
+    assert ids.tolist() == [17] and sims[0] > 0.999
