@@ -53,16 +53,25 @@ def top(index: FaissIndex, q: np.ndarray, k: int = 5) -> dict[int, float]:
     return dict(zip(ids.tolist(), sims.tolist(), strict=True))
 
 
-def test_writes_during_a_merge_are_kept_and_nothing_removed_comes_back() -> None:
+def held_merge(
+    merged: np.ndarray, ids: np.ndarray, vectors: np.ndarray
+) -> tuple[PausedMergeIndex, threading.Thread, list[int]]:
+    """An index whose graph holds ``merged`` (ids 0..n-1), with ``ids``/``vectors`` added
+    after and a merge of them held between its growth and its swap."""
     index = PausedMergeIndex(DIM, hnsw_threshold=50)
-    x = unit(400, seed=1)
     index.go.set()
-    index.add(np.arange(200), x[:200])
+    index.add(np.arange(len(merged)), merged)
     assert index.merge() == 0
     index.go.clear()
-    index.add(np.arange(1000, 1100), x[200:300])
+    index.add(ids, vectors)
     thread, left = start_merge(index)
     assert index.grown.wait(60)
+    return index, thread, left
+
+
+def test_writes_during_a_merge_are_kept_and_nothing_removed_comes_back() -> None:
+    x = unit(400, seed=1)
+    index, thread, left = held_merge(x[:200], np.arange(1000, 1100), x[200:300])
     # the merge has grown its copy and not swapped it in: the index serves and takes writes
     assert top(index, x[200])[1000] > 0.999  # still found, in the recent segment
     assert index.remove(np.array([1001, 5])) == 2
@@ -88,15 +97,8 @@ def test_writes_during_a_merge_are_kept_and_nothing_removed_comes_back() -> None
 
 
 def test_a_merge_of_a_graph_replaced_meanwhile_is_dropped() -> None:
-    index = PausedMergeIndex(DIM, hnsw_threshold=50)
     x = unit(600, seed=2)
-    index.go.set()
-    index.add(np.arange(400), x[:400])
-    assert index.merge() == 0
-    index.go.clear()
-    index.add(np.arange(400, 500), x[400:500])
-    thread, left = start_merge(index)
-    assert index.grown.wait(60)
+    index, thread, left = held_merge(x[:400], np.arange(400, 500), x[400:500])
     index.remove(np.arange(0, 150))  # past a quarter tombstoned: a new graph is started
     assert index.pending == 350
     index.go.set()
