@@ -1231,8 +1231,9 @@ class SemanticCache:
         """The namespace's current version (0 until first bumped)."""
         self._check_open()
         check_namespace(namespace)
-        # the replica's own lock is enough here: the cache-wide one would queue this behind
-        # every lookup and write in flight (the sidecar asks on each request)
+        # no lock while the version is cached and nothing new is in the log: the sidecar asks
+        # on each request (a catch-up or a store read takes the replica's lock, which is the
+        # cache's)
         self.replica.sync(fresh=self.consistency == "strong")
         return self.replica.version(namespace)
 

@@ -410,8 +410,7 @@ class FaissIndex:
         hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = self.ef_construction
         hnsw.hnsw.efSearch = self.ef_search
-        ids = ids.copy()
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # copied into the segment
         self._hnsw = hnsw
         self._flat = None
         self._labels = _EMPTY_IDS

@@ -528,15 +528,20 @@ class PostgresStore(MetaLog):
             out.append((ids[winner], winner))
         return out
 
-    def find_exact(self, l1_key: str, now: float) -> Row | None:
-        """The live entry with this exact key, confirmed in the store of record: not expired,
-        and of its namespace's current version (another replica's bump counts at once, even
-        before this replica's version cache hears of it)."""
-        rows = self._read(
-            f"SELECT {_ROW_COLUMNS} FROM entries WHERE l1_key = %s "
+    def _live(self, where: str, params: Sequence[Any], now: float) -> list[Any]:
+        """Rows matching ``where`` that are live in the store of record at ``now``: not
+        expired, and of their namespace's current version (another replica's bump counts at
+        once, even before this replica's version cache hears of it). Each row is
+        ``_ROW_COLUMNS`` then its ``l1_key``."""
+        return self._read(
+            f"SELECT {_ROW_COLUMNS}, l1_key FROM entries WHERE ({where}) "
             f"AND (expires_at IS NULL OR expires_at > %s) AND {_CURRENT}",
-            (l1_key, now),
+            (*params, now),
         )
+
+    def find_exact(self, l1_key: str, now: float) -> Row | None:
+        """The live entry with this exact key, confirmed in the store of record."""
+        rows = self._live("l1_key = %s", (l1_key,), now)
         return _row(rows[0]) if rows else None
 
     def candidates(self, ids: Sequence[int], shard: str, now: float) -> dict[int, Row]:
@@ -544,10 +549,8 @@ class PostgresStore(MetaLog):
         the store of record (deleted, expired and version-bumped rows are not returned)."""
         if not len(ids):
             return {}
-        rows = self._read(
-            f"SELECT {_ROW_COLUMNS} FROM entries WHERE id = ANY(%s::bigint[]) AND shard = %s "
-            f"AND (expires_at IS NULL OR expires_at > %s) AND {_CURRENT}",
-            ([int(i) for i in ids], shard, now),
+        rows = self._live(
+            "id = ANY(%s::bigint[]) AND shard = %s", ([int(i) for i in ids], shard), now
         )
         return {int(r[0]): _row(r) for r in rows}
 
@@ -557,13 +560,10 @@ class PostgresStore(MetaLog):
         """:meth:`find_exact` and :meth:`candidates` in one round trip, for a lookup that has
         its vector already (no embedding to save by looking for the exact repeat first)."""
         wanted = [int(i) for i in ids]
-        rows = self._read(
-            f"SELECT {_ROW_COLUMNS}, l1_key = %s FROM entries "
-            "WHERE (l1_key = %s OR (id = ANY(%s::bigint[]) AND shard = %s)) "
-            f"AND (expires_at IS NULL OR expires_at > %s) AND {_CURRENT}",
-            (l1_key, l1_key, wanted, shard, now),
+        rows = self._live(
+            "l1_key = %s OR (id = ANY(%s::bigint[]) AND shard = %s)", (l1_key, wanted, shard), now
         )
-        exact = next((_row(r) for r in rows if r[-1]), None)
+        exact = next((_row(r) for r in rows if r[-1] == l1_key), None)
         among = set(wanted)
         return exact, {int(r[0]): _row(r) for r in rows if int(r[0]) in among and r[2] == shard}
 

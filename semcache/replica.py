@@ -424,7 +424,7 @@ class _Merger:
                 while self._replica.merge_step(
                     self._chunk, quiet=self._replica.quiet(QUIET_SECONDS)
                 ):
-                    if self._stop.wait(0.002):  # between chunks, let waiting callers in
+                    if self._stop.wait(0.002):  # between merges, a moment for stop()
                         return
             except Exception:  # pragma: no cover - logged; the segment is still searched
                 log.exception("merging recent writes failed")
