@@ -67,6 +67,7 @@ from .stores import SYNCHRONOUS, default_index_dir, is_store_url, open_store, re
 from .sweeper import Sweeper
 from .threshold import HitPolicy, as_policy, check_threshold
 from .types import Entry, Hit, Scope
+from .vectorcodec import encode
 
 log = logging.getLogger("semcache")
 
@@ -345,7 +346,7 @@ class SemanticCache:
                 for batch in self._db.iter_prompts():
                     vectors = self.embed([prompt for _, prompt in batch])
                     self._db.set_vectors(
-                        [(rowid, v.tobytes()) for (rowid, _), v in zip(batch, vectors, strict=True)]
+                        [(rowid, encode(v)) for (rowid, _), v in zip(batch, vectors, strict=True)]
                     )
                     done.advance(len(batch))
             self._db.set_meta("model_id", self.embedder.model_id)
@@ -717,7 +718,7 @@ class SemanticCache:
             "prompt": item["norm"],
             "l1_key": exact_key(shard, item["norm"]),
             "response": item["response"],
-            "vector": np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
+            "vector": encode(vector),
             "created_at": now,
             "updated_at": now,
             "accessed_at": now,
@@ -1154,7 +1155,7 @@ class SemanticCache:
             if meta is not MISSING:
                 values["metadata"] = meta
             if new_vector is not None:
-                values["vector"] = new_vector.tobytes()
+                values["vector"] = encode(new_vector)
                 values["l1_key"] = exact_key(row["shard"], values["prompt"])
             if not values and tag_list is None:
                 return

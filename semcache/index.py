@@ -12,7 +12,7 @@ import contextlib
 import io
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import faiss
@@ -32,7 +32,9 @@ class VectorIndex(Protocol):
     ``add`` replaces ids already present; ``remove`` ignores absent ids and returns how many it
     removed; ``search`` returns at most ``k`` (similarity, id) pairs, best first, only of present
     ids; ``range_search`` returns exactly the present ids whose similarity is ``>= radius``;
-    ``to_bytes``/``load_index`` round-trip the whole state.
+    ``to_bytes``/``load_index`` round-trip the whole state; ``to_bytes(vectors=False)`` leaves
+    out the vectors the caller keeps elsewhere (the store of record does), and ``load_index``
+    then asks its ``fetch`` for them.
     """
 
     dim: int
@@ -49,7 +51,7 @@ class VectorIndex(Protocol):
 
     def vectors(self, ids: np.ndarray) -> np.ndarray: ...
 
-    def to_bytes(self) -> bytes: ...
+    def to_bytes(self, *, vectors: bool = True) -> bytes: ...
 
     def __len__(self) -> int: ...
 
@@ -78,6 +80,24 @@ def _exact_range(
     keep = np.flatnonzero(sims >= np.float32(radius))
     order = keep[np.argsort(-sims[keep], kind="stable")]
     return ids[order].astype(np.int64), sims[order].astype(np.float32)
+
+
+#: Where an index file without vectors gets them: the rows of the given ids, zeros for an id
+#: the caller no longer has (a later change removes it).
+Fetch = Callable[[np.ndarray], np.ndarray]
+
+
+def _fetched(fetch: Fetch | None, ids: np.ndarray, dim: int) -> np.ndarray:
+    if fetch is None:
+        raise IndexCorruptError("the index file holds no vectors and none were given to load it")
+    if not len(ids):
+        return np.zeros((0, dim), dtype=np.float32)
+    rows = np.asarray(fetch(ids), dtype=np.float32)
+    if rows.shape == (len(ids), 0):  # none of them is present any more
+        return np.zeros((len(ids), dim), dtype=np.float32)
+    if rows.shape != (len(ids), dim):
+        raise IndexCorruptError(f"fetched vectors have shape {rows.shape}, not {(len(ids), dim)}")
+    return np.ascontiguousarray(rows)
 
 
 def _pack(kind: str, meta: dict[str, object], arrays: dict[str, np.ndarray]) -> bytes:
@@ -142,14 +162,19 @@ class NumpyIndex:
         rows = [self._pos[int(i)] for i in np.asarray(ids).reshape(-1)]
         return self._mat[rows].copy()
 
-    def to_bytes(self) -> bytes:
-        return _pack("numpy", {"dim": self.dim}, {"ids": self._ids, "mat": self._mat})
+    def to_bytes(self, *, vectors: bool = True) -> bytes:
+        arrays = {"ids": self._ids, "mat": self._mat} if vectors else {"ids": self._ids}
+        return _pack("numpy", {"dim": self.dim, "vectors": vectors}, arrays)
 
     @classmethod
-    def _from_arrays(cls, meta: dict[str, object], arrays: dict[str, np.ndarray]) -> NumpyIndex:
+    def _from_arrays(
+        cls, meta: dict[str, object], arrays: dict[str, np.ndarray], fetch: Fetch | None
+    ) -> NumpyIndex:
         index = cls(int(meta["dim"]))  # type: ignore[call-overload]
-        if len(arrays["ids"]):
-            index.add(arrays["ids"], arrays["mat"])
+        ids = arrays["ids"].astype(np.int64)
+        if len(ids):
+            mat = arrays["mat"] if meta.get("vectors", True) else _fetched(fetch, ids, index.dim)
+            index.add(ids, mat)
         return index
 
 
@@ -502,19 +527,30 @@ class FaissIndex:
             return out
 
     # -- persistence ----------------------------------------------------------------------
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, *, vectors: bool = True) -> bytes:
+        """The whole state; with ``vectors=False``, only what the caller cannot give back:
+        the graph's links, its labels, and the vectors of its tombstones (gone from the store,
+        they still steer searches through the graph)."""
         with self._lock:
             if self._hnsw is not None:
+                tombs = np.fromiter(sorted(self._tombs), dtype=np.int64, count=len(self._tombs))
                 arrays = {
-                    "hnsw": faiss.serialize_index(self._hnsw),
+                    "hnsw": _graph_bytes(self._hnsw, vectors),
                     "labels": self._labels,
-                    "tombs": np.fromiter(self._tombs, dtype=np.int64, count=len(self._tombs)),
+                    "tombs": tombs,
                     "recent_ids": self._rids[: self._rn],
-                    "recent_mat": self._rmat[: self._rn],
                 }
-            else:
+                if vectors:
+                    arrays["recent_mat"] = self._rmat[: self._rn]
+                else:
+                    arrays["tomb_mat"] = self._hnsw_matrix()[tombs].astype(np.float16)
+            elif vectors:
                 arrays = {"flat": faiss.serialize_index(self._flat)}
+            else:
+                assert self._flat is not None
+                arrays = {"flat_ids": faiss.vector_to_array(self._flat.id_map).astype(np.int64)}
             meta = {
+                "vectors": vectors,
                 "dim": self.dim,
                 "hnsw_threshold": self.hnsw_threshold,
                 "hnsw_m": self.hnsw_m,
@@ -526,7 +562,10 @@ class FaissIndex:
             return _pack("faiss", meta, arrays)
 
     @classmethod
-    def _from_arrays(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> FaissIndex:
+    def _from_arrays(
+        cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], fetch: Fetch | None
+    ) -> FaissIndex:
+        with_vectors = bool(meta.get("vectors", True))
         index = cls(
             int(meta["dim"]),
             hnsw_threshold=int(meta["hnsw_threshold"]),
@@ -537,13 +576,12 @@ class FaissIndex:
             recent_max=int(meta.get("recent_max", 8192)),
         )
         if "hnsw" in arrays:
-            hnsw = faiss.deserialize_index(arrays["hnsw"])
+            hnsw = _read_graph(arrays["hnsw"], with_vectors)
             if hnsw.d != index.dim or not isinstance(hnsw, faiss.IndexHNSWFlat):
                 raise IndexCorruptError("index file does not hold an HNSW graph of its dimension")
-            index._hnsw = hnsw
-            index._flat = None
             index._labels = arrays["labels"].astype(np.int64)
-            index._tombs = set(arrays["tombs"].astype(np.int64).tolist())
+            tombs = arrays["tombs"].astype(np.int64)
+            index._tombs = set(tombs.tolist())
             if len(index._labels) != hnsw.ntotal:
                 raise IndexCorruptError("index file's labels disagree with its graph")
             index._label_of = {
@@ -551,13 +589,38 @@ class FaissIndex:
                 for label, id_ in enumerate(index._labels.tolist())
                 if label not in index._tombs
             }
+            if not with_vectors:
+                matrix = np.zeros((hnsw.ntotal, index.dim), dtype=np.float32)
+                live = np.fromiter(index._label_of.values(), dtype=np.int64)
+                matrix[live] = _fetched(fetch, index._labels[live], index.dim)
+                tomb_mat = arrays["tomb_mat"].astype(np.float32)
+                if tomb_mat.shape != (len(tombs), index.dim):
+                    raise IndexCorruptError("index file's tombstone vectors have the wrong shape")
+                matrix[tombs] = tomb_mat
+                storage = faiss.IndexFlatIP(index.dim)
+                storage.add(matrix)
+                storage.this.disown()  # the graph owns and frees it
+                hnsw.storage = storage
+                hnsw.own_fields = True
+            index._hnsw = hnsw
+            index._flat = None
             if "recent_ids" in arrays and len(arrays["recent_ids"]):
                 recent_ids = arrays["recent_ids"].astype(np.int64)
-                recent = arrays["recent_mat"].astype(np.float32)
+                if with_vectors:
+                    recent = arrays["recent_mat"].astype(np.float32)
+                else:
+                    recent = _fetched(fetch, recent_ids, index.dim)
                 if recent.shape != (len(recent_ids), index.dim):
                     raise IndexCorruptError("index file's recent segment has the wrong shape")
                 index._append_recent(recent_ids, recent)
             index._present = set(index._label_of) | set(index._rpos)
+            return index
+        if not with_vectors:
+            ids = arrays["flat_ids"].astype(np.int64)
+            index._flat = faiss.IndexIDMap2(faiss.IndexFlatIP(index.dim))
+            if len(ids):
+                index._flat.add_with_ids(_fetched(fetch, ids, index.dim), ids)
+            index._present = set(ids.tolist())
             return index
         flat = faiss.deserialize_index(arrays["flat"])  # already the concrete, owning type
         if flat.d != index.dim or not isinstance(flat, faiss.IndexIDMap2):
@@ -585,17 +648,34 @@ def _build_threads(wanted: bool) -> Iterator[None]:
         faiss.omp_set_num_threads(threads)
 
 
+def _graph_bytes(graph: faiss.IndexHNSWFlat, vectors: bool) -> np.ndarray:
+    if vectors:
+        return faiss.serialize_index(graph)  # type: ignore[no-any-return]
+    writer = faiss.VectorIOWriter()
+    faiss.write_index(graph, writer, faiss.IO_FLAG_SKIP_STORAGE)
+    return faiss.vector_to_array(writer.data)  # type: ignore[no-any-return]
+
+
+def _read_graph(data: np.ndarray, with_vectors: bool) -> Any:
+    if with_vectors:
+        return faiss.deserialize_index(data)
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(np.ascontiguousarray(data, dtype=np.uint8), reader.data)
+    return faiss.read_index(reader, faiss.IO_FLAG_SKIP_STORAGE)
+
+
 _KINDS: dict[str, type[NumpyIndex] | type[FaissIndex]] = {"numpy": NumpyIndex, "faiss": FaissIndex}
 
 
-def load_index(data: bytes) -> NumpyIndex | FaissIndex:
-    """Rebuild an index from ``to_bytes()`` output; anything unreadable is IndexCorruptError."""
+def load_index(data: bytes, fetch: Fetch | None = None) -> NumpyIndex | FaissIndex:
+    """Rebuild an index from ``to_bytes()`` output; anything unreadable is IndexCorruptError.
+    A file written with ``vectors=False`` takes its vectors from ``fetch``."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
         meta = json.loads(arrays.pop("header").tobytes().decode())
         cls = _KINDS[meta.pop("kind")]
-        return cls._from_arrays(meta, arrays)
+        return cls._from_arrays(meta, arrays, fetch)
     except IndexCorruptError:
         raise
     except Exception as exc:

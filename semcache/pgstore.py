@@ -55,7 +55,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from .errors import InvalidInputError, StoreError
-from .store import EVICTION_POLICIES, HOLD_TTL, Change, Fence, MetaLog, Row
+from .store import EVICTION_POLICIES, HOLD_TTL, Change, Fence, MetaLog, Row, gather_vectors
+from .vectorcodec import decode, decode_many
 
 #: The PostgreSQL schema's own version (independent of the SQLite store's).
 SCHEMA_VERSION = 3
@@ -622,7 +623,18 @@ class PostgresStore(MetaLog):
             "SELECT id, shard, vector FROM entries WHERE id = ANY(%s::bigint[])",
             ([int(i) for i in ids],),
         )
-        return {int(r[0]): (r[1], np.frombuffer(r[2], dtype=np.float32)) for r in rows}
+        return {int(r[0]): (r[1], decode(r[2])) for r in rows}
+
+    def vector_matrix(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors of ``ids``, one row each, zeros for an id no longer present: how a
+        replica fills the index files it loads (they hold no vectors)."""
+        return gather_vectors(ids, self._vector_rows)
+
+    def _vector_rows(self, chunk: Sequence[int]) -> list[tuple[int, bytes]]:
+        rows = self._read(
+            "SELECT id, vector FROM entries WHERE id = ANY(%s::bigint[])", (list(chunk),)
+        )
+        return [(int(r[0]), r[1]) for r in rows]
 
     def iter_vectors(
         self, batch: int = 10_000
@@ -637,8 +649,7 @@ class PostgresStore(MetaLog):
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32)
-            yield ids, [r[1] for r in rows], vectors.reshape(len(rows), -1)
+            yield ids, [r[1] for r in rows], decode_many([r[2] for r in rows])
             last = int(ids[-1])
 
     def iter_prompts(self, batch: int = 256) -> Iterator[list[tuple[int, str]]]:
@@ -878,7 +889,7 @@ class PostgresStore(MetaLog):
                 None if r[1] is None else int(r[1]),
                 r[2],
                 r[3],
-                None if r[5] is None else (r[4], np.frombuffer(r[5], dtype=np.float32)),
+                None if r[5] is None else (r[4], decode(r[5])),
             )
             for r in rows
         ]

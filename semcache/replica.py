@@ -135,18 +135,21 @@ class Replica:
     def _load(self) -> str | None:
         """Load the checkpoint; None when it is usable, "" when there is none, else why not."""
         try:
-            if not self.shards.load():
+            manifest = self.shards.manifest()
+            if manifest is None:
                 return ""
-        except IndexCorruptError as exc:
+            # judged before a file is read: loading fills the graphs with the store's vectors
+            if manifest.get("store_id") != self.store.store_id:
+                return "its files were derived from another store"
+            if manifest.get("token") not in self.store.checkpoint_tokens(self.slot):
+                return "its files are not the store's latest checkpoint (a restored or older store)"
+            if int(manifest.get("seq", 0)) > self.store.last_seq():  # type: ignore[call-overload]
+                return "its files are ahead of the store"
+            if int(manifest.get("seq", 0)) < self.store.trimmed_upto():  # type: ignore[call-overload]
+                return "the store's log was trimmed past its files"
+            self.shards.load(self.store.vector_matrix)
+        except (IndexCorruptError, TypeError, ValueError) as exc:
             return str(exc)
-        if self.shards.store_id != self.store.store_id:
-            return "its files were derived from another store"
-        if self.shards.token not in self.store.checkpoint_tokens(self.slot):
-            return "its files are not the store's latest checkpoint (a restored or older store)"
-        if self.shards.seq > self.store.last_seq():
-            return "its files are ahead of the store"
-        if self.shards.seq < self.store.trimmed_upto():
-            return "the store's log was trimmed past its files"
         return None
 
     def rebuild(self) -> None:

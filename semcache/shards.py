@@ -5,6 +5,8 @@ so scope isolation is structural and a busy tenant never crowds another's neighb
 top k. The set is saved as one file per shard plus ``manifest.json``, which records the store
 it was derived from (its identity and a checkpoint token the store also keeps), the model, the
 dimension and the change-log position the files reflect; opening replays only later changes.
+A shard file holds no vectors (the store of record keeps each entry's vector, once): an HNSW
+shard keeps its graph's links and labels, and loading reads the vectors back from the store.
 
 A checkpoint never rewrites a file the current manifest names: shard files are written under new
 names, then the manifest is replaced by an atomic rename (the commit point), and only then are
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import IndexCorruptError
-from .index import VectorIndex, load_index
+from .index import Fetch, VectorIndex, load_index
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -165,7 +167,7 @@ class ShardSet:
             name = _file_name(shard, generation)
             # read before the snapshot: a merge landing in between only makes it save again
             self._saved_pending[shard] = _pending(index)
-            data = index.to_bytes()
+            data = index.to_bytes(vectors=False)  # the store of record keeps them
             _atomic_write(self.folder / name, data)
             files[shard] = {
                 "file": name,
@@ -195,6 +197,11 @@ class ShardSet:
         self._full = False
         self.store_id, self.token = store_id, token
 
+    def manifest(self) -> dict[str, object] | None:
+        """The persisted checkpoint's manifest (None when there is none), for judging it before
+        :meth:`load` reads its files; IndexCorruptError when it is unreadable."""
+        return self._read_manifest()
+
     def _read_manifest(self) -> dict[str, object] | None:
         path = self.folder / MANIFEST
         if not path.exists():
@@ -207,8 +214,9 @@ class ShardSet:
         except (OSError, ValueError) as exc:
             raise IndexCorruptError(f"{path} is unreadable ({exc})") from exc
 
-    def load(self) -> bool:
-        """Load the persisted shards; False when there is nothing persisted."""
+    def load(self, fetch: Fetch) -> bool:
+        """Load the persisted shards, their vectors from ``fetch`` (the store of record's);
+        False when there is nothing persisted."""
         body = self._read_manifest()
         if body is None:
             return False
@@ -230,7 +238,7 @@ class ShardSet:
                     raise IndexCorruptError(
                         f"index file {path} does not match its checksum: it is damaged or foreign"
                     )
-                index = load_index(data)
+                index = load_index(data, fetch)
                 if index.dim != self.dim:
                     raise IndexCorruptError(f"index file {path} has dimension {index.dim}")
                 shards[shard] = index

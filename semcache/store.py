@@ -34,6 +34,7 @@ import numpy as np
 import sqlite_utils
 
 from .errors import StoreError
+from .vectorcodec import decode, decode_many
 
 SCHEMA_VERSION = 6
 #: Seconds a follower's hold on the change log lasts unless refreshed (wall-clock time: it is
@@ -546,8 +547,17 @@ class Store(MetaLog):
             for rowid, shard, blob in self.execute(
                 f"SELECT id, shard, vector FROM entries WHERE id IN ({marks})", tuple(chunk)
             ):
-                out[int(rowid)] = (shard, np.frombuffer(blob, dtype=np.float32))
+                out[int(rowid)] = (shard, decode(blob))
         return out
+
+    def vector_matrix(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors of ``ids``, one row each, zeros for an id no longer present: how a
+        replica fills the index files it loads (they hold no vectors)."""
+        return gather_vectors(ids, self._vector_rows)
+
+    def _vector_rows(self, chunk: Sequence[int]) -> list[tuple[int, bytes]]:
+        marks = ", ".join("?" for _ in chunk)
+        return self.execute(f"SELECT id, vector FROM entries WHERE id IN ({marks})", tuple(chunk))
 
     def iter_vectors(
         self, batch: int = 10_000
@@ -562,8 +572,7 @@ class Store(MetaLog):
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32)
-            yield ids, [r[1] for r in rows], vectors.reshape(len(rows), -1)
+            yield ids, [r[1] for r in rows], decode_many([r[2] for r in rows])
             last = int(ids[-1])
 
     def iter_prompts(self, batch: int = 256) -> Iterator[list[tuple[int, str]]]:
@@ -790,7 +799,7 @@ class Store(MetaLog):
                 r[1],
                 r[2],
                 r[3],
-                None if r[5] is None else (r[4], np.frombuffer(r[5], dtype=np.float32)),
+                None if r[5] is None else (r[4], decode(r[5])),
             )
             for r in rows
         ]
@@ -870,6 +879,30 @@ class Store(MetaLog):
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), CHUNK):
         yield items[start : start + CHUNK]
+
+
+def gather_vectors(
+    ids: np.ndarray, read: Callable[[Sequence[int]], Sequence[tuple[int, bytes]]]
+) -> np.ndarray:
+    """Rows of the vectors ``read`` returns for ``ids`` (chunk by chunk), in ``ids``' order;
+    zeros where an id is absent (an empty matrix of width 0 when none is present)."""
+    wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
+    found_ids: list[int] = []
+    blobs: list[bytes] = []
+    for chunk in _chunks(wanted.tolist()):
+        for rowid, blob in read(chunk):
+            found_ids.append(int(rowid))
+            blobs.append(blob)
+    if not blobs:
+        return np.zeros((len(wanted), 0), dtype=np.float32)
+    found = decode_many(blobs)
+    order = np.argsort(np.asarray(found_ids, dtype=np.int64), kind="stable")
+    sorted_ids = np.asarray(found_ids, dtype=np.int64)[order]
+    at = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
+    hit = sorted_ids[at] == wanted
+    out = np.zeros((len(wanted), found.shape[1]), dtype=np.float32)
+    out[hit] = found[order[at[hit]]]
+    return out
 
 
 # Driven by the (few) namespaces, then the (namespace, version) index: never a table scan.

@@ -115,6 +115,39 @@ def test_round_trip(index: VectorIndex) -> None:
     assert 5000 in copy
 
 
+def test_round_trip_without_vectors(index: VectorIndex) -> None:
+    """A file written with ``vectors=False`` holds no vector of a live entry (the store of
+    record keeps them) and loads to the same index from a ``fetch`` of them; an id ``fetch``
+    no longer has (deleted after the file was written) loads as a zero vector, which no
+    search above similarity 0 returns, until the caller removes it."""
+    x = unit(200)
+    index.add(np.arange(200), x)
+    index.remove(np.arange(0, 200, 7))  # tombstones in a graph: under a quarter
+    data = index.to_bytes(vectors=False)
+    assert len(data) < len(index.to_bytes()) - 100 * DIM * 4
+    asked: list[int] = []
+
+    def fetch(ids: np.ndarray) -> np.ndarray:
+        asked.extend(ids.tolist())
+        out = x[ids].copy()
+        out[ids == 8] = 0.0  # gone from the store since the file was written
+        return out
+
+    copy = load_index(data, fetch)
+    if isinstance(index, FaissIndex) and index.kind == "hnsw" and not index.pending:
+        assert len(index._tombs) == 29  # their vectors are in the file, not fetched
+    assert set(asked) == set(index.ids().tolist())
+    assert sorted(copy.ids().tolist()) == sorted(index.ids().tolist())
+    for q in x[20:40]:
+        assert copy.search(q, 3)[1].tolist() == index.search(q, 3)[1].tolist()
+    assert copy.range_search(x[8], 0.5)[0].tolist() == []
+    assert np.allclose(copy.vectors(np.array([9, 199])), x[[9, 199]])
+    with pytest.raises(IndexCorruptError, match="no vectors"):
+        load_index(data)
+    with pytest.raises(IndexCorruptError, match="shape"):
+        load_index(data, lambda ids: np.zeros((len(ids), DIM + 1), dtype=np.float32))
+
+
 def test_hnsw_recall_and_tombstone_compaction() -> None:
     index = FaissIndex(DIM, hnsw_threshold=100)
     x = unit(2000, seed=3)

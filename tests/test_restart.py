@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -120,3 +121,43 @@ def test_a_rebuild_and_a_re_embed_show_their_progress(tmp_path: Path) -> None:
     assert text.count("rebuilding the index of") == 2  # asked for, then after the re-embed
     assert "re-embedding" in text
     assert "50/50 entries" in text and "50/50 prompts" in text
+
+
+def test_the_store_keeps_each_vector_once_and_a_reopen_reads_them_back(tmp_path: Path) -> None:
+    """Index files hold a graph's links, not its vectors: the store of record keeps each vector
+    once (half precision), and a reopen fills the graph from it. Entries deleted, replaced or
+    re-embedded after the checkpoint are caught up from the log, and the reopened index agrees
+    with the store (``verify``)."""
+    embedder = HashEmbedder(dim=64)
+    prompts = [f"question number {i} about topic {i % 11}" for i in range(3000)]
+    with SemanticCache(tmp_path, embedder=embedder, hnsw_threshold=500) as cache:
+        ids = cache.store_many([(p, f"answer {i}") for i, p in enumerate(prompts)])
+        while any(getattr(index, "pending", 0) for _, index in cache.shards.items()):
+            time.sleep(0.05)
+        cache.checkpoint()
+        files = list((tmp_path / "index").glob("*.idx"))
+        (shard_index,) = (index for _, index in cache.shards.items())
+        saved = sum(f.stat().st_size for f in files)  # one shard: one file
+        assert len(shard_index.to_bytes()) - saved >= 3000 * 64 * 4  # every vector left out
+        cache.delete(ids[5])
+        cache.update(ids[6], prompt="an entirely different question now")
+        cache.store(prompts[7], "a new answer")  # replaces the exact repeat
+        cache.shards.mark_all_dirty()  # keep the old checkpoint: close() must not write one
+        cache.replica.checkpoint = lambda now: False  # type: ignore[method-assign]
+    checkpointed = json.loads((tmp_path / "index" / "manifest.json").read_text())["seq"]
+    reopened = SemanticCache(tmp_path, embedder=embedder, hnsw_threshold=500)
+    try:
+        assert reopened._db.last_seq() > checkpointed  # changes after the checkpoint ...
+        assert reopened.replica.rebuilds == 0  # ... caught up from the log, no rebuild
+        assert reopened.verify() == []
+        vectors = reopened.embed(prompts[:200])
+        for i in range(8, 200):
+            hit = reopened.lookup(prompts[i], vector=vectors[i])
+            assert hit is not None and hit.entry_id == ids[i]
+        assert reopened.lookup(prompts[5]) is None
+        hit = reopened.lookup(prompts[7])
+        assert hit is not None and hit.response == "a new answer"
+        found = reopened.lookup("an entirely different question now")
+        assert found is not None and found.entry_id == ids[6]
+    finally:
+        reopened.close()

@@ -16,6 +16,7 @@ import pytest
 from semcache.errors import StoreError
 from semcache.fence import Candidate, any_covers
 from semcache.store import HOLD_TTL, Store, entry_size
+from semcache.vectorcodec import decode, encode
 
 DIM = 8
 PG_URL = "postgresql://root@127.0.0.1:5432/test"
@@ -78,7 +79,7 @@ def row(prompt: str, *, namespace: str = "ns", version: int = 0, seed: int = 0) 
         "prompt": prompt,
         "l1_key": f"{shard}/{prompt}",
         "response": f"answer to {prompt}",
-        "vector": unit(seed).tobytes(),
+        "vector": encode(unit(seed)),
         "created_at": 0.0,
         "updated_at": 0.0,
         "accessed_at": 0.0,
@@ -96,7 +97,7 @@ def candidate(values: dict, tags: tuple[str, ...] = ()) -> Candidate:
         values["scope_digest"],
         values["l1_key"],
         tags,
-        np.frombuffer(values["vector"], dtype=np.float32),
+        decode(values["vector"]),
     )
 
 
@@ -123,10 +124,36 @@ def test_every_committed_change_has_a_contiguous_log_position(store: Store) -> N
     assert [c.op for c in changes] == ["add", "add", "del", "ver"]
     assert changes[0].current is None  # a is gone: an add carries the vector only while alive
     shard, vector = changes[1].current  # type: ignore[misc]
-    assert shard == "digest-ns:0" and np.allclose(vector, unit(2))
+    assert shard == "digest-ns:0" and np.allclose(vector, unit(2), atol=2e-3)
     assert store.last_seq() == changes[-1].seq
     store.trim_changes(2)
     assert store.trimmed_upto() == 2 and [c.seq for c in store.changes_since(0)] == [3, 4]
+
+
+def test_vectors_are_kept_once_in_half_precision_and_read_back_as_unit_rows(
+    store: Store,
+) -> None:
+    """The store keeps each vector in half precision (``1 + 2 * dim`` bytes) and reads it back
+    as a unit float32 row within a few parts in 10,000 of what was written; rows written as
+    raw float32 (before that encoding) still read back; ``vector_matrix`` answers in the
+    order asked, with zeros for an id no longer present."""
+    a = store.insert(row("a", seed=1), ())
+    legacy = row("b", seed=2)
+    legacy["vector"] = unit(2).tobytes()
+    b = store.insert(legacy, ())
+    c = store.insert(row("c", seed=3), ())
+    assert a is not None and b is not None and c is not None
+    assert len(row("x")["vector"]) == 1 + 2 * DIM
+    store.delete_entry(c[0], now=1.0)
+    got = store.vector_matrix(np.array([b[0], 999, a[0], c[0]]))
+    assert got.shape == (4, DIM) and got.dtype == np.float32
+    assert np.allclose(got[0], unit(2), atol=1e-6) and np.allclose(got[2], unit(1), atol=2e-3)
+    assert not got[1].any() and not got[3].any()
+    assert np.allclose(np.linalg.norm(got[[0, 2]], axis=1), 1.0, atol=1e-6)
+    assert float(got[2] @ unit(1)) > 0.9999
+    assert store.vector_matrix(np.array([999])).shape == (1, 0)
+    ids, _, vectors = next(store.iter_vectors())
+    assert ids.tolist() == [a[0], b[0]] and np.allclose(vectors, got[[2, 0]])
 
 
 def test_an_exact_repeat_is_replaced(store: Store) -> None:
