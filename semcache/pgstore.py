@@ -55,7 +55,16 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from .errors import InvalidInputError, StoreError
-from .store import EVICTION_POLICIES, HOLD_TTL, Change, Fence, MetaLog, Row, gather_vectors
+from .store import (
+    EVICTION_POLICIES,
+    HOLD_TTL,
+    Change,
+    Fence,
+    MetaLog,
+    Row,
+    changes_of_rows,
+    gather_vectors,
+)
 from .vectorcodec import decode, decode_many
 
 #: The PostgreSQL schema's own version (independent of the SQLite store's).
@@ -883,16 +892,7 @@ class PostgresStore(MetaLog):
             "WHERE c.seq > %s ORDER BY c.seq LIMIT %s",
             (seq, limit),
         )
-        return [
-            Change(
-                int(r[0]),
-                None if r[1] is None else int(r[1]),
-                r[2],
-                r[3],
-                None if r[5] is None else (r[4], decode(r[5])),
-            )
-            for r in rows
-        ]
+        return changes_of_rows(rows)
 
     def last_seq(self) -> int:
         return int(self._one("SELECT changes FROM log_head WHERE id = 0"))

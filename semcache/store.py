@@ -24,6 +24,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ SCHEMA_VERSION = 6
 HOLD_TTL = 60.0
 #: Bytes the WAL file is truncated to after a checkpoint.
 WAL_SIZE_LIMIT = 8 * 2**20
+#: Seconds between two checkpoints of the WAL into the database by the background thread.
+WAL_CHECKPOINT_EVERY = 0.25
+#: Commits after which a writer wakes the background thread before its time.
+WAL_NUDGE_AFTER = 64
+#: Commits after which a writer checkpoints the WAL itself, should the background thread fall
+#: that far behind (a checkpoint never runs on the commit path otherwise).
+WAL_INLINE_AFTER = 1000
 #: Rows per statement where a list of ids or tags is bound (SQLite allows 32,766 variables).
 CHUNK = 500
 
@@ -189,16 +197,21 @@ class Store(MetaLog):
             self._conn = sqlite3.connect(
                 str(path), check_same_thread=False, isolation_level=None, timeout=30.0
             )
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            _set_wal(self._conn)
             self._conn.execute(f"PRAGMA synchronous={synchronous}")
             self._conn.execute("PRAGMA busy_timeout=30000")
             # a large batch grows the WAL file; after each checkpoint it shrinks back to this
             self._conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            # copying the WAL into the database is half the cost of a small commit: a
+            # background thread does it (see _WalCheckpointer), not the committing writer
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")
             self._db = sqlite_utils.Database(self._conn)
             self._lock = threading.RLock()
             self._depth = 0
+            self.commits = 0  # since the WAL was last checkpointed
             self._migrate()
             self.store_id = self._identity()
+            self._checkpointer = _WalCheckpointer(self, synchronous)
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"{path} is not a usable semcache store ({exc}); move it away or open another "
@@ -238,6 +251,24 @@ class Store(MetaLog):
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("ROLLBACK")
                 raise StoreError(f"commit failed: {exc}") from exc
+            self.commits += 1
+            if self.commits == WAL_NUDGE_AFTER:
+                self._checkpointer.nudge()
+            elif self.commits >= WAL_INLINE_AFTER:  # the background thread fell far behind
+                self.checkpoint_wal(self._conn)
+
+    def checkpoint_wal(self, conn: sqlite3.Connection) -> None:
+        """Copy what the WAL holds into the database (PASSIVE: waits for no reader or
+        writer, and leaves what it cannot copy yet for the next time). A write starts the WAL
+        over only after a copy that caught up with it, which a copy running beside writes
+        rarely does: once the WAL outgrows ``WAL_SIZE_LIMIT`` the copy is finished between
+        two of this store's transactions, so the file stays bounded under steady writes."""
+        self.commits = 0
+        with contextlib.suppress(sqlite3.Error):
+            _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames * 4096 > WAL_SIZE_LIMIT:  # writes went on while it copied: catch up
+                with self._lock:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
@@ -269,6 +300,7 @@ class Store(MetaLog):
         return int(self.execute("PRAGMA data_version")[0][0])
 
     def close(self) -> None:
+        self._checkpointer.stop()
         with self._lock:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA optimize")
@@ -793,16 +825,7 @@ class Store(MetaLog):
             "WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
             (seq, limit),
         )
-        return [
-            Change(
-                int(r[0]),
-                r[1],
-                r[2],
-                r[3],
-                None if r[5] is None else (r[4], decode(r[5])),
-            )
-            for r in rows
-        ]
+        return changes_of_rows(rows)
 
     def last_seq(self) -> int:
         rows = self.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'")
@@ -876,9 +899,78 @@ class Store(MetaLog):
         return [] if rows and rows[0][0] == "ok" else [f"sqlite: {r[0]}" for r in rows]
 
 
+def _set_wal(conn: sqlite3.Connection, patience: float = 30.0) -> None:
+    """Switch to WAL. The switch needs the database alone for a moment and gives up at once,
+    without the busy timeout, when another process is creating or closing it: several
+    processes opening a new folder together take turns instead of failing."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+class _WalCheckpointer:
+    """A daemon thread, with its own connection, that checkpoints the store's WAL every
+    ``WAL_CHECKPOINT_EVERY`` seconds after commits (sooner in a burst), so no commit pays for
+    it (SQLite's automatic checkpoint runs inside the commit that crosses its threshold). A
+    commit is as durable as before: the WAL is the database until it is copied."""
+
+    def __init__(self, store: Store, synchronous: str) -> None:
+        self._store = store
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._conn = sqlite3.connect(
+            str(store.path), check_same_thread=False, isolation_level=None, timeout=1.0
+        )
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        self._conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._thread = threading.Thread(target=self._run, name="semcache-wal", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(WAL_CHECKPOINT_EVERY)
+            self._wake.clear()
+            if self._store.commits and not self._stop.is_set():
+                self._store.checkpoint_wal(self._conn)
+
+    def nudge(self) -> None:
+        """Checkpoint now: a burst of commits is filling the WAL."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+
+
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), CHUNK):
         yield items[start : start + CHUNK]
+
+
+def changes_of_rows(rows: Sequence[Sequence[Any]]) -> list[Change]:
+    """Log rows (seq, entry_id, shard, op, the entry's shard now, its vector now) as changes,
+    every vector decoded in one pass."""
+    live = [i for i, r in enumerate(rows) if r[5] is not None]
+    vectors = decode_many([rows[i][5] for i in live]) if live else None
+    current: dict[int, tuple[str, np.ndarray]] = {
+        i: (rows[i][4], vectors[n])
+        for n, i in enumerate(live)  # type: ignore[index]
+    }
+    return [
+        Change(int(r[0]), None if r[1] is None else int(r[1]), r[2], r[3], current.get(i))
+        for i, r in enumerate(rows)
+    ]
 
 
 def gather_vectors(

@@ -68,7 +68,8 @@ class Scope:
             raise InvalidScopeError("Scope.context must be a list of earlier turns")
         try:
             canonical = self.canonical()  # validates every field once, up front
-            blob = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
+            text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False)
+            blob = text.encode()
         except RecursionError:
             raise InvalidScopeError("the scope is nested too deeply to be a key") from None
         except UnicodeEncodeError as exc:
@@ -76,6 +77,7 @@ class Scope:
                 f"the scope holds text that is not valid Unicode (a lone surrogate: {exc.reason})"
             ) from None
         object.__setattr__(self, "_digest", hashlib.sha256(blob).hexdigest())
+        object.__setattr__(self, "_json", text)
 
     def canonical(self) -> dict[str, Any]:
         """The JSON-stable dict the digest is computed from."""
@@ -93,7 +95,8 @@ class Scope:
         return self._digest  # type: ignore[attr-defined,no-any-return]
 
     def to_json(self) -> str:
-        return json.dumps(self.canonical(), separators=(",", ":"), ensure_ascii=False)
+        """The canonical scope as JSON (as the store keeps it), as of the scope's creation."""
+        return self._json  # type: ignore[attr-defined,no-any-return]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Scope:

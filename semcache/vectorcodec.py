@@ -28,8 +28,9 @@ def encode(vector: np.ndarray) -> bytes:
 
 
 def _unit(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    np.divide(matrix, norms, out=matrix, where=norms > 0)
+    norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
+    norms[norms == 0] = 1.0
+    matrix /= norms[:, None]
     return matrix
 
 
@@ -40,18 +41,17 @@ def decode(blob: bytes | memoryview) -> np.ndarray:
 
 def decode_many(blobs: Sequence[bytes | memoryview]) -> np.ndarray:
     """One unit float32 row per blob (blobs of one dimension; either encoding, or a mix)."""
-    if not blobs:
+    if not len(blobs):
         return np.zeros((0, 0), dtype=np.float32)
-    raw = [bytes(b) for b in blobs]
-    if all(len(b) % 2 == 1 and b[:1] == FP16 for b in raw):
-        joined = b"".join(b[1:] for b in raw)
-        halves = np.frombuffer(joined, dtype=np.float16).reshape(len(raw), -1)
-        return _unit(halves.astype(np.float32))
+    size = len(blobs[0])
+    if size % 2 == 1 and all(len(b) == size and b[0] == FP16[0] for b in blobs):
+        halves = np.frombuffer(b"".join(b[1:] for b in blobs), dtype=np.float16)
+        return _unit(halves.reshape(len(blobs), -1).astype(np.float32))
     rows = [
         np.frombuffer(b[1:], dtype=np.float16).astype(np.float32)
         if len(b) % 2 == 1
         else np.frombuffer(b, dtype=np.float32).copy()
-        for b in raw
+        for b in blobs
     ]
     if len({len(r) for r in rows}) != 1:
         raise ValueError("stored vectors of different dimensions")
