@@ -54,6 +54,7 @@ from .eviction import Evictor
 from .feedback import Feedback
 from .fence import Candidate, Observed, any_covers
 from .folder import FolderLock
+from .groupcommit import GroupCommit, Request
 from .index import FaissIndex, VectorIndex
 from .keys import exact_key, normalise, shard_key
 from .l1 import L1Cache, L1Item
@@ -113,6 +114,10 @@ class _Choice:
     served: tuple[int, Hit] | None = None
     decision: Any = None
     refused: tuple[Row, Any] | None = None
+
+
+#: A single write as group commit queues it: the prepared item, its vector, the fence.
+_Write = tuple[dict[str, Any], np.ndarray, "Observed | None"]
 
 
 @dataclass
@@ -296,6 +301,7 @@ class SemanticCache:
             slot=slot,
         )
         self._lock = self.replica.lock
+        self._group: GroupCommit[_Write] = GroupCommit(self._lock, self._commit)
         self._leases = Leases(self._db, self.flight_timeout)
         self._feedback = Feedback(self._db)
         self._folder: FolderLock | None = None
@@ -783,42 +789,64 @@ class SemanticCache:
         vector: np.ndarray,
         observed: Observed | None,
     ) -> str | None:
-        """Commit one entry (fenced when ``observed`` is given); None when the fence refused."""
-        scope, tags = item["scope"], item["tags"]
-        vector = np.ascontiguousarray(vector, dtype=np.float32)
-        with self._lock:
-            self._check_open()
-            now = self.clock.now()
-            self.replica.sync(fresh=True)  # written under the namespace's version now
-            shard = self._shard(scope)
-            # a fenced answer is as old as the lookup it follows: its TTL counts from there
-            born = observed.at if observed else now
-            values = self._row(item, vector, shard, scope.to_json(), now, born)
-            candidate = Candidate(scope.namespace, scope.digest, values["l1_key"], tags, vector)
-            with self._db.transaction():
-                self._cull(now)  # before the insert: an entry is never culled by its own write
+        """Commit one entry (fenced when ``observed`` is given); None when the fence refused.
+        Concurrent writers share a transaction (:mod:`semcache.groupcommit`)."""
+        payload = (item, np.ascontiguousarray(vector, dtype=np.float32), observed)
+        return self._group.submit(payload)  # type: ignore[no-any-return]
+
+    def _commit(self, batch: list[Request[_Write]]) -> None:
+        """Commit a batch of single writes in one transaction, each fenced on its own; runs
+        under the lock, called by :class:`~semcache.groupcommit.GroupCommit`."""
+        self._check_open()
+        now = self.clock.now()
+        self.replica.sync(fresh=True)  # written under the namespace's version now
+        ready: list[tuple[Request[_Write], dict[str, Any], Candidate]] = []
+        for request in batch:
+            item, vector, observed = request.payload
+            scope = item["scope"]
+            try:
+                shard = self._shard(scope)
+                # a fenced answer is as old as the lookup it follows: its TTL counts from there
+                born = observed.at if observed else now
+                values = self._row(item, vector, shard, scope.to_json(), now, born)
+            except SemcacheError as exc:  # this write's own fault (its size): not the batch's
+                request.error = exc
+                continue
+            candidate = Candidate(
+                scope.namespace, scope.digest, values["l1_key"], item["tags"], vector
+            )
+            ready.append((request, values, candidate))
+        if not ready:
+            return
+        first: int | None = None
+        with self._db.transaction():
+            self._cull(now, len(ready))  # before the inserts: no entry is culled by its own write
+            for request, values, candidate in ready:
+                observed = request.payload[2]
                 written = self._db.insert(
                     values,
-                    tags,
+                    candidate.tags,
                     fence=None if observed is None else observed.position,
-                    covered=lambda fences: any_covers(fences, candidate),
+                    covered=lambda fences, c=candidate: any_covers(fences, c),  # type: ignore[misc]
                 )
                 if written is None:
                     self._stats["fenced"] += 1
-                    return None
-                self._stats["evictions"] += self.evictor.enforce(written[0], self._flush_access)
-            self._stats["stores"] += 1
-            self.replica.catch_up()
-            # L1 fills on the first exact repeat (from the store), never here
-            return written[1]
+                    continue
+                first = written[0] if first is None else min(first, written[0])
+                request.result = written[1]
+            if first is not None:  # never evicts a write of this batch
+                self._stats["evictions"] += self.evictor.enforce(first, self._flush_access)
+        self._stats["stores"] += sum(request.result is not None for request, _, _ in ready)
+        self.replica.catch_up()
+        # L1 fills on the first exact repeat (from the store), never here
 
-    def _cull(self, now: float) -> None:
+    def _cull(self, now: float, writes: int = 1) -> None:
         """Bounded clean-up on writes: up to ``cull_limit`` expired or version-dead entries per
         write, in batches every ``CULL_EVERY`` writes (two statements less on most writes)."""
-        self._writes += 1
-        if self.cull_limit <= 0 or self._writes % CULL_EVERY:
+        before, self._writes = self._writes, self._writes + writes
+        if self.cull_limit <= 0 or before // CULL_EVERY == self._writes // CULL_EVERY:
             return
-        limit = self.cull_limit * CULL_EVERY
+        limit = self.cull_limit * CULL_EVERY * -(-writes // CULL_EVERY)
         n = self._db.delete_expired(now - self.max_stale, limit)
         n += self._db.delete_dead_versions(limit)
         self._stats["culled"] += n
