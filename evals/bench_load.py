@@ -47,12 +47,14 @@ def main() -> None:
             n = min(args.batch, args.n - start)
             v = rng.standard_normal((n, 384)).astype(np.float32)
             v /= np.linalg.norm(v, axis=1, keepdims=True)
-            cache.store_many(
-                [(f"prompt {start + i}", answer) for i in range(n)], vectors=v
-            )
+            cache.store_many([(f"prompt {start + i}", answer) for i in range(n)], vectors=v)
             print(f"  {start + n:,} stored after {time.perf_counter() - t0:.1f} s", flush=True)
         stored = time.perf_counter() - t0
-        while any(getattr(index, "pending", 0) for _, index in cache.shards.items()):
+        last = 0.0
+        while pending := sum(getattr(index, "pending", 0) for _, index in cache.shards.items()):
+            if time.perf_counter() - last >= 30:
+                last = time.perf_counter()
+                print(f"  {pending:,} not in the graph yet at {last - t0:.0f} s", flush=True)
             time.sleep(0.5)
         ready = time.perf_counter() - t0
         probe = rng.standard_normal(384).astype(np.float32)
