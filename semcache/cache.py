@@ -68,7 +68,7 @@ from .stores import SYNCHRONOUS, default_index_dir, is_store_url, open_store, re
 from .sweeper import Sweeper
 from .threshold import HitPolicy, as_policy, check_threshold
 from .types import Entry, Hit, Scope
-from .vectorcodec import encode
+from .vectorcodec import decode, encode
 
 log = logging.getLogger("semcache")
 
@@ -286,12 +286,16 @@ class SemanticCache:
         except OSError as exc:  # a file in the way, no permission, a read-only disk
             self._db.close()
             raise StoreError(f"cannot use {exc.filename} as an index folder: {exc}") from exc
-        self.evictor = Evictor(self._db, eviction, max_entries, max_bytes)
+        try:
+            self.evictor = Evictor(self._db, eviction, max_entries, max_bytes)
+            if isinstance(log_keep, bool) or not isinstance(log_keep, int) or log_keep < 0:
+                raise InvalidInputError("log_keep must be a non-negative int")
+        except BaseException:
+            self._db.close()  # a refused argument leaves nothing open
+            raise
         self.shards = ShardSet(
             self.path / INDEX_DIR, self.dim, self.embedder.model_id, index_factory
         )
-        if isinstance(log_keep, bool) or not isinstance(log_keep, int) or log_keep < 0:
-            raise InvalidInputError("log_keep must be a non-negative int")
         self.replica = Replica(
             self._db,
             self.shards,
@@ -301,7 +305,9 @@ class SemanticCache:
             slot=slot,
         )
         self._lock = self.replica.lock
-        self._group: GroupCommit[_Write] = GroupCommit(self._lock, self._commit)
+        self._group: GroupCommit[_Write] = GroupCommit(
+            self._lock, self._commit, self._db.in_transaction
+        )
         self._leases = Leases(self._db, self.flight_timeout)
         self._feedback = Feedback(self._db)
         self._folder: FolderLock | None = None
@@ -795,8 +801,10 @@ class SemanticCache:
         return self._group.submit(payload)  # type: ignore[no-any-return]
 
     def _commit(self, batch: list[Request[_Write]]) -> None:
-        """Commit a batch of single writes in one transaction, each fenced on its own; runs
-        under the lock, called by :class:`~semcache.groupcommit.GroupCommit`."""
+        """Commit a batch of single writes, each fenced on its own; runs under the lock, called
+        by :class:`~semcache.groupcommit.GroupCommit`. One transaction for the batch, or one
+        per write when the cache is bounded: a write then evicts older entries at once (the
+        bound holds after every commit) and never an entry whose id a caller is about to get."""
         self._check_open()
         now = self.clock.now()
         self.replica.sync(fresh=True)  # written under the namespace's version now
@@ -812,33 +820,46 @@ class SemanticCache:
             except SemcacheError as exc:  # this write's own fault (its size): not the batch's
                 request.error = exc
                 continue
+            # judged on the vector as stored, which invalidations compare with
+            stored = decode(values["vector"])
             candidate = Candidate(
-                scope.namespace, scope.digest, values["l1_key"], item["tags"], vector
+                scope.namespace, scope.digest, values["l1_key"], item["tags"], stored
             )
             ready.append((request, values, candidate))
-        if not ready:
-            return
+        groups = [[one] for one in ready] if self.evictor.bounded else [ready] if ready else []
+        for group in groups:
+            self._commit_group(group, now)
+        self.replica.catch_up()
+        # L1 fills on the first exact repeat (from the store), never here
+
+    def _commit_group(
+        self, group: list[tuple[Request[_Write], dict[str, Any], Candidate]], now: float
+    ) -> None:
+        """One transaction for ``group``; counted in the stats only once it committed."""
         first: int | None = None
+        written: dict[int, str] = {}  # position in the group -> uid
+        evicted = 0
         with self._db.transaction():
-            self._cull(now, len(ready))  # before the inserts: no entry is culled by its own write
-            for request, values, candidate in ready:
+            self._cull(now, len(group))  # before the inserts: no entry is culled by its own write
+            for n, (request, values, candidate) in enumerate(group):
                 observed = request.payload[2]
-                written = self._db.insert(
+                row = self._db.insert(
                     values,
                     candidate.tags,
                     fence=None if observed is None else observed.position,
                     covered=lambda fences, c=candidate: any_covers(fences, c),  # type: ignore[misc]
                 )
-                if written is None:
-                    self._stats["fenced"] += 1
-                    continue
-                first = written[0] if first is None else min(first, written[0])
-                request.result = written[1]
-            if first is not None:  # never evicts a write of this batch
-                self._stats["evictions"] += self.evictor.enforce(first, self._flush_access)
-        self._stats["stores"] += sum(request.result is not None for request, _, _ in ready)
-        self.replica.catch_up()
-        # L1 fills on the first exact repeat (from the store), never here
+                if row is not None:
+                    first = row[0] if first is None else min(first, row[0])
+                    written[n] = row[1]
+            if first is not None:  # never evicts a write of this group
+                evicted = self.evictor.enforce(first, self._flush_access)
+        for n, (request, _, _) in enumerate(group):
+            request.result = written.get(n)
+            request.committed = True
+        self._stats["evictions"] += evicted
+        self._stats["stores"] += len(written)
+        self._stats["fenced"] += len(group) - len(written)
 
     def _cull(self, now: float, writes: int = 1) -> None:
         """Bounded clean-up on writes: up to ``cull_limit`` expired or version-dead entries per

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import faiss
 import numpy as np
 
-from .errors import IndexCorruptError, InvalidVectorError
+from .errors import IndexCorruptError, InvalidVectorError, StoreError
 
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
 _EMPTY_SIMS = np.zeros(0, dtype=np.float32)
@@ -723,7 +723,7 @@ def load_index(data: bytes, fetch: Fetch | None = None) -> NumpyIndex | FaissInd
         meta = json.loads(arrays.pop("header").tobytes().decode())
         cls = _KINDS[meta.pop("kind")]
         return cls._from_arrays(meta, arrays, fetch)
-    except IndexCorruptError:
+    except (IndexCorruptError, StoreError):  # a store failing to give the vectors is no damage
         raise
     except Exception as exc:
         raise IndexCorruptError(f"unreadable index data ({type(exc).__name__}: {exc})") from exc

@@ -68,7 +68,7 @@ from .store import (
 from .vectorcodec import decode, decode_many
 
 #: The PostgreSQL schema's own version (independent of the SQLite store's).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _ROW_COLUMNS = "id, uid, shard, prompt, response, expires_at, metadata, min_similarity"
 #: An entry of its namespace's current version (a namespace never bumped is at version 0).
@@ -213,6 +213,10 @@ class PostgresStore(MetaLog):
                 yield conn
         except psycopg.Error as exc:
             raise StoreError(f"store query failed: {exc}") from exc
+
+    def in_transaction(self) -> bool:
+        """This thread is inside :meth:`transaction` (or :meth:`read_snapshot`)."""
+        return getattr(self._local, "conn", None) is not None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
@@ -1138,7 +1142,18 @@ _MIGRATION_3 = [
     "FOR EACH ROW EXECUTE FUNCTION {s}.log_head_moved()",
 ]
 
-_MIGRATIONS: dict[int, list[str]] = {1: _MIGRATION_1, 2: _MIGRATION_2, 3: _MIGRATION_3}
+# Vectors written in half precision from here on (semcache/vectorcodec.py): a release before
+# schema 4 cannot read them, and refuses the schema instead of failing on its first decode.
+_MIGRATION_4 = [
+    "COMMENT ON SCHEMA {s} IS 'semcache store: entry vectors in half precision since schema 4'",
+]
+
+_MIGRATIONS: dict[int, list[str]] = {
+    1: _MIGRATION_1,
+    2: _MIGRATION_2,
+    3: _MIGRATION_3,
+    4: _MIGRATION_4,
+}
 
 
 def _channel(schema: str) -> str:

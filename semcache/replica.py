@@ -147,7 +147,7 @@ class Replica:
                 return "its files are ahead of the store"
             if int(manifest.get("seq", 0)) < self.store.trimmed_upto():  # type: ignore[call-overload]
                 return "the store's log was trimmed past its files"
-            self.shards.load(self.store.vector_matrix)
+            self.shards.load(self.store.vector_matrix, manifest)
         except (IndexCorruptError, TypeError, ValueError) as exc:
             return str(exc)
         return None

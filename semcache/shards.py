@@ -214,10 +214,11 @@ class ShardSet:
         except (OSError, ValueError) as exc:
             raise IndexCorruptError(f"{path} is unreadable ({exc})") from exc
 
-    def load(self, fetch: Fetch) -> bool:
+    def load(self, fetch: Fetch, manifest: dict[str, object] | None = None) -> bool:
         """Load the persisted shards, their vectors from ``fetch`` (the store of record's);
-        False when there is nothing persisted."""
-        body = self._read_manifest()
+        False when there is nothing persisted. ``manifest`` is the one the caller judged
+        (:meth:`manifest`), so the files loaded are the ones it judged."""
+        body = self._read_manifest() if manifest is None else manifest
         if body is None:
             return False
         if body.get("model_id") != self.model_id or body.get("dim") != self.dim:

@@ -26,6 +26,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import sqlite_utils
 from .errors import StoreError
 from .vectorcodec import decode, decode_many
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: Seconds a follower's hold on the change log lasts unless refreshed (wall-clock time: it is
 #: compared across processes).
 HOLD_TTL = 60.0
@@ -49,7 +50,7 @@ WAL_CHECKPOINT_EVERY = 0.25
 WAL_NUDGE_AFTER = 64
 #: Commits after which a writer checkpoints the WAL itself, should the background thread fall
 #: that far behind (a checkpoint never runs on the commit path otherwise).
-WAL_INLINE_AFTER = 1000
+WAL_INLINE_AFTER = 256
 #: Rows per statement where a list of ids or tags is bound (SQLite allows 32,766 variables).
 CHUNK = 500
 
@@ -269,6 +270,11 @@ class Store(MetaLog):
             if frames * 4096 > WAL_SIZE_LIMIT:  # writes went on while it copied: catch up
                 with self._lock:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def in_transaction(self) -> bool:
+        """This thread is inside :meth:`transaction` or :meth:`read_snapshot` (they hold the
+        connection's lock throughout)."""
+        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
@@ -918,12 +924,14 @@ class _WalCheckpointer:
     """A daemon thread, with its own connection, that checkpoints the store's WAL every
     ``WAL_CHECKPOINT_EVERY`` seconds after commits (sooner in a burst), so no commit pays for
     it (SQLite's automatic checkpoint runs inside the commit that crosses its threshold). A
-    commit is as durable as before: the WAL is the database until it is copied."""
+    commit is as durable as before: the WAL is the database until it is copied. The thread
+    holds its store weakly and ends with it, closed or not."""
 
     def __init__(self, store: Store, synchronous: str) -> None:
-        self._store = store
+        self._store = weakref.ref(store)
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.runs = 0  # checkpoints this thread made
         self._conn = sqlite3.connect(
             str(store.path), check_same_thread=False, isolation_level=None, timeout=1.0
         )
@@ -932,25 +940,34 @@ class _WalCheckpointer:
         self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._thread = threading.Thread(target=self._run, name="semcache-wal", daemon=True)
         self._thread.start()
+        weakref.finalize(store, self.stop)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(WAL_CHECKPOINT_EVERY)
-            self._wake.clear()
-            if self._store.commits and not self._stop.is_set():
-                self._store.checkpoint_wal(self._conn)
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(WAL_CHECKPOINT_EVERY)
+                self._wake.clear()
+                store = self._store()
+                if store is None:
+                    return
+                if store.commits and not self._stop.is_set():
+                    store.checkpoint_wal(self._conn)
+                    self.runs += 1
+                del store  # never keep the store alive between two looks
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
 
     def nudge(self) -> None:
         """Checkpoint now: a burst of commits is filling the WAL."""
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread (it closes its connection); waits ``timeout`` seconds at most."""
         self._stop.set()
         self._wake.set()
         if self._thread is not threading.current_thread():
-            self._thread.join()
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.close()
+            self._thread.join(timeout)
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -1092,6 +1109,12 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     db.execute(_INSERT_TRIGGER)
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """Vectors written in half precision from here on (``semcache/vectorcodec.py``): a release
+    before schema 7 cannot read them, and refuses the store instead of failing on a decode."""
+    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('vector_encoding', 'fp16')")
+
+
 _MIGRATIONS = {
     1: _migration_1,
     2: _migration_2,
@@ -1099,4 +1122,5 @@ _MIGRATIONS = {
     4: _migration_4,
     5: _migration_5,
     6: _migration_6,
+    7: _migration_7,
 }

@@ -56,8 +56,3 @@ def decode_many(blobs: Sequence[bytes | memoryview]) -> np.ndarray:
     if len({len(r) for r in rows}) != 1:
         raise ValueError("stored vectors of different dimensions")
     return _unit(np.stack(rows))
-
-
-def quantize(vectors: np.ndarray) -> np.ndarray:
-    """``vectors`` as they read back from the store (for callers comparing with stored ones)."""
-    return decode_many([encode(v) for v in np.atleast_2d(vectors)])

@@ -303,3 +303,32 @@ FenceMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_no_answer_is_served_after_the_invalidation_covering_it = FenceMachine.TestCase
+
+
+def test_a_fenced_write_is_judged_on_its_vector_as_stored(tmp_path: Path) -> None:
+    """The store keeps a vector in half precision, and a semantic invalidation removes what is
+    within its radius of the stored vector: a fenced write is judged on that same vector, so
+    one that the invalidation would remove is not cached after it, even at the radius's edge."""
+    import numpy as np
+
+    from semcache.vectorcodec import decode, encode
+
+    from .fakes import HashEmbedder
+
+    rng = np.random.default_rng(11)
+    for _ in range(1000):  # a pair whose stored similarity is above its float32 one
+        v, q = rng.standard_normal((2, 64)).astype(np.float32)
+        v, q = v / np.linalg.norm(v), q / np.linalg.norm(q)
+        exact, stored = float(q @ v), float(q @ decode(encode(v)))
+        if stored - exact > 1e-5:
+            break
+    radius = (exact + stored) / 2  # covers the stored vector, not the float32 one
+    cache = SemanticCache(tmp_path, embedder=HashEmbedder())
+    try:
+        position = cache.position()
+        cache.invalidate_similar(q, radius)  # committed after the write's lookup
+        assert cache.store("a prompt at the radius's edge", "old", vector=v, fence=position) is None
+        uid = cache.store("a prompt at the radius's edge", "old", vector=v)  # unfenced: stored
+        assert cache.invalidate_similar(q, radius) == [uid]  # and the same radius removes it
+    finally:
+        cache.close()

@@ -3,6 +3,7 @@ and the WAL is checkpointed off the commit path."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from semcache import SemanticCache
+from semcache.errors import EntryNotFoundError
 from semcache.groupcommit import GroupCommit, Request
 
 from .fakes import HashEmbedder
@@ -84,46 +86,77 @@ def test_a_failed_batch_fails_every_request_in_it() -> None:
     assert len(errors) == 3
 
 
-def test_concurrent_stores_share_commits_each_fenced_on_its_own(tmp_path: Path) -> None:
-    """Writes queued while another holds the writers' turn commit together: each gets its own
-    id, a fenced one whose invalidation committed after its lookup is refused alone, and
-    eviction never takes a write of the batch, so every id returned exists."""
-    cache = SemanticCache(tmp_path, embedder=HashEmbedder(), max_entries=2, eviction="fifo")
-    try:
-        cache.store("an old entry", "old")
-        position = cache.position()
-        results: dict[str, str | None] = {}
+def _transactions(cache: SemanticCache) -> list[int]:
+    """Records the size of every write transaction the cache's group commit makes."""
+    sizes: list[int] = []
+    commit_group = cache._commit_group
 
-        def write(prompt: str, **kwargs: object) -> None:
-            results[prompt] = cache.store(prompt, f"answer to {prompt}", **kwargs)  # type: ignore[arg-type]
+    def spy(group: list, now: float) -> None:
+        sizes.append(len(group))
+        commit_group(group, now)
 
-        batches = cache._group.batches
-        with cache._lock:
-            threads = [
-                threading.Thread(target=write, args=(f"plain question {i}",)) for i in range(4)
-            ]
-            threads.append(
-                threading.Thread(
-                    target=write,
-                    args=("a fenced question",),
-                    kwargs={"tags": ["doc:1"], "fence": position},
-                )
-            )
-            for t in threads:
-                t.start()
-            _queued(cache._group, 5)
-            cache.invalidate_tags("doc:1")  # committed after the fenced write's position
+    cache._commit_group = spy  # type: ignore[method-assign]
+    return sizes
+
+
+def _held_writes(cache: SemanticCache, writes: list[tuple[str, dict]], during=None) -> dict:
+    """Start a thread per write while holding the writers' turn, wait until all are queued,
+    run ``during`` (still holding it), release; returns each prompt's result."""
+    results: dict[str, object] = {}
+
+    def write(prompt: str, kwargs: dict) -> None:
+        results[prompt] = cache.store(prompt, f"answer to {prompt}", **kwargs)
+
+    with cache._lock:
+        threads = [threading.Thread(target=write, args=w) for w in writes]
         for t in threads:
-            t.join()
-        assert cache._group.batches == batches + 1  # the five shared one commit
+            t.start()
+        _queued(cache._group, len(writes))
+        if during is not None:
+            during()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_stores_share_a_commit_each_fenced_on_its_own(tmp_path: Path) -> None:
+    """Writes queued while another holds the writers' turn commit together in one transaction:
+    each gets its own id, and a fenced one whose invalidation committed after its lookup is
+    refused alone."""
+    cache = SemanticCache(tmp_path, embedder=HashEmbedder())
+    try:
+        position = cache.position()
+        transactions = _transactions(cache)
+        writes = [(f"plain question {i}", {}) for i in range(4)]
+        writes.append(("a fenced question", {"tags": ["doc:1"], "fence": position}))
+        results = _held_writes(cache, writes, lambda: cache.invalidate_tags("doc:1"))
+        assert transactions == [5]  # the five shared one transaction
         assert results.pop("a fenced question") is None
-        assert cache.stats()["fenced"] == 1
-        assert all(uid is not None for uid in results.values())
+        assert cache.stats()["fenced"] == 1 and cache.stats()["stores"] == 4
         for prompt, uid in results.items():
             assert cache.get(uid).response == f"answer to {prompt}"  # type: ignore[arg-type]
         assert cache.verify() == []
-        cache.store("one more", "x")  # the next write evicts down to the bound
-        assert cache.stats()["entries"] == 2
+    finally:
+        cache.close()
+
+
+def test_a_bounded_cache_commits_concurrent_writes_one_by_one(tmp_path: Path) -> None:
+    """With ``max_entries``, queued writes still go in one turn but in a transaction each, so
+    the bound holds after every commit, and no write evicts itself."""
+    cache = SemanticCache(tmp_path, embedder=HashEmbedder(), max_entries=2, eviction="fifo")
+    try:
+        transactions = _transactions(cache)
+        results = _held_writes(cache, [(f"bounded question {i}", {}) for i in range(6)])
+        assert transactions == [1] * 6
+        assert all(uid is not None for uid in results.values())
+        assert cache.stats()["entries"] == 2 and cache.stats()["stores"] == 6
+        assert cache.stats()["evictions"] == 4
+        survivors = []
+        for uid in results.values():
+            with contextlib.suppress(EntryNotFoundError):
+                survivors.append(cache.get(uid))  # type: ignore[arg-type]
+        assert len(survivors) == 2
+        assert cache.verify() == []
     finally:
         cache.close()
 
@@ -146,7 +179,7 @@ def test_sixteen_threads_of_stores_lose_nothing(tmp_path: Path) -> None:
         t.join()
     try:
         assert len(set(ids)) == 640 and cache.stats()["entries"] == 640
-        assert cache._group.requests - cache._group.batches >= 0
+        assert cache._group.requests == 640
         hit = cache.lookup("thread 7 question 31")
         assert hit is not None and hit.response == "answer 7/31"
         assert cache.verify() == []
@@ -163,12 +196,7 @@ def test_the_wal_is_checkpointed_off_the_commit_path(tmp_path: Path) -> None:
         for i in range(1500):  # about 6 dirty pages a write: 35 MB of WAL if never copied
             cache.store(f"question {i}", "x" * 850)
         time.sleep(1.0)
-        probe = sqlite3.connect(tmp_path / "semcache.db")
-        try:
-            busy, log_frames, copied = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        finally:
-            probe.close()
-        assert busy == 0 and log_frames == copied  # nothing left to copy: the thread did it
+        assert cache._db._checkpointer.runs > 0  # the thread copied it, no commit did
         assert (tmp_path / "semcache.db-wal").stat().st_size < 16 * 2**20
     finally:
         cache.close()
@@ -248,3 +276,122 @@ def test_processes_opening_a_new_folder_together_all_open(tmp_path: Path) -> Non
         assert [p.returncode for p in procs] == [0] * 4, "\n".join(outs)
         with SemanticCache(folder, embedder=HashEmbedder()) as cache:
             assert cache.stats()["entries"] == 80 and cache.verify() == []
+
+
+def test_an_interrupted_committer_fails_the_others_with_a_store_error() -> None:
+    """A KeyboardInterrupt in the thread committing a batch is that thread's: it gets the
+    interrupt, the other writers of the batch a StoreError, and no request is left pending."""
+    from semcache.errors import StoreError
+
+    lock = threading.RLock()
+    gate = threading.Event()
+
+    def commit(batch: list[Request[int]]) -> None:
+        if len(batch) > 1:
+            raise KeyboardInterrupt
+        for r in batch:
+            r.result, r.committed = r.payload, True
+
+    group: GroupCommit[int] = GroupCommit(lock, commit)
+    outcomes: dict[int, object] = {}
+
+    def write(n: int) -> None:
+        gate.wait()
+        try:
+            outcomes[n] = group.submit(n)
+        except BaseException as exc:  # the test looks at which
+            outcomes[n] = type(exc)
+
+    with lock:
+        threads = [threading.Thread(target=write, args=(n,)) for n in (1, 2, 3)]
+        for t in threads:
+            t.start()
+        gate.set()
+        _queued(group, 3)
+    for t in threads:
+        t.join()
+    assert list(outcomes.values()).count(KeyboardInterrupt) == 1
+    assert list(outcomes.values()).count(StoreError) == 2
+    assert group._queued == []
+
+
+def test_a_writer_interrupted_while_waiting_withdraws_its_write() -> None:
+    committed: list[int] = []
+
+    class InterruptedLock:
+        """The writers' turn, interrupted (as by Ctrl-C) while a writer waits for it."""
+
+        def __enter__(self) -> None:
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    def commit(batch: list[Request[int]]) -> None:
+        committed.extend(r.payload for r in batch)
+
+    group: GroupCommit[int] = GroupCommit(InterruptedLock(), commit)
+    with pytest.raises(KeyboardInterrupt):
+        group.submit(7)
+    assert group._queued == [] and committed == []
+
+
+def test_a_store_inside_a_transaction_commits_alone(tmp_path: Path) -> None:
+    """A write from a thread already inside a store transaction does not take other threads'
+    queued writes into a transaction whose fate they do not know."""
+    cache = SemanticCache(tmp_path, embedder=HashEmbedder())
+    try:
+        transactions = _transactions(cache)
+        results: dict[str, object] = {}
+
+        def write(prompt: str) -> None:
+            results[prompt] = cache.store(prompt, "answer")
+
+        with cache._lock:
+            threads = [threading.Thread(target=write, args=(f"queued {i}",)) for i in range(3)]
+            for t in threads:
+                t.start()
+            _queued(cache._group, 3)
+            with cache._db.transaction():
+                assert cache.store("from inside a transaction", "inner") is not None
+        for t in threads:
+            t.join()
+        assert transactions == [1, 3]
+        assert all(results.values()) and cache.stats()["entries"] == 4
+    finally:
+        cache.close()
+
+
+def test_the_wal_thread_ends_with_its_store(tmp_path: Path) -> None:
+    """A store dropped without close(), or a cache refused for a bad argument, leaves no WAL
+    thread (nor its connection) behind."""
+    import gc
+
+    from semcache.errors import InvalidInputError
+    from semcache.store import Store
+
+    def wal_threads() -> int:
+        return sum(t.name == "semcache-wal" and t.is_alive() for t in threading.enumerate())
+
+    before = wal_threads()
+    store = Store(tmp_path / "dropped.db")
+    assert wal_threads() == before + 1
+    del store
+    gc.collect()
+    with pytest.raises(InvalidInputError):
+        SemanticCache(tmp_path / "refused", embedder=HashEmbedder(), log_keep=-1)
+    deadline = time.monotonic() + 5
+    while wal_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert wal_threads() == before
+
+
+def test_writers_copy_the_wal_themselves_when_the_thread_is_gone(tmp_path: Path) -> None:
+    cache = SemanticCache(tmp_path, embedder=HashEmbedder())
+    try:
+        cache._db._checkpointer.stop()  # as in a forked child: no thread
+        for i in range(1500):
+            cache.store(f"question {i}", "x" * 850)
+        assert (tmp_path / "semcache.db-wal").stat().st_size < 24 * 2**20
+    finally:
+        cache.close()

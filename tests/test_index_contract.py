@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from semcache import FaissIndex, InvalidVectorError, NumpyIndex, VectorIndex
-from semcache.errors import IndexCorruptError
+from semcache.errors import IndexCorruptError, StoreError
 from semcache.index import load_index
 
 DIM = 32
@@ -146,6 +146,12 @@ def test_round_trip_without_vectors(index: VectorIndex) -> None:
         load_index(data)
     with pytest.raises(IndexCorruptError, match="shape"):
         load_index(data, lambda ids: np.zeros((len(ids), DIM + 1), dtype=np.float32))
+
+    def unreachable(ids: np.ndarray) -> np.ndarray:
+        raise StoreError("the store did not answer")
+
+    with pytest.raises(StoreError):  # the store's trouble, not a damaged file: no rebuild
+        load_index(data, unreachable)
 
 
 def test_hnsw_recall_and_tombstone_compaction() -> None:
