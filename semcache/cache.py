@@ -808,7 +808,7 @@ class SemanticCache:
         self._check_open()
         now = self.clock.now()
         self.replica.sync(fresh=True)  # written under the namespace's version now
-        ready: list[tuple[Request[_Write], dict[str, Any], Candidate]] = []
+        ready: list[tuple[Request[_Write], dict[str, Any], Candidate | None]] = []
         for request in batch:
             item, vector, observed = request.payload
             scope = item["scope"]
@@ -820,11 +820,12 @@ class SemanticCache:
             except SemcacheError as exc:  # this write's own fault (its size): not the batch's
                 request.error = exc
                 continue
-            # judged on the vector as stored, which invalidations compare with
-            stored = decode(values["vector"])
-            candidate = Candidate(
-                scope.namespace, scope.digest, values["l1_key"], item["tags"], stored
-            )
+            candidate = None
+            if observed is not None:  # judged on the vector as stored, as invalidations see it
+                stored = decode(values["vector"])
+                candidate = Candidate(
+                    scope.namespace, scope.digest, values["l1_key"], item["tags"], stored
+                )
             ready.append((request, values, candidate))
         groups = [[one] for one in ready] if self.evictor.bounded else [ready] if ready else []
         for group in groups:
@@ -833,7 +834,7 @@ class SemanticCache:
         # L1 fills on the first exact repeat (from the store), never here
 
     def _commit_group(
-        self, group: list[tuple[Request[_Write], dict[str, Any], Candidate]], now: float
+        self, group: list[tuple[Request[_Write], dict[str, Any], Candidate | None]], now: float
     ) -> None:
         """One transaction for ``group``; counted in the stats only once it committed."""
         first: int | None = None
@@ -845,9 +846,11 @@ class SemanticCache:
                 observed = request.payload[2]
                 row = self._db.insert(
                     values,
-                    candidate.tags,
+                    request.payload[0]["tags"],
                     fence=None if observed is None else observed.position,
-                    covered=lambda fences, c=candidate: any_covers(fences, c),  # type: ignore[misc]
+                    covered=None
+                    if candidate is None
+                    else lambda fences, c=candidate: any_covers(fences, c),  # type: ignore[misc]
                 )
                 if row is not None:
                     first = row[0] if first is None else min(first, row[0])
