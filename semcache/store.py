@@ -213,11 +213,17 @@ class Store(MetaLog):
             self._migrate()
             self.store_id = self._identity()
             self._checkpointer = _WalCheckpointer(self, synchronous)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"{path} is not a usable semcache store ({exc}); move it away or open another "
-                "data folder"
-            ) from exc
+        except BaseException as exc:
+            conn = getattr(self, "_conn", None)
+            if conn is not None:  # a store refused (unusable, newer) leaves nothing open
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(
+                    f"{path} is not a usable semcache store ({exc}); move it away or open "
+                    "another data folder"
+                ) from exc
+            raise
 
     # -- plumbing -----------------------------------------------------------------------------
     @contextlib.contextmanager
