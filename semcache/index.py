@@ -224,7 +224,9 @@ class FaissIndex:
         self._flat: faiss.IndexIDMap2 | None = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._present: set[int] = set()
         self._hnsw: Any = None  # faiss.IndexHNSWSQ (fp16 codes; IndexHNSWFlat from old files)
-        self._xb = np.zeros((0, dim), dtype=np.float32)  # the graph's exact vectors, by label
+        # the graph's exact vectors, one row per label (its own storage holds them rounded to
+        # half precision, which is what makes its search fast)
+        self._xb = np.zeros((0, dim), dtype=np.float32)
         self._labels = np.zeros(0, dtype=np.int64)  # HNSW label -> id
         self._label_of: dict[int, int] = {}  # id -> live HNSW label
         self._tombs: set[int] = set()
@@ -322,9 +324,10 @@ class FaissIndex:
         and the recent segment, which holds the merged vectors until the swap. A vector removed
         or replaced during the merge is a tombstone in the new graph. Merges run one at a time;
         a graph replaced meanwhile (compacted, or flat again) discards the merge. Each merge
-        copies the whole graph once (here, a graph of 100k 384-dimensional vectors in 0.11-0.12
-        s, while inserting 256 vectors took 0.33-0.41 s), so a caller that holds no lock of
-        its own gains from batches of a few thousand.
+        copies the whole graph once (measured on the float32 graphs of a release before: a
+        graph of 100k 384-dimensional vectors in 0.11-0.12 s, while inserting 256 vectors took
+        0.33-0.41 s), so a caller that holds no lock of its own gains from batches of a few
+        thousand.
         """
         with self._merge_lock:
             with self._lock:
@@ -408,11 +411,6 @@ class FaissIndex:
             self._new_graph(*self._all_vectors())
         return len(present)
 
-    def _hnsw_matrix(self) -> np.ndarray:
-        """The graph's exact vectors, one row per label (its own storage holds them rounded
-        to half precision, which is what makes its search fast)."""
-        return self._xb
-
     def _all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every live entry, in label order for a graph."""
         if self._hnsw is not None:
@@ -420,7 +418,7 @@ class FaissIndex:
             labels.sort()
             return (
                 np.concatenate([self._labels[labels], self._rids[: self._rn]]),
-                np.concatenate([self._hnsw_matrix()[labels], self._rmat[: self._rn]]),
+                np.concatenate([self._xb[labels], self._rmat[: self._rn]]),
             )
         assert self._flat is not None
         n = self._flat.ntotal
@@ -521,7 +519,7 @@ class FaissIndex:
             wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
             if self._hnsw is not None:
                 out = np.zeros((len(wanted), self.dim), dtype=np.float32)
-                matrix = self._hnsw_matrix()
+                matrix = self._xb
                 for row, id_ in enumerate(wanted.tolist()):
                     if id_ in self._rpos:
                         out[row] = self._rmat[self._rpos[id_]]
@@ -537,8 +535,9 @@ class FaissIndex:
     # -- persistence ----------------------------------------------------------------------
     def to_bytes(self, *, vectors: bool = True) -> bytes:
         """The whole state; with ``vectors=False``, only what the caller cannot give back:
-        the graph's links, its labels, and the vectors of its tombstones (gone from the store,
-        they still steer searches through the graph)."""
+        the graph's links, its labels, and the vectors of its tombstones (entries deleted or
+        re-embedded since: the store no longer holds those vectors, and they still steer
+        searches through the graph)."""
         with self._lock:
             if self._hnsw is not None:
                 tombs = np.fromiter(sorted(self._tombs), dtype=np.int64, count=len(self._tombs))
@@ -552,7 +551,7 @@ class FaissIndex:
                     arrays["recent_mat"] = self._rmat[: self._rn]
                     arrays["exact"] = self._xb
                 else:
-                    arrays["tomb_mat"] = self._hnsw_matrix()[tombs].astype(np.float16)
+                    arrays["tomb_mat"] = self._xb[tombs].astype(np.float16)
             elif vectors:
                 arrays = {"flat": faiss.serialize_index(self._flat)}
             else:

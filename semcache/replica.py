@@ -35,7 +35,7 @@ import numpy as np
 from .errors import IndexCorruptError, StoreError
 from .l1 import L1Cache
 from .progress import Progress
-from .shards import ShardSet
+from .shards import ShardSet, pending_of
 from .store import HOLD_TTL, Change, Store
 
 log = logging.getLogger("semcache")
@@ -99,7 +99,7 @@ class Replica:
                 (
                     index
                     for _, index in self.shards.items()
-                    if (pending := getattr(index, "pending", 0))
+                    if (pending := pending_of(index))
                     and (quiet or pending > getattr(index, "recent_max", pending))
                 ),
                 None,

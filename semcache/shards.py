@@ -59,7 +59,7 @@ def _file_name(shard: str, generation: str) -> str:
     return f"{hashlib.sha256(shard.encode()).hexdigest()[:32]}-{generation}.idx"
 
 
-def _pending(index: VectorIndex) -> int:
+def pending_of(index: VectorIndex) -> int:
     """Vectors an index holds outside its graph, waiting for a merge (0 for indexes without)."""
     return int(getattr(index, "pending", 0))
 
@@ -154,7 +154,7 @@ class ShardSet:
         self._dirty.update(
             shard
             for shard, index in self._shards.items()
-            if _pending(index) != self._saved_pending.get(shard, 0)
+            if pending_of(index) != self._saved_pending.get(shard, 0)
         )
         files: dict[str, dict[str, object]] = dict(manifest.get("shards", {}))  # type: ignore[arg-type]
         generation = uuid.uuid4().hex[:12]
@@ -166,7 +166,7 @@ class ShardSet:
                 continue
             name = _file_name(shard, generation)
             # read before the snapshot: a merge landing in between only makes it save again
-            self._saved_pending[shard] = _pending(index)
+            self._saved_pending[shard] = pending_of(index)
             data = index.to_bytes(vectors=False)  # the store of record keeps them
             _atomic_write(self.folder / name, data)
             files[shard] = {
@@ -248,7 +248,7 @@ class ShardSet:
             raise IndexCorruptError(f"the manifest in {self.folder} is malformed ({exc})") from exc
         self._shards = shards
         self._dirty.clear()
-        self._saved_pending = {shard: _pending(index) for shard, index in shards.items()}
+        self._saved_pending = {shard: pending_of(index) for shard, index in shards.items()}
         self.seq = seq
         self.store_id = body.get("store_id")  # type: ignore[assignment]
         self.token = body.get("token")  # type: ignore[assignment]

@@ -210,6 +210,7 @@ class Store(MetaLog):
             self._lock = threading.RLock()
             self._depth = 0
             self.commits = 0  # since the WAL was last checkpointed
+            self._page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
             self._migrate()
             self.store_id = self._identity()
             self._checkpointer = _WalCheckpointer(self, synchronous)
@@ -273,7 +274,7 @@ class Store(MetaLog):
         self.commits = 0
         with contextlib.suppress(sqlite3.Error):
             _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if frames * 4096 > WAL_SIZE_LIMIT:  # writes went on while it copied: catch up
+            if frames * self._page_size > WAL_SIZE_LIMIT:  # writes went on while it copied
                 with self._lock:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 

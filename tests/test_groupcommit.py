@@ -395,3 +395,21 @@ def test_writers_copy_the_wal_themselves_when_the_thread_is_gone(tmp_path: Path)
         assert (tmp_path / "semcache.db-wal").stat().st_size < 24 * 2**20
     finally:
         cache.close()
+
+
+def test_a_burst_of_commits_wakes_the_wal_thread_before_its_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import semcache.store
+
+    monkeypatch.setattr(semcache.store, "WAL_CHECKPOINT_EVERY", 60.0)  # only a nudge can wake it
+    cache = SemanticCache(tmp_path, embedder=HashEmbedder())
+    try:
+        for i in range(semcache.store.WAL_NUDGE_AFTER + 5):
+            cache.store(f"question {i}", "answer")
+        deadline = time.monotonic() + 10
+        while cache._db._checkpointer.runs == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache._db._checkpointer.runs >= 1
+    finally:
+        cache.close()
