@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ from .fence import Candidate, Observed, any_covers
 from .folder import FolderLock
 from .groupcommit import GroupCommit, Request
 from .index import FaissIndex, VectorIndex
-from .keys import exact_key, normalise, shard_key
+from .keys import exact_key, new_uids, normalise, shard_key
 from .l1 import L1Cache, L1Item
 from .leases import Lead, Leases, poll_lead, release_quietly
 from .progress import Progress
@@ -68,7 +67,7 @@ from .stores import SYNCHRONOUS, default_index_dir, is_store_url, open_store, re
 from .sweeper import Sweeper
 from .threshold import HitPolicy, as_policy, check_threshold
 from .types import Entry, Hit, Scope
-from .vectorcodec import decode, encode
+from .vectorcodec import decode, encode, encode_many
 
 log = logging.getLogger("semcache")
 
@@ -156,7 +155,9 @@ class SemanticCache:
             changed, which needs the folder to itself) instead of loading the persisted one.
         l1_size: entries held by the in-process exact tier (0 disables it).
         sweep_interval: seconds between background expiry sweeps; None: no sweeper thread.
-        checkpoint_every: persist the index after this many changes (and always on close).
+        checkpoint_every: persist the index after this many changes (and always on close);
+            None (the default): after 20,000 changes or a quarter of the entries indexed,
+            whichever is more.
         log_keep: changes the checkpoint owner keeps in the store's log behind its checkpoint,
             so another process that far behind catches up from the log instead of rebuilding.
         synchronous: SQLite's synchronous setting; NORMAL survives a killed process, FULL
@@ -204,7 +205,7 @@ class SemanticCache:
         rebuild: bool = False,
         l1_size: int = 10_000,
         sweep_interval: float | None = None,
-        checkpoint_every: int = 20_000,
+        checkpoint_every: int | None = None,
         log_keep: int = 10_000,
         cull_limit: int = 16,
         synchronous: str = "NORMAL",
@@ -290,6 +291,12 @@ class SemanticCache:
             self.evictor = Evictor(self._db, eviction, max_entries, max_bytes)
             if isinstance(log_keep, bool) or not isinstance(log_keep, int) or log_keep < 0:
                 raise InvalidInputError("log_keep must be a non-negative int")
+            if checkpoint_every is not None and (
+                isinstance(checkpoint_every, bool)
+                or not isinstance(checkpoint_every, int)
+                or checkpoint_every < 1
+            ):
+                raise InvalidInputError("checkpoint_every must be a positive int or None")
         except BaseException:
             self._db.close()  # a refused argument leaves nothing open
             raise
@@ -711,17 +718,18 @@ class SemanticCache:
     def _row(
         self,
         item: dict[str, Any],
-        vector: np.ndarray,
+        blob: bytes,
+        uid: str,
         shard: str,
         scope_json: str,
         now: float,
         born: float,
     ) -> dict[str, Any]:
-        """The store row of a prepared item in ``shard``, its size checked against
-        ``max_bytes``; its TTL counts from ``born``."""
+        """The store row of a prepared item in ``shard`` (its vector encoded as ``blob``), its
+        size checked against ``max_bytes``; its TTL counts from ``born``."""
         scope = item["scope"]
         values = {
-            "uid": uuid.uuid4().hex,
+            "uid": uid,
             "shard": shard,
             "namespace": scope.namespace,
             "version": int(shard.rsplit(":", 1)[1]),
@@ -730,7 +738,7 @@ class SemanticCache:
             "prompt": item["norm"],
             "l1_key": exact_key(shard, item["norm"]),
             "response": item["response"],
-            "vector": encode(vector),
+            "vector": blob,
             "created_at": now,
             "updated_at": now,
             "accessed_at": now,
@@ -750,13 +758,14 @@ class SemanticCache:
             self.replica.sync(fresh=True)  # written under the namespace's version now
             rows: list[dict[str, Any]] = []
             scopes: dict[str, tuple[str, str]] = {}  # digest -> (shard, scope JSON)
-            for item, vector in zip(items, vectors, strict=True):
+            blobs = encode_many(vectors)
+            for item, blob, uid in zip(items, blobs, new_uids(len(items)), strict=True):
                 scope = item["scope"]
                 if scope.digest not in scopes:
                     version = self.replica.version(scope.namespace)
                     scopes[scope.digest] = (shard_key(scope.digest, version), scope.to_json())
                 shard, scope_json = scopes[scope.digest]
-                rows.append(self._row(item, vector, shard, scope_json, now, now))
+                rows.append(self._row(item, blob, uid, shard, scope_json, now, now))
             with self._db.transaction():
                 self._cull(now)  # before the insert: no entry is culled by its own write
                 written = self._db.insert_many(rows, [item["tags"] for item in items])
@@ -816,7 +825,9 @@ class SemanticCache:
                 shard = self._shard(scope)
                 # a fenced answer is as old as the lookup it follows: its TTL counts from there
                 born = observed.at if observed else now
-                values = self._row(item, vector, shard, scope.to_json(), now, born)
+                values = self._row(
+                    item, encode(vector), new_uids(1)[0], shard, scope.to_json(), now, born
+                )
             except SemcacheError as exc:  # this write's own fault (its size): not the batch's
                 request.error = exc
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
 
@@ -41,6 +42,13 @@ def normalise(prompt: object) -> str:
 def shard_key(scope_digest: str, version: int) -> str:
     """The partition searched for a scope: its digest plus the namespace's current version."""
     return f"{scope_digest}:{version}"
+
+
+def new_uids(n: int) -> list[str]:
+    """``n`` new entry ids: 128 random bits each from the OS's random source, as 32 hex
+    digits (the form of a uuid4's hex, from one read for all of them)."""
+    digits = os.urandom(16 * n).hex()
+    return [digits[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
 def exact_key(shard: str, normalised_prompt: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,16 @@ class L1Cache:
             key = self._key_of.pop(rowid, None)
             if key is not None:
                 self._items.pop(key, None)
+
+    def discard_many(self, rowids: Iterable[int]) -> None:
+        """Forget the entries with these row ids, if held (one lock for all of them)."""
+        with self._lock:
+            if not self._key_of:
+                return
+            for rowid in rowids:
+                key = self._key_of.pop(rowid, None)
+                if key is not None:
+                    self._items.pop(key, None)
 
     def _drop(self, key: str) -> None:
         item = self._items.pop(key, None)

@@ -27,6 +27,12 @@ def encode(vector: np.ndarray) -> bytes:
     return FP16 + np.ascontiguousarray(vector, dtype=np.float16).tobytes()
 
 
+def encode_many(matrix: np.ndarray) -> list[bytes]:
+    """The stored form of each row of a matrix of unit vectors (as :func:`encode` gives)."""
+    halves = np.ascontiguousarray(matrix, dtype=np.float16)
+    return [FP16 + row.tobytes() for row in halves]
+
+
 def _unit(matrix: np.ndarray) -> np.ndarray:
     norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
     norms[norms == 0] = 1.0

@@ -428,8 +428,7 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         c.store("migrate me", "ok")
     conn = sqlite3.connect(tmp_path / "semcache.db")
-    conn.execute("DROP TABLE bulk")  # back to schema 1: undo migrations 6, 5, 4, 3 and 2
-    conn.execute("DROP TRIGGER entries_ai")
+    # back to schema 1: undo migrations 8 (no insert trigger), 6, 5, 4, 3 and 2
     conn.execute(_OLD_INSERT_TRIGGER)
     conn.execute("DROP TABLE leases")
     conn.execute("DROP TABLE holds")
@@ -449,6 +448,33 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
         assert c.verify() == [] and c.stats()["entries"] == 5
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9, rebuild=True) as c:
         assert c.lookup("bulk again").response == "ok" and c.verify() == []
+
+
+def test_schema_7_insert_trigger_is_dropped_and_inserts_log_once(tmp_path: Path) -> None:
+    """Schema 8 logs inserts in the store's own statements: a schema 7 store's trigger goes,
+    so a single or bulk insert after the migration is logged and counted once."""
+    import sqlite3
+
+    from semcache.store import _INSERT_TRIGGER
+
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        c.store("before", "ok")
+    conn = sqlite3.connect(tmp_path / "semcache.db")
+    conn.execute("CREATE TABLE bulk (id INTEGER PRIMARY KEY CHECK (id = 0), active INTEGER)")
+    conn.execute("INSERT INTO bulk(id, active) VALUES (0, 0)")
+    conn.execute(_INSERT_TRIGGER)
+    conn.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        first = c._db.last_seq()
+        c.store("single after", "ok")
+        c.store_many([("bulk one", "ok"), ("bulk two", "ok")])
+        assert c._db.last_seq() - first == 3  # one 'add' per entry, not two
+        assert c.stats()["entries"] == 4 and c.verify() == []
+        assert c._db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'entries_ai'") == [
+            (0,)
+        ]
 
 
 def test_similarities_stay_on_the_scale(fast_cache: SemanticCache) -> None:

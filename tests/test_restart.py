@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -10,6 +11,9 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from semcache import SemanticCache
 from semcache.embed import SentenceTransformerEmbedder
@@ -161,3 +165,37 @@ def test_the_store_keeps_each_vector_once_and_a_reopen_reads_them_back(tmp_path:
         assert found is not None and found.entry_id == ids[6]
     finally:
         reopened.close()
+
+
+def test_automatic_checkpoints_space_out_as_the_index_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default a checkpoint waits for CHECKPOINT_MIN changes or a quarter of the entries,
+    whichever is more (a bulk load writes a few, not one per fixed interval); an explicit
+    ``checkpoint_every`` is kept to the letter; and the reopened cache has every entry."""
+    from semcache import replica as replica_module
+
+    monkeypatch.setattr(replica_module, "CHECKPOINT_MIN", 10)
+    counts: dict[str, list[tuple[int, int]]] = {}
+    for name, every in (("adaptive", None), ("fixed", 10)):
+        with SemanticCache(
+            tmp_path / name, embedder=HashEmbedder(), threshold=0.9, checkpoint_every=every
+        ) as cache:
+            made = counts[name] = []
+            real = cache.replica.checkpoint
+
+            def spy(now: float | None, real: Any = real, made: list[Any] = made) -> bool:
+                if now is None:  # automatic, from following the log (close passes a time)
+                    made.append((cache.replica.shards.seq, len(cache.shards)))
+                return bool(real(now))
+
+            monkeypatch.setattr(cache.replica, "checkpoint", spy)
+            for i in range(40):
+                cache.store_many([(f"prompt {i} {j}", "ok") for j in range(10)])
+        with SemanticCache(tmp_path / name, embedder=HashEmbedder(), threshold=0.9) as again:
+            assert again.stats()["entries"] == 400 and again.verify() == []
+    assert len(counts["fixed"]) == 40
+    adaptive = counts["adaptive"]
+    assert 5 <= len(adaptive) <= 15
+    for (before, _), (seq, size) in itertools.pairwise(adaptive):
+        assert seq - before >= max(10, size // 4)

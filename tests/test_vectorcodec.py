@@ -52,3 +52,24 @@ def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="newer"):
         Store(tmp_path / "s.db")
     assert SCHEMA_VERSION >= 7
+
+
+def test_encoding_a_matrix_is_encoding_each_row() -> None:
+    from semcache.vectorcodec import encode_many
+
+    rows = np.random.default_rng(5).standard_normal((7, 384)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    assert encode_many(rows) == [encode(r) for r in rows]
+    assert encode_many(np.zeros((0, 384), dtype=np.float32)) == []
+
+
+def test_an_entry_counts_its_text_in_utf8_bytes_and_new_ids_are_distinct() -> None:
+    from semcache.keys import new_uids
+    from semcache.store import entry_size
+
+    base = {"uid": "u", "prompt": "abc", "response": "x", "vector": b"\x01" * 9}
+    wide = {**base, "prompt": "äbc"}  # one more byte in UTF-8, same length in characters
+    assert entry_size(wide, ()) == entry_size(base, ()) + 1
+    assert entry_size(base, ("t",)) == entry_size(base, ()) + 1 + 8
+    ids = new_uids(1000)
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
