@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -56,6 +57,10 @@ def as_unit_matrix(vectors: Any, dim: int) -> np.ndarray:
         arr = np.asarray(vectors, dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise InvalidVectorError(f"not a numeric vector: {exc}") from None
+    if arr.ndim == 1 and arr.shape[0] == dim:  # one vector: the same checks, in fewer calls
+        squared = float(np.dot(arr, arr))  # NaN or infinite if any component is
+        if math.isfinite(squared) and squared >= 1e-24:
+            return (arr / np.float32(math.sqrt(squared)))[None, :]
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != dim:

@@ -65,7 +65,7 @@ def _check_add(dim: int, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarr
         raise InvalidVectorError(
             f"expected {len(ids)} vectors of dimension {dim}, got shape {vectors.shape}"
         )
-    if len(np.unique(ids)) != len(ids):
+    if len(ids) > 1 and len(np.unique(ids)) != len(ids):
         raise InvalidVectorError("duplicate ids in one add()")
     return ids, vectors
 

@@ -233,21 +233,25 @@ class Replica:
         dv = self.store.data_version()  # before the scan: a later commit changes it again
         limit = 10_000
         while True:
-            # the head before the scan: a change at or below it is in the log unless trimmed
-            # (read after, a commit in between would look like a trimmed log)
-            last = self.store.last_seq()
             changes = self.store.changes_since(self.shards.seq, limit)
-            if changes and changes[0].seq != self.shards.seq + 1:
-                self._gap(allow_rebuild, f"the log resumes at {changes[0].seq}")
-                return
             if not changes:
+                # the head, read after the empty scan: every change at or below it committed
+                # before this read, so a second scan sees it unless it is trimmed (a change
+                # committed between the first scan and this read is simply applied). Only an
+                # empty scan pays for these reads: a write's own catch-up makes one query.
+                last = self.store.last_seq()
+                if last == self.shards.seq:
+                    break
                 if last < self.shards.seq:
                     self._gap(allow_rebuild, "the store is behind this replica")
                     return
-                if last > self.shards.seq:  # there were changes, and they are trimmed away
+                changes = self.store.changes_since(self.shards.seq, limit)
+                if not changes:  # there were changes, and they are trimmed away
                     self._gap(allow_rebuild, f"the log up to {last} is trimmed")
                     return
-                break
+            if changes[0].seq != self.shards.seq + 1:
+                self._gap(allow_rebuild, f"the log resumes at {changes[0].seq}")
+                return
             self._apply(changes)
             if len(changes) < limit:
                 break

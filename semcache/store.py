@@ -471,10 +471,11 @@ class Store(MetaLog):
                 "UPDATE counters SET entries = entries + 1, bytes = bytes + ? WHERE id = 0",
                 (values["size"],),
             )
-            conn.executemany(
-                "INSERT OR IGNORE INTO tags(tag, entry_id) VALUES (?, ?)",
-                [(tag, rowid) for tag in tags],
-            )
+            if tags:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO tags(tag, entry_id) VALUES (?, ?)",
+                    [(tag, rowid) for tag in tags],
+                )
             return rowid, values["uid"]
 
     def insert_many(
