@@ -1,7 +1,8 @@
 """Real sentence embeddings for the benchmarks: every distinct text of the labelled pair sets.
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python evals/real_vectors.py OUT.npy [--data ../shared/data]``.
-Embeds each distinct ``a``/``b`` text of every ``*.jsonl`` under the data folder with the
+Embeds each distinct ``a``/``b`` text of every ``*.jsonl`` in the data folder's set folders
+(``<data>/<set>/*.jsonl``) with the
 default model (about 70,000 texts, 4-5 minutes on 2 cores) and saves them as float32 rows, for
 ``evals/bench_core.py --real`` and ``evals/bench_load.py --real``. Prints what it did.
 """

@@ -156,8 +156,8 @@ class SemanticCache:
         l1_size: entries held by the in-process exact tier (0 disables it).
         sweep_interval: seconds between background expiry sweeps; None: no sweeper thread.
         checkpoint_every: persist the index after this many changes (and always on close);
-            None (the default): after 20,000 changes or a quarter of the entries indexed,
-            whichever is more.
+            None (the default): after a quarter of the entries indexed, but at least 20,000
+            and at most 100,000 changes (what a reopen replays from the log at most).
         log_keep: changes the checkpoint owner keeps in the store's log behind its checkpoint,
             so another process that far behind catches up from the log instead of rebuilding.
         synchronous: SQLite's synchronous setting; NORMAL survives a killed process, FULL

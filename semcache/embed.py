@@ -58,7 +58,8 @@ def as_unit_matrix(vectors: Any, dim: int) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise InvalidVectorError(f"not a numeric vector: {exc}") from None
     if arr.ndim == 1 and arr.shape[0] == dim:  # one vector: the same checks, in fewer calls
-        squared = float(np.dot(arr, arr))  # NaN or infinite if any component is
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below
+            squared = float(np.dot(arr, arr))  # NaN or infinite if any component is
         if math.isfinite(squared) and squared >= 1e-24:
             return (arr / np.float32(math.sqrt(squared)))[None, :]
     if arr.ndim == 1:
@@ -69,7 +70,13 @@ def as_unit_matrix(vectors: Any, dim: int) -> np.ndarray:
         )
     if not np.isfinite(arr).all():
         raise InvalidVectorError("vector contains NaN or infinite values")
-    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    with np.errstate(over="ignore"):  # an overflow is handled next
+        norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    huge = ~np.isfinite(norms[:, 0])  # finite components whose squares overflow float32
+    if huge.any():  # scaled down first: their direction is what counts
+        arr = arr.copy()
+        arr[huge] /= np.abs(arr[huge]).max(axis=1, keepdims=True)
+        norms[huge] = np.linalg.norm(arr[huge], axis=1, keepdims=True)
     if (norms < 1e-12).any():
         raise InvalidVectorError("a zero vector has no direction; cannot compare it")
     return np.ascontiguousarray(arr / norms, dtype=np.float32)

@@ -46,7 +46,8 @@ def shard_key(scope_digest: str, version: int) -> str:
 
 def new_uids(n: int) -> list[str]:
     """``n`` new entry ids: 128 random bits each from the OS's random source, as 32 hex
-    digits (the form of a uuid4's hex, from one read for all of them)."""
+    digits (as long as a uuid4's hex form, without its version bits), from one read for all
+    of them."""
     digits = os.urandom(16 * n).hex()
     return [digits[i : i + 32] for i in range(0, 32 * n, 32)]
 

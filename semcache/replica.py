@@ -45,8 +45,10 @@ FENCE_HORIZON = 3600.0
 #: Changes kept in the log behind a checkpoint, so a follower a little behind the owner catches
 #: up from the log instead of rebuilding.
 LOG_KEEP = 10_000
-#: Changes between two automatic checkpoints at least, when ``checkpoint_every`` is None.
+#: Changes between two automatic checkpoints at least and at most, when ``checkpoint_every``
+#: is None (in between: a quarter of the entries indexed).
 CHECKPOINT_MIN = 20_000
+CHECKPOINT_MAX = 100_000
 #: Seconds without new vectors before the merger moves the recent segment into the graph.
 QUIET_SECONDS = 0.2
 #: Snapshots a rebuild takes before it gives up on a log that keeps being trimmed past it.
@@ -82,6 +84,7 @@ class Replica:
         self.data_version = -1
         self.rebuilds = 0
         self._checkpoint_seq = 0
+        self._checkpoint_next = CHECKPOINT_MIN  # changes before the entries are counted again
         self._holder = uuid.uuid4().hex  # this replica's name for its hold on the log
         self._held: tuple[int, float] | None = None  # (seq, when) of the last hold written
         self._merger: _Merger | None = None
@@ -133,6 +136,7 @@ class Replica:
                     log.warning("rebuilding the index of %s: %s", self.store.path, problem)
                 self.rebuild()
             self._checkpoint_seq = self.shards.seq
+            self._checkpoint_next = CHECKPOINT_MIN
 
     def _load(self) -> str | None:
         """Load the checkpoint; None when it is usable, "" when there is none, else why not."""
@@ -220,14 +224,18 @@ class Replica:
 
     def _checkpoint_due(self, since: int) -> bool:
         """Whether ``since`` changes call for an automatic checkpoint: ``checkpoint_every``
-        of them, or by default ``CHECKPOINT_MIN`` or a quarter of the vectors held, whichever
-        is more. A checkpoint writes whole shards, so a fixed interval makes a bulk load's
-        checkpoints cost quadratic time (a 1M load wrote 50 of them, up to 1M vectors' graph
-        each); a quarter keeps the cost per change constant, and a reopen replays at most
-        that share of the index from the log."""
+        of them, or by default a quarter of the vectors held, but at least ``CHECKPOINT_MIN``
+        and at most ``CHECKPOINT_MAX``. A checkpoint writes whole shards, so a short fixed
+        interval makes a bulk load's checkpoints cost quadratic time (a 1M load wrote 50 of
+        them, up to 1M vectors' graph each); the cap bounds what a reopen replays from the
+        log. The vectors are counted once per interval, not on every write (a count visits
+        every shard)."""
         if self.checkpoint_every is not None:
             return since >= self.checkpoint_every
-        return since >= CHECKPOINT_MIN and since >= len(self.shards) // 4
+        if since < self._checkpoint_next:
+            return False
+        self._checkpoint_next = min(CHECKPOINT_MAX, max(CHECKPOINT_MIN, len(self.shards) // 4))
+        return since >= self._checkpoint_next
 
     def _follow(self, *, allow_rebuild: bool) -> None:
         dv = self.store.data_version()  # before the scan: a later commit changes it again
@@ -397,6 +405,7 @@ class Replica:
             if now is not None:
                 self.store.trim_fences(now - FENCE_HORIZON)
             self._checkpoint_seq = self.shards.seq
+            self._checkpoint_next = CHECKPOINT_MIN
             return True
 
     def stop_merger(self) -> None:

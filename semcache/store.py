@@ -3,8 +3,10 @@ log and meta. Every SQL statement semcache runs is in this module.
 
 Three invariants live here:
 
-- Every mutation of ``entries`` is written to the ``changes`` log by triggers inside the same
-  transaction, so derived state (the FAISS index, L1, the version cache: the replica) can always
+- Every mutation of ``entries`` is written to the ``changes`` log inside the same transaction
+  (updates and deletes by triggers; inserts by :meth:`Store.insert` and
+  :meth:`Store.insert_many` themselves, since schema 8, so nothing else may insert into
+  ``entries``), so derived state (the FAISS index, L1, the version cache: the replica) can always
   be brought up to date by replaying the log, whichever process made the change. Log positions
   are contiguous (AUTOINCREMENT, never reused), so a follower that sees a gap knows it missed
   something.
@@ -15,14 +17,17 @@ Three invariants live here:
   after it.
 - Every error is a :class:`~semcache.errors.StoreError`; no ``sqlite3`` exception escapes.
 
-Counters of entries and bytes are kept by triggers, so size checks never scan the table.
+Counters of entries and bytes are kept in the same transactions (by the same triggers and
+statements), so size checks never scan the table.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import operator
+import os
 import sqlite3
 import threading
 import time
@@ -36,7 +41,8 @@ from typing import Any
 import numpy as np
 import sqlite_utils
 
-from .errors import StoreError
+from .errors import StoreBusyError, StoreError
+from .folder import LOCK_FILE
 from .vectorcodec import decode, decode_many
 
 SCHEMA_VERSION = 8
@@ -159,8 +165,11 @@ def entry_size(values: dict[str, Any], tags: Iterable[str]) -> int:
     size = 0
     for col in _SIZED:
         value = values.get(col)
-        if value:  # an ASCII text's length is its size in bytes (and str.isascii is O(1))
-            size += len(value) if value.isascii() else len(value.encode())
+        if not value:
+            continue
+        # an ASCII text's length is its size in bytes (and str.isascii is O(1))
+        ascii_ = isinstance(value, bytes) or value.isascii()
+        size += len(value) if ascii_ else len(value.encode())
     size += len(values["vector"])
     size += sum(len(tag.encode()) + 8 for tag in tags)
     return size + 64  # the numeric columns and the row's own overhead
@@ -211,7 +220,8 @@ class Store(MetaLog):
             self._conn.execute("PRAGMA busy_timeout=30000")
             # a page cache of up to CACHE_KIB (SQLite's default is 2 MiB): the indexes on
             # random keys (uid, exact key) outgrow the default at about 50k entries, and
-            # every insert then reads their pages back from the OS
+            # every insert then reads their pages back from the OS. It is this connection's
+            # memory, taken as pages are read, so a large store's process grows by up to it
             self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             # a large batch grows the WAL file; after each checkpoint it shrinks back to this
             self._conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
@@ -344,9 +354,36 @@ class Store(MetaLog):
                     f"store schema {version} is newer than this semcache ({SCHEMA_VERSION}); "
                     "upgrade semcache"
                 )
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                _MIGRATIONS[step](db)
+            with self._alone_to_upgrade(version):
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    _MIGRATIONS[step](db)
             self.set_meta("schema_version", str(SCHEMA_VERSION))
+
+    @contextlib.contextmanager
+    def _alone_to_upgrade(self, version: int) -> Iterator[None]:
+        """Hold the folder alone while an existing store is upgraded across schema 8.
+
+        Schema 8 moved the logging of inserts from a trigger into this module's statements: a
+        process of an older release still open on the folder would, once the trigger is gone,
+        insert entries that no log records and no replica ever indexes. Every open cache holds
+        the folder's shared open lock (:mod:`semcache.folder`), so the upgrade takes it
+        exclusively and is refused while any other cache has the folder open."""
+        if not 0 < version < 8:
+            yield
+            return
+        fd = os.open(self.path.parent / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise StoreBusyError(
+                    f"cannot upgrade {self.path} from schema {version} to {SCHEMA_VERSION}: "
+                    "another cache (an older semcache, in this or another process) has the "
+                    "folder open; close every process using it, then open it again"
+                ) from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _identity(self) -> str:
         """This store's identity: made once, when the store is created; a replica's files name

@@ -422,6 +422,71 @@ def test_a_follower_behind_a_trimmed_log_rebuilds_instead_of_missing_changes(
             follower.close()
 
 
+def test_a_commit_between_an_empty_scan_and_the_head_read_is_applied_not_taken_for_a_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower reads the log head only after a scan found nothing: a commit landing just
+    before that read puts the head past the follower, and the second scan finds the change
+    (a follower that skipped it would take the log for trimmed and rebuild its index)."""
+    with (
+        SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as writer,
+        SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as follower,
+    ):
+        writer.store("first words", "1")
+        assert follower.lookup("first words").response == "1"
+        real = follower._db.last_seq
+        landed: list[str] = []
+
+        def racing() -> int:
+            if not landed:  # another connection commits between the scan and this read
+                landed.append(writer.store("landed between", "2") or "")
+            return real()
+
+        monkeypatch.setattr(follower._db, "last_seq", racing)
+        rebuilds = follower.stats()["index_rebuilds"]
+        follower.replica.catch_up()
+        assert landed and follower.stats()["index_rebuilds"] == rebuilds
+        hit = follower.lookup("landed between")
+        assert hit is not None and hit.response == "2" and follower.verify() == []
+
+
+def test_an_empty_scan_behind_the_head_twice_is_a_trimmed_log_and_rebuilds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the log holds nothing after the replica's position but its head is past it, even
+    on a second scan, the changes in between were trimmed: the replica rebuilds from the store
+    (and serves what the store holds) instead of going on without them. A write's own
+    catch-up reads only the log: the head is not read after a scan that found the write."""
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as cache:
+        heads: list[int] = []
+        real_head = cache._db.last_seq
+
+        def counted_head() -> int:
+            heads.append(1)
+            return int(real_head())
+
+        monkeypatch.setattr(cache._db, "last_seq", counted_head)
+        cache.store("kept words", "1")
+        assert heads == []  # the write's catch-up found its change: no head read
+        # the log after this replica's position is gone, the head is past it
+        real_scan = cache._db.changes_since
+        monkeypatch.setattr(cache._db, "changes_since", lambda seq, limit=10_000: [])
+        monkeypatch.setattr(cache._db, "last_seq", lambda: cache.replica.shards.seq + 5)
+        rebuilt: list[int] = []
+        real_rebuild = cache.replica.rebuild
+
+        def rebuild() -> None:
+            rebuilt.append(1)
+            monkeypatch.setattr(cache._db, "changes_since", real_scan)
+            monkeypatch.setattr(cache._db, "last_seq", real_head)
+            real_rebuild()
+
+        monkeypatch.setattr(cache.replica, "rebuild", rebuild)
+        cache.replica.catch_up()
+        assert rebuilt == [1]
+        assert cache.lookup("kept words").response == "1" and cache.verify() == []
+
+
 def test_a_follower_keeps_serving_while_the_owner_trims_during_its_rebuild(
     tmp_path: Path,
 ) -> None:

@@ -477,6 +477,88 @@ def test_schema_7_insert_trigger_is_dropped_and_inserts_log_once(tmp_path: Path)
         ]
 
 
+def test_an_upgrade_across_schema_8_waits_for_older_processes_to_close(tmp_path: Path) -> None:
+    """An older release still open on the folder would insert without logging once schema 8
+    drops the insert trigger: the upgrade is refused while another cache holds the folder's
+    open lock, changes nothing, and goes through once it is released."""
+    import fcntl
+    import os
+    import sqlite3
+
+    from semcache.errors import StoreBusyError
+    from semcache.store import _INSERT_TRIGGER
+
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        c.store("before", "ok")
+    conn = sqlite3.connect(tmp_path / "semcache.db")
+    conn.execute("CREATE TABLE bulk (id INTEGER PRIMARY KEY CHECK (id = 0), active INTEGER)")
+    conn.execute("INSERT INTO bulk(id, active) VALUES (0, 0)")
+    conn.execute(_INSERT_TRIGGER)
+    conn.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    conn.commit()
+    older = os.open(tmp_path / ".open", os.O_RDWR)  # an older release's cache, still open
+    fcntl.flock(older, fcntl.LOCK_SH)
+    try:
+        with pytest.raises(StoreBusyError, match="schema 7 to"):
+            SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+            "7",
+        )
+        assert conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'entries_ai'"
+        ).fetchone() == (1,)
+    finally:
+        os.close(older)
+        conn.close()
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+        c.store("after", "ok")
+        assert c.stats()["entries"] == 2 and c.verify() == []
+        assert c._db.get_meta("schema_version") == str(SCHEMA_VERSION)
+
+
+def test_given_vectors_are_checked_and_normalised_alike_one_or_many() -> None:
+    """One vector and a matrix pass the same checks (NaN, infinity, zero, wrong shape, not
+    numbers) and come out as the same unit rows; a finite vector whose squared norm overflows
+    float32 keeps its direction instead of turning into zeros."""
+    import warnings
+
+    from semcache.embed import as_unit_matrix
+
+    rng = np.random.default_rng(9)
+    rows = rng.standard_normal((50, 64)).astype(np.float32) * 3
+    many = as_unit_matrix(rows, 64)
+    for row, unit in zip(rows, many, strict=True):
+        one = as_unit_matrix(row, 64)
+        assert one.shape == (1, 64) and one.dtype == np.float32
+        np.testing.assert_allclose(one[0], unit, rtol=0, atol=1e-6)
+    assert as_unit_matrix([3, 4] + [0] * 62, 64)[0][:2].tolist() == pytest.approx([0.6, 0.8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning either
+        big = as_unit_matrix([1e20, 1e20] + [0.0] * 62, 64)
+        both = as_unit_matrix([[3e38] + [0.0] * 63, [1.0] + [0.0] * 63], 64)
+    assert big[0][:2] == pytest.approx([2**-0.5, 2**-0.5]) and both[:, 0].tolist() == [1.0, 1.0]
+    for bad in (
+        [np.nan] + [0.0] * 63,
+        [np.inf] + [0.0] * 63,
+        [0.0] * 64,
+        [1e-30] + [0.0] * 63,
+        [1.0] * 63,
+        [[1.0] * 64, [0.0] * 64],
+        "not numbers",
+        [[1.0, 2.0]],
+    ):
+        with pytest.raises(InvalidVectorError):
+            as_unit_matrix(bad, 64)
+
+
+def test_checkpoint_every_is_a_positive_int_or_none(tmp_path: Path) -> None:
+    for bad in (0, -5, True, 2.5, "10"):
+        with pytest.raises(InvalidInputError, match="checkpoint_every"):
+            SemanticCache(tmp_path, embedder=HashEmbedder(), checkpoint_every=bad)  # type: ignore[arg-type]
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), checkpoint_every=1) as cache:
+        cache.store("still opens", "ok")
+
+
 def test_similarities_stay_on_the_scale(fast_cache: SemanticCache) -> None:
     vector = np.random.default_rng(3).standard_normal(64)
     eid = fast_cache.store("rounding check words", "ok", vector=vector)

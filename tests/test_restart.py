@@ -170,23 +170,25 @@ def test_the_store_keeps_each_vector_once_and_a_reopen_reads_them_back(tmp_path:
 def test_automatic_checkpoints_space_out_as_the_index_grows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """By default a checkpoint waits for CHECKPOINT_MIN changes or a quarter of the entries,
-    whichever is more (a bulk load writes a few, not one per fixed interval); an explicit
-    ``checkpoint_every`` is kept to the letter; and the reopened cache has every entry."""
+    """By default a checkpoint waits for a quarter of the entries, at least CHECKPOINT_MIN and
+    at most CHECKPOINT_MAX changes (a bulk load writes a few, not one per fixed interval, and a
+    reopen replays at most the cap); an explicit ``checkpoint_every`` is kept to the letter;
+    and the reopened cache has every entry."""
     from semcache import replica as replica_module
 
     monkeypatch.setattr(replica_module, "CHECKPOINT_MIN", 10)
-    counts: dict[str, list[tuple[int, int]]] = {}
-    for name, every in (("adaptive", None), ("fixed", 10)):
+    made: dict[str, list[int]] = {}
+    for name, every, cap in (("adaptive", None, 10**9), ("capped", None, 30), ("fixed", 10, 0)):
+        monkeypatch.setattr(replica_module, "CHECKPOINT_MAX", cap)
         with SemanticCache(
             tmp_path / name, embedder=HashEmbedder(), threshold=0.9, checkpoint_every=every
         ) as cache:
-            made = counts[name] = []
+            seqs = made[name] = [0]
             real = cache.replica.checkpoint
 
-            def spy(now: float | None, real: Any = real, made: list[Any] = made) -> bool:
+            def spy(now: float | None, real: Any = real, seqs: list[int] = seqs) -> bool:
                 if now is None:  # automatic, from following the log (close passes a time)
-                    made.append((cache.replica.shards.seq, len(cache.shards)))
+                    seqs.append(cache.replica.shards.seq)
                 return bool(real(now))
 
             monkeypatch.setattr(cache.replica, "checkpoint", spy)
@@ -194,8 +196,8 @@ def test_automatic_checkpoints_space_out_as_the_index_grows(
                 cache.store_many([(f"prompt {i} {j}", "ok") for j in range(10)])
         with SemanticCache(tmp_path / name, embedder=HashEmbedder(), threshold=0.9) as again:
             assert again.stats()["entries"] == 400 and again.verify() == []
-    assert len(counts["fixed"]) == 40
-    adaptive = counts["adaptive"]
-    assert 5 <= len(adaptive) <= 15
-    for (before, _), (seq, size) in itertools.pairwise(adaptive):
-        assert seq - before >= max(10, size // 4)
+    gaps = {name: [b - a for a, b in itertools.pairwise(seqs)] for name, seqs in made.items()}
+    assert gaps["fixed"] == [10] * 40
+    assert 5 <= len(gaps["adaptive"]) <= 15 and min(gaps["adaptive"]) >= 10
+    assert max(gaps["adaptive"]) >= 80  # a quarter of 300-odd entries
+    assert max(gaps["capped"]) <= 30 and len(gaps["capped"]) >= 13
