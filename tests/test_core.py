@@ -450,22 +450,27 @@ def test_old_schema_is_migrated(tmp_path: Path) -> None:
         assert c.lookup("bulk again").response == "ok" and c.verify() == []
 
 
-def test_schema_7_insert_trigger_is_dropped_and_inserts_log_once(tmp_path: Path) -> None:
-    """Schema 8 logs inserts in the store's own statements: a schema 7 store's trigger goes,
-    so a single or bulk insert after the migration is logged and counted once."""
+def _a_schema_7_folder(folder: Path) -> None:
+    """A data folder with one entry, as schema 7 left it (the insert trigger, the bulk flag)."""
     import sqlite3
 
     from semcache.store import _INSERT_TRIGGER
 
-    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
+    with SemanticCache(folder, embedder=HashEmbedder(), threshold=0.9) as c:
         c.store("before", "ok")
-    conn = sqlite3.connect(tmp_path / "semcache.db")
+    conn = sqlite3.connect(folder / "semcache.db")
     conn.execute("CREATE TABLE bulk (id INTEGER PRIMARY KEY CHECK (id = 0), active INTEGER)")
     conn.execute("INSERT INTO bulk(id, active) VALUES (0, 0)")
     conn.execute(_INSERT_TRIGGER)
     conn.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
+
+
+def test_schema_7_insert_trigger_is_dropped_and_inserts_log_once(tmp_path: Path) -> None:
+    """Schema 8 logs inserts in the store's own statements: a schema 7 store's trigger goes,
+    so a single or bulk insert after the migration is logged and counted once."""
+    _a_schema_7_folder(tmp_path)
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
         first = c._db.last_seq()
         c.store("single after", "ok")
@@ -486,16 +491,9 @@ def test_an_upgrade_across_schema_8_waits_for_older_processes_to_close(tmp_path:
     import sqlite3
 
     from semcache.errors import StoreBusyError
-    from semcache.store import _INSERT_TRIGGER
 
-    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as c:
-        c.store("before", "ok")
+    _a_schema_7_folder(tmp_path)
     conn = sqlite3.connect(tmp_path / "semcache.db")
-    conn.execute("CREATE TABLE bulk (id INTEGER PRIMARY KEY CHECK (id = 0), active INTEGER)")
-    conn.execute("INSERT INTO bulk(id, active) VALUES (0, 0)")
-    conn.execute(_INSERT_TRIGGER)
-    conn.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
-    conn.commit()
     older = os.open(tmp_path / ".open", os.O_RDWR)  # an older release's cache, still open
     fcntl.flock(older, fcntl.LOCK_SH)
     try:
