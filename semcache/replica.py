@@ -219,8 +219,10 @@ class Replica:
         with self.lock:
             self._follow(allow_rebuild=True)
             self._hold(self.shards.seq)
-            if self._checkpoint_due(self.shards.seq - self._checkpoint_seq):
-                self.checkpoint(None)
+            since = self.shards.seq - self._checkpoint_seq
+            if self._checkpoint_due(since) and not self.checkpoint(None):
+                # another process owns the checkpoints: ask again an interval's changes later
+                self._checkpoint_next = since + CHECKPOINT_MIN
 
     def _checkpoint_due(self, since: int) -> bool:
         """Whether ``since`` changes call for an automatic checkpoint: ``checkpoint_every``
@@ -246,7 +248,7 @@ class Replica:
                 # the head, read after the empty scan: every change at or below it committed
                 # before this read, so a second scan sees it unless it is trimmed (a change
                 # committed between the first scan and this read is simply applied). Only an
-                # empty scan pays for these reads: a write's own catch-up makes one query.
+                # empty scan pays for these reads: a write's own catch-up makes one log query.
                 last = self.store.last_seq()
                 if last == self.shards.seq:
                     break

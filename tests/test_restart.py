@@ -201,3 +201,34 @@ def test_automatic_checkpoints_space_out_as_the_index_grows(
     assert 5 <= len(gaps["adaptive"]) <= 15 and min(gaps["adaptive"]) >= 10
     assert max(gaps["adaptive"]) >= 80  # a quarter of 300-odd entries
     assert max(gaps["capped"]) <= 30 and len(gaps["capped"]) >= 13
+
+
+def test_a_process_that_does_not_own_the_checkpoints_asks_once_per_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another cache owns the folder's checkpoints, a writer's catch-ups do not try to
+    take them over (and count the entries) on every write past the interval: once per
+    CHECKPOINT_MIN changes. The owner keeps its checkpoints; both stay consistent."""
+    from semcache import replica as replica_module
+
+    monkeypatch.setattr(replica_module, "CHECKPOINT_MIN", 10)
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as owner:
+        owner.store("owner words", "ok")
+        owner.checkpoint()
+        assert owner.shards.owner
+        with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as other:
+            assert not other.shards.owner
+            tried: list[bool] = []
+            real = other.replica.checkpoint
+
+            def spy(now: float | None) -> bool:
+                took = bool(real(now))
+                tried.append(took)
+                return took
+
+            monkeypatch.setattr(other.replica, "checkpoint", spy)
+            for i in range(200):
+                other.store(f"other prompt {i}", "ok")
+            assert tried and not any(tried) and len(tried) <= 25
+            assert other.verify() == []
+        assert owner.verify() == [] and owner.stats()["entries"] == 201
