@@ -152,7 +152,7 @@ def bench(
             time.sleep(0.05)
         # the same from 16 threads: concurrent writers share a commit (group commit)
         threaded = unit(rng, 8000, dim)
-        batches0, requests0 = cache._group.batches, cache._group.requests
+        batches0, requests0 = cache.writer.group.batches, cache.writer.group.requests
 
         def writer(t: int) -> None:
             for i in range(t, len(threaded), 16):
@@ -165,7 +165,8 @@ def bench(
         for worker in workers:
             worker.join()
         threaded_s = time.perf_counter() - t0
-        mean_batch = (cache._group.requests - requests0) / max(1, cache._group.batches - batches0)
+        group = cache.writer.group
+        mean_batch = (group.requests - requests0) / max(1, group.batches - batches0)
         while pending(cache):
             time.sleep(0.05)
         t0 = time.perf_counter()

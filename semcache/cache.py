@@ -51,11 +51,10 @@ from .errors import (
 )
 from .eviction import Evictor
 from .feedback import Feedback
-from .fence import Candidate, Observed, any_covers
+from .fence import Observed
 from .folder import FolderLock
-from .groupcommit import GroupCommit, Request
 from .index import FaissIndex, VectorIndex
-from .keys import exact_key, new_uids, normalise, shard_key
+from .keys import exact_key, normalise, shard_key
 from .l1 import L1Cache, L1Item
 from .leases import Lead, Leases, poll_lead, release_quietly
 from .progress import Progress
@@ -67,7 +66,8 @@ from .stores import SYNCHRONOUS, default_index_dir, is_store_url, open_store, re
 from .sweeper import Sweeper
 from .threshold import HitPolicy, as_policy, check_threshold
 from .types import Entry, Hit, Scope
-from .vectorcodec import decode, encode, encode_many
+from .vectorcodec import encode
+from .writer import Writer
 
 log = logging.getLogger("semcache")
 
@@ -90,8 +90,6 @@ INDEX_DIR = "index"
 MAX_K = 256
 #: Entries ``invalidate_tags`` deletes per transaction (each holds the writers' turn).
 TAG_BATCH = 1000
-#: Writes between two culls of expired and version-dead entries.
-CULL_EVERY = 8
 
 
 async def _call(fn: Callable[[str], Any], prompt: str) -> Any:
@@ -113,10 +111,6 @@ class _Choice:
     served: tuple[int, Hit] | None = None
     decision: Any = None
     refused: tuple[Row, Any] | None = None
-
-
-#: A single write as group commit queues it: the prepared item, its vector, the fence.
-_Write = tuple[dict[str, Any], np.ndarray, "Observed | None"]
 
 
 @dataclass
@@ -256,11 +250,9 @@ class SemanticCache:
         self.max_stale = check_ttl(max_stale) or 0.0
         self.clock: Clock = clock or SystemClock()
         self.k = k
-        self.cull_limit = cull_limit
         self._closed = False
         self._stats: Counter[str] = Counter()
         self._access: dict[int, tuple[int, float]] = {}
-        self._writes = 0
         self._flights = SingleFlight()
         self.l1 = L1Cache(l1_size)
         if index_factory is None:
@@ -312,8 +304,18 @@ class SemanticCache:
             slot=slot,
         )
         self._lock = self.replica.lock
-        self._group: GroupCommit[_Write] = GroupCommit(
-            self._lock, self._commit, self._db.in_transaction
+        self.writer = Writer(
+            self._db,
+            self.replica,
+            self.evictor,
+            self.clock,
+            self._stats,
+            self._lock,
+            check_open=self._check_open,
+            flush_access=self._flush_access,
+            max_ttl=self.max_ttl,
+            max_stale=self.max_stale,
+            cull_limit=cull_limit,
         )
         self._leases = Leases(self._db, self.flight_timeout)
         self._feedback = Feedback(self._db)
@@ -660,7 +662,7 @@ class SemanticCache:
         norm = normalise(prompt)
         item = self._prepare(norm, response, as_scope(scope), ttl, tags, metadata)
         observed = None if fence is None else Observed(fence, self.clock.now())
-        return self._write(item, self._vector(norm, vector), observed)
+        return self.writer.write(item, self._vector(norm, vector), observed)
 
     def store_many(
         self,
@@ -712,68 +714,8 @@ class SemanticCache:
                 batch_vectors = self.embed([p["norm"] for p in batch])
             else:
                 batch_vectors = given[start : start + step]
-            ids += self._write_many(batch, batch_vectors)
+            ids += self.writer.write_many(batch, batch_vectors)
         return ids
-
-    def _row(
-        self,
-        item: dict[str, Any],
-        blob: bytes,
-        uid: str,
-        shard: str,
-        scope_json: str,
-        now: float,
-        born: float,
-    ) -> dict[str, Any]:
-        """The store row of a prepared item in ``shard`` (its vector encoded as ``blob``), its
-        size checked against ``max_bytes``; its TTL counts from ``born``."""
-        scope = item["scope"]
-        values = {
-            "uid": uid,
-            "shard": shard,
-            "namespace": scope.namespace,
-            "version": int(shard.rsplit(":", 1)[1]),
-            "scope_digest": scope.digest,
-            "scope": scope_json,
-            "prompt": item["norm"],
-            "l1_key": exact_key(shard, item["norm"]),
-            "response": item["response"],
-            "vector": blob,
-            "created_at": now,
-            "updated_at": now,
-            "accessed_at": now,
-            "expires_at": self._expiry(item["ttl"], born),
-            "size": 0,
-            "metadata": item["metadata"],
-        }
-        values["size"] = entry_size(values, item["tags"])
-        self.evictor.check_size(values["size"])
-        return values
-
-    def _write_many(self, items: list[dict[str, Any]], vectors: np.ndarray) -> list[str]:
-        """Commit a batch of entries in one transaction (unfenced), then catch up."""
-        with self._lock:
-            self._check_open()
-            now = self.clock.now()
-            self.replica.sync(fresh=True)  # written under the namespace's version now
-            rows: list[dict[str, Any]] = []
-            scopes: dict[str, tuple[str, str]] = {}  # digest -> (shard, scope JSON)
-            blobs = encode_many(vectors)
-            for item, blob, uid in zip(items, blobs, new_uids(len(items)), strict=True):
-                scope = item["scope"]
-                if scope.digest not in scopes:
-                    version = self.replica.version(scope.namespace)
-                    scopes[scope.digest] = (shard_key(scope.digest, version), scope.to_json())
-                shard, scope_json = scopes[scope.digest]
-                rows.append(self._row(item, blob, uid, shard, scope_json, now, now))
-            with self._db.transaction():
-                self._cull(now)  # before the insert: no entry is culled by its own write
-                written = self._db.insert_many(rows, [item["tags"] for item in items])
-                first = min(rowid for rowid, _ in written)
-                self._stats["evictions"] += self.evictor.enforce(first, self._flush_access)
-            self._stats["stores"] += len(rows)
-            self.replica.catch_up()
-            return [uid for _, uid in written]
 
     def _prepare(
         self,
@@ -792,99 +734,6 @@ class SemanticCache:
             "tags": check_tags(tags),
             "metadata": check_metadata(metadata),
         }
-
-    def _expiry(self, ttl: float | None, now: float) -> float | None:
-        if self.max_ttl is not None:
-            ttl = self.max_ttl if ttl is None else min(ttl, self.max_ttl)
-        return None if ttl is None else now + ttl
-
-    def _write(
-        self,
-        item: dict[str, Any],
-        vector: np.ndarray,
-        observed: Observed | None,
-    ) -> str | None:
-        """Commit one entry (fenced when ``observed`` is given); None when the fence refused.
-        Concurrent writers share a transaction (:mod:`semcache.groupcommit`)."""
-        payload = (item, np.ascontiguousarray(vector, dtype=np.float32), observed)
-        return self._group.submit(payload)  # type: ignore[no-any-return]
-
-    def _commit(self, batch: list[Request[_Write]]) -> None:
-        """Commit a batch of single writes, each fenced on its own; runs under the lock, called
-        by :class:`~semcache.groupcommit.GroupCommit`. One transaction for the batch, or one
-        per write when the cache is bounded: a write then evicts older entries at once (the
-        bound holds after every commit) and never an entry whose id a caller is about to get."""
-        self._check_open()
-        now = self.clock.now()
-        self.replica.sync(fresh=True)  # written under the namespace's version now
-        ready: list[tuple[Request[_Write], dict[str, Any], Candidate | None]] = []
-        for request in batch:
-            item, vector, observed = request.payload
-            scope = item["scope"]
-            try:
-                shard = self._shard(scope)
-                # a fenced answer is as old as the lookup it follows: its TTL counts from there
-                born = observed.at if observed else now
-                values = self._row(
-                    item, encode(vector), new_uids(1)[0], shard, scope.to_json(), now, born
-                )
-            except SemcacheError as exc:  # this write's own fault (its size): not the batch's
-                request.error = exc
-                continue
-            candidate = None
-            if observed is not None:  # judged on the vector as stored, as invalidations see it
-                stored = decode(values["vector"])
-                candidate = Candidate(
-                    scope.namespace, scope.digest, values["l1_key"], item["tags"], stored
-                )
-            ready.append((request, values, candidate))
-        groups = [[one] for one in ready] if self.evictor.bounded else [ready] if ready else []
-        for group in groups:
-            self._commit_group(group, now)
-        self.replica.catch_up()
-        # L1 fills on the first exact repeat (from the store), never here
-
-    def _commit_group(
-        self, group: list[tuple[Request[_Write], dict[str, Any], Candidate | None]], now: float
-    ) -> None:
-        """One transaction for ``group``; counted in the stats only once it committed."""
-        first: int | None = None
-        written: dict[int, str] = {}  # position in the group -> uid
-        evicted = 0
-        with self._db.transaction():
-            self._cull(now, len(group))  # before the inserts: no entry is culled by its own write
-            for n, (request, values, candidate) in enumerate(group):
-                observed = request.payload[2]
-                row = self._db.insert(
-                    values,
-                    request.payload[0]["tags"],
-                    fence=None if observed is None else observed.position,
-                    covered=None
-                    if candidate is None
-                    else lambda fences, c=candidate: any_covers(fences, c),  # type: ignore[misc]
-                )
-                if row is not None:
-                    first = row[0] if first is None else min(first, row[0])
-                    written[n] = row[1]
-            if first is not None:  # never evicts a write of this group
-                evicted = self.evictor.enforce(first, self._flush_access)
-        for n, (request, _, _) in enumerate(group):
-            request.result = written.get(n)
-            request.committed = True
-        self._stats["evictions"] += evicted
-        self._stats["stores"] += len(written)
-        self._stats["fenced"] += len(group) - len(written)
-
-    def _cull(self, now: float, writes: int = 1) -> None:
-        """Bounded clean-up on writes: up to ``cull_limit`` expired or version-dead entries per
-        write, in batches every ``CULL_EVERY`` writes (two statements less on most writes)."""
-        before, self._writes = self._writes, self._writes + writes
-        if self.cull_limit <= 0 or before // CULL_EVERY == self._writes // CULL_EVERY:
-            return
-        limit = self.cull_limit * CULL_EVERY * -(-writes // CULL_EVERY)
-        n = self._db.delete_expired(now - self.max_stale, limit)
-        n += self._db.delete_dead_versions(limit)
-        self._stats["culled"] += n
 
     # ------------------------------------------------------------------------ get or compute
     def _lead_or_follow(
@@ -962,7 +811,7 @@ class SemanticCache:
         result = check_response(result)
         self._stats["computes"] += 1
         assert looked.vector is not None and looked.observed is not None
-        self._write({**item, "response": result}, looked.vector, looked.observed)
+        self.writer.write({**item, "response": result}, looked.vector, looked.observed)
         refused = None if looked.choice is None else looked.choice.refused
         if refused is not None:
             self._label(policy, refused[0].response, result, refused[1], item, "free")
@@ -1214,7 +1063,7 @@ class SemanticCache:
             row = self._row_by_uid(entry_id)
             now = self.clock.now()
             if expires is not MISSING:
-                values["expires_at"] = self._expiry(expires, now)
+                values["expires_at"] = self.writer.expiry(expires, now)
             if meta is not MISSING:
                 values["metadata"] = meta
             if new_vector is not None:

@@ -125,7 +125,7 @@ def test_ttl_with_injected_clock(fast_cache: SemanticCache, clock: FakeClock) ->
 def test_writes_cull_expired_entries_in_bounded_batches(
     fast_cache: SemanticCache, clock: FakeClock
 ) -> None:
-    from semcache.cache import CULL_EVERY
+    from semcache.writer import CULL_EVERY
 
     for i in range(5):
         fast_cache.store(f"short lived {i}", "x", ttl=1)
@@ -669,7 +669,7 @@ def test_stats_report_wrong_feedback_and_the_largest_namespaces(
 def test_an_entry_is_never_culled_by_its_own_write(tmp_path: Path) -> None:
     """Writes cull expired entries in batches (every few writes); an entry whose TTL ends at
     once is still stored by its write, and ``get`` finds it (expired) until a later cull."""
-    from semcache.cache import CULL_EVERY
+    from semcache.writer import CULL_EVERY
 
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as cache:
         for i in range(CULL_EVERY * 2):

@@ -89,13 +89,13 @@ def test_a_failed_batch_fails_every_request_in_it() -> None:
 def _transactions(cache: SemanticCache) -> list[int]:
     """Records the size of every write transaction the cache's group commit makes."""
     sizes: list[int] = []
-    commit_group = cache._commit_group
+    commit_group = cache.writer._commit_group
 
     def spy(group: list, now: float) -> None:
         sizes.append(len(group))
         commit_group(group, now)
 
-    cache._commit_group = spy  # type: ignore[method-assign]
+    cache.writer._commit_group = spy  # type: ignore[method-assign]
     return sizes
 
 
@@ -111,7 +111,7 @@ def _held_writes(cache: SemanticCache, writes: list[tuple[str, dict]], during=No
         threads = [threading.Thread(target=write, args=w) for w in writes]
         for t in threads:
             t.start()
-        _queued(cache._group, len(writes))
+        _queued(cache.writer.group, len(writes))
         if during is not None:
             during()
     for t in threads:
@@ -179,7 +179,7 @@ def test_sixteen_threads_of_stores_lose_nothing(tmp_path: Path) -> None:
         t.join()
     try:
         assert len(set(ids)) == 640 and cache.stats()["entries"] == 640
-        assert cache._group.requests == 640
+        assert cache.writer.group.requests == 640
         hit = cache.lookup("thread 7 question 31")
         assert hit is not None and hit.response == "answer 7/31"
         assert cache.verify() == []
@@ -214,7 +214,7 @@ def test_culling_keeps_its_pace_in_batches(tmp_path: Path, writes: int) -> None:
             cache.store(f"short lived {i}", "x", ttl=0.001)
         time.sleep(0.01)
         for _ in range(16 // writes + 1):
-            cache._cull(cache.clock.now(), writes)
+            cache.writer.cull(cache.clock.now(), writes)
         assert cache.stats()["entries"] == 0
     finally:
         cache.close()
@@ -351,7 +351,7 @@ def test_a_store_inside_a_transaction_commits_alone(tmp_path: Path) -> None:
             threads = [threading.Thread(target=write, args=(f"queued {i}",)) for i in range(3)]
             for t in threads:
                 t.start()
-            _queued(cache._group, 3)
+            _queued(cache.writer.group, 3)
             with cache._db.transaction():
                 assert cache.store("from inside a transaction", "inner") is not None
         for t in threads:
