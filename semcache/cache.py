@@ -54,7 +54,7 @@ from .feedback import Feedback
 from .fence import Observed
 from .folder import FolderLock
 from .index import FaissIndex, VectorIndex
-from .keys import exact_key, normalise, shard_key
+from .keys import exact_key, normalise
 from .l1 import L1Cache, L1Item
 from .leases import Lead, Leases, poll_lead, release_quietly
 from .progress import Progress
@@ -246,8 +246,8 @@ class SemanticCache:
             threshold = ErrorBudget(float(target_error))
         self.policy: HitPolicy = as_policy(threshold)
         self.default_ttl = check_ttl(default_ttl)
-        self.max_ttl = check_ttl(max_ttl)
-        self.max_stale = check_ttl(max_stale) or 0.0
+        max_ttl = check_ttl(max_ttl)  # checked before anything is opened
+        max_stale = check_ttl(max_stale) or 0.0
         self.clock: Clock = clock or SystemClock()
         self.k = k
         self._closed = False
@@ -289,6 +289,8 @@ class SemanticCache:
                 or checkpoint_every < 1
             ):
                 raise InvalidInputError("checkpoint_every must be a positive int or None")
+            if isinstance(cull_limit, bool) or not isinstance(cull_limit, int) or cull_limit < 0:
+                raise InvalidInputError("cull_limit must be a non-negative int")
         except BaseException:
             self._db.close()  # a refused argument leaves nothing open
             raise
@@ -310,11 +312,10 @@ class SemanticCache:
             self.evictor,
             self.clock,
             self._stats,
-            self._lock,
             check_open=self._check_open,
             flush_access=self._flush_access,
-            max_ttl=self.max_ttl,
-            max_stale=self.max_stale,
+            max_ttl=max_ttl,
+            max_stale=max_stale or 0.0,
             cull_limit=cull_limit,
         )
         self._leases = Leases(self._db, self.flight_timeout)
@@ -393,13 +394,40 @@ class SemanticCache:
         if state_dict is not None:
             self._db.set_meta("policy_state", json.dumps(state_dict()))
 
+    # -------------------------------------------------------------------- write settings
+    @property
+    def max_ttl(self) -> float | None:
+        """The longest time to live any entry gets, in seconds (None: no cap)."""
+        return self.writer.max_ttl
+
+    @max_ttl.setter
+    def max_ttl(self, value: float | None) -> None:
+        self.writer.max_ttl = check_ttl(value)
+
+    @property
+    def max_stale(self) -> float:
+        """The stale-while-revalidate window in seconds (0: off)."""
+        return self.writer.max_stale
+
+    @max_stale.setter
+    def max_stale(self, value: float | None) -> None:
+        self.writer.max_stale = check_ttl(value) or 0.0
+
+    @property
+    def cull_limit(self) -> int:
+        """Expired or version-dead entries each write removes at most."""
+        return self.writer.cull_limit
+
+    @cull_limit.setter
+    def cull_limit(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInputError("cull_limit must be a non-negative int")
+        self.writer.cull_limit = value
+
     # ------------------------------------------------------------------------ derived state
     def _check_open(self) -> None:
         if self._closed:
             raise CacheClosedError("this SemanticCache is closed; open a new one")
-
-    def _shard(self, scope: Scope) -> str:
-        return shard_key(scope.digest, self.replica.version(scope.namespace))
 
     def _policy(self, threshold: float | HitPolicy | None) -> HitPolicy:
         return self.policy if threshold is None else as_policy(threshold)
@@ -485,7 +513,7 @@ class SemanticCache:
         # the embedding
         with self._lock:
             self.replica.sync(fresh=strong)
-            shard = self._shard(scope)
+            shard = self.replica.shard(scope)
             self._stats["lookups"] += 1
             now = self.clock.now()
             hit = self._exact(norm, shard, now, store=vector is None)
@@ -499,7 +527,7 @@ class SemanticCache:
             vector = self.embed([norm])[0]
             with self._lock:
                 self.replica.sync(fresh=strong)  # a bump or delete while we embedded must count
-                shard = self._shard(scope)
+                shard = self.replica.shard(scope)
                 now = self.clock.now()
                 nearest, rows, _ = self._candidates(vector, shard, policy, now, None)
         # the policy runs outside the cache-wide lock
@@ -524,7 +552,7 @@ class SemanticCache:
         query = self._vector(normalise(prompt), vector)
         with self._lock:
             self.replica.sync()
-            sims, _ = self.replica.search(self._shard(as_scope(scope)), query, 1)
+            sims, _ = self.replica.search(self.replica.shard(as_scope(scope)), query, 1)
         return float(sims[0]) if len(sims) else None
 
     def _exact(
@@ -789,7 +817,7 @@ class SemanticCache:
         self._check_open()
         scope = as_scope(scope)
         with self._lock:
-            shard = self._shard(scope)
+            shard = self.replica.shard(scope)
         return self._lead(normalise(prompt), shard, wait=wait)
 
     def _recheck(self, item: dict[str, Any], looked: _Looked, policy: HitPolicy) -> Hit | None:
@@ -1031,7 +1059,7 @@ class SemanticCache:
         norm = normalise(prompt)
         with self._lock:
             self.replica.sync()
-            key = exact_key(self._shard(as_scope(scope)), norm)
+            key = exact_key(self.replica.shard(as_scope(scope)), norm)
             n = self._db.delete_prompt(key, self.clock.now())
             self._stats["invalidations_delete"] += n
             self.replica.catch_up()
@@ -1170,7 +1198,7 @@ class SemanticCache:
         with self._lock:
             self.replica.sync()
             if scope_ is not None:
-                shard = self._shard(scope_)
+                shard = self.replica.shard(scope_)
                 targets = [(shard, self.shards.get(shard))]
             else:
                 targets = list(self.shards.items())

@@ -33,10 +33,12 @@ from typing import Any
 import numpy as np
 
 from .errors import IndexCorruptError, StoreError
+from .keys import shard_key
 from .l1 import L1Cache
 from .progress import Progress
 from .shards import ShardSet, pending_of
 from .store import HOLD_TTL, Change, Store
+from .types import Scope
 
 log = logging.getLogger("semcache")
 
@@ -85,6 +87,7 @@ class Replica:
         self.rebuilds = 0
         self._checkpoint_seq = 0
         self._checkpoint_next = CHECKPOINT_MIN  # changes before the entries are counted again
+        self._checkpoint_retry = 0  # changes before a non-owner asks for the checkpoints again
         self._holder = uuid.uuid4().hex  # this replica's name for its hold on the log
         self._held: tuple[int, float] | None = None  # (seq, when) of the last hold written
         self._merger: _Merger | None = None
@@ -137,6 +140,7 @@ class Replica:
                 self.rebuild()
             self._checkpoint_seq = self.shards.seq
             self._checkpoint_next = CHECKPOINT_MIN
+            self._checkpoint_retry = 0
 
     def _load(self) -> str | None:
         """Load the checkpoint; None when it is usable, "" when there is none, else why not."""
@@ -220,9 +224,10 @@ class Replica:
             self._follow(allow_rebuild=True)
             self._hold(self.shards.seq)
             since = self.shards.seq - self._checkpoint_seq
-            if self._checkpoint_due(since) and not self.checkpoint(None):
-                # another process owns the checkpoints: ask again an interval's changes later
-                self._checkpoint_next = since + CHECKPOINT_MIN
+            due = since >= self._checkpoint_retry and self._checkpoint_due(since)
+            if due and not self.checkpoint(None):
+                # another process owns the checkpoints: ask again an interval later
+                self._checkpoint_retry = since + (self.checkpoint_every or CHECKPOINT_MIN)
 
     def _checkpoint_due(self, since: int) -> bool:
         """Whether ``since`` changes call for an automatic checkpoint: ``checkpoint_every``
@@ -342,6 +347,11 @@ class Replica:
                     version = self.versions[namespace] = self.store.version(namespace)
         return version
 
+    def shard(self, scope: Scope) -> str:
+        """The shard a scope's entries are written to and searched in now: its digest at its
+        namespace's version as of this replica's position."""
+        return shard_key(scope.digest, self.version(scope.namespace))
+
     def search(self, shard: str, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The shard's ``k`` nearest (similarities descending, ids); empty when it has none."""
         index = self.shards.get(shard)
@@ -408,6 +418,7 @@ class Replica:
                 self.store.trim_fences(now - FENCE_HORIZON)
             self._checkpoint_seq = self.shards.seq
             self._checkpoint_next = CHECKPOINT_MIN
+            self._checkpoint_retry = 0
             return True
 
     def stop_merger(self) -> None:

@@ -25,10 +25,9 @@ from .errors import SemcacheError
 from .eviction import Evictor
 from .fence import Candidate, Observed, any_covers
 from .groupcommit import GroupCommit, Request
-from .keys import exact_key, new_uids, shard_key
+from .keys import exact_key, new_uids
 from .replica import Replica
 from .store import Store, entry_size
-from .types import Scope
 from .vectorcodec import decode, encode, encode_many
 
 #: Writes between two culls of expired and version-dead entries.
@@ -41,11 +40,11 @@ Write = tuple[dict[str, Any], np.ndarray, "Observed | None"]
 class Writer:
     """Commits prepared entries to the store of record and brings the replica up to them.
 
-    ``lock`` is the replica's lock (writes and catch-ups take turns under it); ``stats`` the
-    cache's counters, which this updates only for writes that committed; ``check_open`` raises
-    once the cache is closed; ``flush_access`` records pending hits before an eviction picks
-    its victims by them.
-    """
+    Writes and catch-ups take turns under the replica's lock. ``stats`` are the cache's
+    counters, which this updates only for writes that committed; ``check_open`` raises once
+    the cache is closed; ``flush_access`` records pending hits before an eviction picks its
+    victims by them. ``max_ttl``, ``max_stale`` and ``cull_limit`` are the cache's settings
+    (its properties of those names read and set them here)."""
 
     def __init__(
         self,
@@ -54,7 +53,6 @@ class Writer:
         evictor: Evictor,
         clock: Clock,
         stats: Counter[str],
-        lock: Any,
         *,
         check_open: Callable[[], None],
         flush_access: Callable[[], None],
@@ -67,14 +65,16 @@ class Writer:
         self._evictor = evictor
         self._clock = clock
         self._stats = stats
-        self._lock = lock
+        self._lock = replica.lock
         self._check_open = check_open
         self._flush_access = flush_access
         self.max_ttl = max_ttl
         self.max_stale = max_stale
         self.cull_limit = cull_limit
         self._writes = 0
-        self.group: GroupCommit[Write] = GroupCommit(lock, self._commit, store.in_transaction)
+        self.group: GroupCommit[Write] = GroupCommit(
+            self._lock, self._commit, store.in_transaction
+        )
 
     def expiry(self, ttl: float | None, now: float) -> float | None:
         """When an entry with ``ttl`` written at ``now`` expires (``max_ttl`` caps it)."""
@@ -107,7 +107,7 @@ class Writer:
             item, vector, observed = request.payload
             scope = item["scope"]
             try:
-                shard = self._shard(scope)
+                shard = self._replica.shard(scope)
                 # a fenced answer is as old as the lookup it follows: its TTL counts from there
                 born = observed.at if observed else now
                 values = self._row(
@@ -173,7 +173,7 @@ class Writer:
             for item, blob, uid in zip(items, blobs, new_uids(len(items)), strict=True):
                 scope = item["scope"]
                 if scope.digest not in scopes:
-                    scopes[scope.digest] = (self._shard(scope), scope.to_json())
+                    scopes[scope.digest] = (self._replica.shard(scope), scope.to_json())
                 shard, scope_json = scopes[scope.digest]
                 rows.append(self._row(item, blob, uid, shard, scope_json, now, now))
             with self._store.transaction():
@@ -186,9 +186,6 @@ class Writer:
             return [uid for _, uid in written]
 
     # -- shared -----------------------------------------------------------------------------
-    def _shard(self, scope: Scope) -> str:
-        return shard_key(scope.digest, self._replica.version(scope.namespace))
-
     def _row(
         self,
         item: dict[str, Any],

@@ -549,6 +549,27 @@ def test_given_vectors_are_checked_and_normalised_alike_one_or_many() -> None:
             as_unit_matrix(bad, 64)
 
 
+def test_write_settings_are_read_and_set_on_the_cache(tmp_path: Path) -> None:
+    """``max_ttl``, ``max_stale`` and ``cull_limit`` are the cache's settings: set on it, they
+    are what the next write uses; bad values are refused there and at open."""
+    with SemanticCache(
+        tmp_path / "a", embedder=HashEmbedder(), max_ttl=60, max_stale=5, cull_limit=3
+    ) as cache:
+        assert (cache.max_ttl, cache.max_stale, cache.cull_limit) == (60.0, 5.0, 3)
+        cache.max_ttl, cache.max_stale, cache.cull_limit = 10, None, 0
+        assert (cache.max_ttl, cache.max_stale, cache.cull_limit) == (10.0, 0.0, 0)
+        entry = cache.get(cache.store("capped words", "ok", ttl=100))
+        assert entry.expires_at is not None
+        assert entry.expires_at - entry.created_at == pytest.approx(10)
+        for bad in (-1, True, 1.5):
+            with pytest.raises(InvalidInputError, match="cull_limit"):
+                cache.cull_limit = bad  # type: ignore[assignment]
+        with pytest.raises(InvalidInputError):
+            cache.max_ttl = -5
+    with pytest.raises(InvalidInputError, match="cull_limit"):
+        SemanticCache(tmp_path / "b", embedder=HashEmbedder(), cull_limit=-1)
+
+
 def test_checkpoint_every_is_a_positive_int_or_none(tmp_path: Path) -> None:
     for bad in (0, -5, True, 2.5, "10"):
         with pytest.raises(InvalidInputError, match="checkpoint_every"):

@@ -203,12 +203,14 @@ def test_automatic_checkpoints_space_out_as_the_index_grows(
     assert max(gaps["capped"]) <= 30 and len(gaps["capped"]) >= 13
 
 
+@pytest.mark.parametrize("every", [None, 10])
 def test_a_process_that_does_not_own_the_checkpoints_asks_once_per_interval(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int | None
 ) -> None:
     """While another cache owns the folder's checkpoints, a writer's catch-ups do not try to
     take them over (and count the entries) on every write past the interval: once per
-    CHECKPOINT_MIN changes. The owner keeps its checkpoints; both stay consistent."""
+    interval (CHECKPOINT_MIN changes, or ``checkpoint_every``). The owner keeps its
+    checkpoints; both stay consistent."""
     from semcache import replica as replica_module
 
     monkeypatch.setattr(replica_module, "CHECKPOINT_MIN", 10)
@@ -216,7 +218,9 @@ def test_a_process_that_does_not_own_the_checkpoints_asks_once_per_interval(
         owner.store("owner words", "ok")
         owner.checkpoint()
         assert owner.shards.owner
-        with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as other:
+        with SemanticCache(
+            tmp_path, embedder=HashEmbedder(), threshold=0.9, checkpoint_every=every
+        ) as other:
             assert not other.shards.owner
             tried: list[bool] = []
             real = other.replica.checkpoint
