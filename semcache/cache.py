@@ -315,7 +315,7 @@ class SemanticCache:
             check_open=self._check_open,
             flush_access=self._flush_access,
             max_ttl=max_ttl,
-            max_stale=max_stale or 0.0,
+            max_stale=max_stale,
             cull_limit=cull_limit,
         )
         self._leases = Leases(self._db, self.flight_timeout)
