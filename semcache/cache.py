@@ -31,6 +31,7 @@ import numpy as np
 
 from .checks import (
     as_scope,
+    check_count,
     check_fn,
     check_metadata,
     check_namespace,
@@ -281,16 +282,14 @@ class SemanticCache:
             raise StoreError(f"cannot use {exc.filename} as an index folder: {exc}") from exc
         try:
             self.evictor = Evictor(self._db, eviction, max_entries, max_bytes)
-            if isinstance(log_keep, bool) or not isinstance(log_keep, int) or log_keep < 0:
-                raise InvalidInputError("log_keep must be a non-negative int")
+            check_count(log_keep, "log_keep")
             if checkpoint_every is not None and (
                 isinstance(checkpoint_every, bool)
                 or not isinstance(checkpoint_every, int)
                 or checkpoint_every < 1
             ):
                 raise InvalidInputError("checkpoint_every must be a positive int or None")
-            if isinstance(cull_limit, bool) or not isinstance(cull_limit, int) or cull_limit < 0:
-                raise InvalidInputError("cull_limit must be a non-negative int")
+            check_count(cull_limit, "cull_limit")
         except BaseException:
             self._db.close()  # a refused argument leaves nothing open
             raise
@@ -420,9 +419,7 @@ class SemanticCache:
 
     @cull_limit.setter
     def cull_limit(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidInputError("cull_limit must be a non-negative int")
-        self.writer.cull_limit = value
+        self.writer.cull_limit = check_count(value, "cull_limit")
 
     # ------------------------------------------------------------------------ derived state
     def _check_open(self) -> None:

@@ -27,6 +27,13 @@ def check_ttl(ttl: Any) -> float | None:
     return float(ttl)
 
 
+def check_count(value: Any, name: str) -> int:
+    """``value`` if it is a non-negative int (not a bool), else InvalidInputError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(f"{name} must be a non-negative int")
+    return value
+
+
 def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
     if tags is None:
         return ()

@@ -1,12 +1,12 @@
 """Group commit: concurrent writers share one transaction.
 
-A commit is the largest fixed cost of a single write (here about 90 µs of a SQLite store's 330,
-with the WAL copied off the commit path; a round trip more on PostgreSQL), and writers take
-turns on one lock anyway. So a writer
-queues its request and takes the lock; whoever holds it commits every request queued by then in
-one batch, and the others find their request done when their turn comes (flat combining, as in
-"Flat Combining and the Synchronization-Parallelism Tradeoff", Hendler et al., SPAA 2010). A
-writer alone commits alone, as before: nothing waits for company.
+A commit is the largest fixed cost of a single write (here about 90 µs of a SQLite store's
+300-330, with the WAL copied off the commit path; a round trip more on PostgreSQL), and writers
+take turns on one lock anyway. So a writer queues its request and takes the lock; whoever holds
+it commits every request queued by then in one batch, and the others find their request done
+when their turn comes (flat combining, as in "Flat Combining and the Synchronization-Parallelism
+Tradeoff", Hendler et al., SPAA 2010). A writer alone commits alone, as before: nothing waits
+for company.
 """
 
 from __future__ import annotations

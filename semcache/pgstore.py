@@ -65,7 +65,7 @@ from .store import (
     changes_of_rows,
     gather_vectors,
 )
-from .vectorcodec import decode, decode_many
+from .vectorcodec import decode_many
 
 #: The PostgreSQL schema's own version (independent of the SQLite store's).
 SCHEMA_VERSION = 4
@@ -629,14 +629,6 @@ class PostgresStore(MetaLog):
             for r in rows:
                 yield dict(zip(names, r, strict=True)), self.tags_of(r[0])
             last = int(rows[-1][0])
-
-    def vectors_of(self, ids: Sequence[int]) -> dict[int, tuple[str, np.ndarray]]:
-        """(shard, vector) of each of ``ids`` still present."""
-        rows = self._read(
-            "SELECT id, shard, vector FROM entries WHERE id = ANY(%s::bigint[])",
-            ([int(i) for i in ids],),
-        )
-        return {int(r[0]): (r[1], decode(r[2])) for r in rows}
 
     def vector_matrix(self, ids: np.ndarray) -> np.ndarray:
         """The vectors of ``ids``, one row each, zeros for an id no longer present: how a

@@ -43,7 +43,7 @@ import sqlite_utils
 
 from .errors import StoreBusyError, StoreError
 from .folder import LOCK_FILE
-from .vectorcodec import decode, decode_many
+from .vectorcodec import decode_many
 
 SCHEMA_VERSION = 8
 
@@ -641,17 +641,6 @@ class Store(MetaLog):
                 yield dict(zip(names, r, strict=True)), self.tags_of(r[0])
             last = int(rows[-1][0])
 
-    def vectors_of(self, ids: Sequence[int]) -> dict[int, tuple[str, np.ndarray]]:
-        """(shard, vector) of each of ``ids`` still present."""
-        out: dict[int, tuple[str, np.ndarray]] = {}
-        for chunk in _chunks(ids):
-            marks = ", ".join("?" for _ in chunk)
-            for rowid, shard, blob in self.execute(
-                f"SELECT id, shard, vector FROM entries WHERE id IN ({marks})", tuple(chunk)
-            ):
-                out[int(rowid)] = (shard, decode(blob))
-        return out
-
     def vector_matrix(self, ids: np.ndarray) -> np.ndarray:
         """The vectors of ``ids``, one row each, zeros for an id no longer present: how a
         replica fills the index files it loads (they hold no vectors)."""
@@ -1182,8 +1171,9 @@ def _migration_7(db: sqlite_utils.Database) -> None:
 def _migration_8(db: sqlite_utils.Database) -> None:
     """No insert trigger: :meth:`Store.insert` and :meth:`Store.insert_many` write the log
     and the counters themselves. The trigger, even skipped for a bulk batch by its ``WHEN``,
-    cost as much per bulk row as the insert itself (measured: 100k rows of 850-character
-    answers, 21k rows/s with it, 39k without)."""
+    cost about as much per bulk row as the insert itself (``evals/bench_core.py``'s
+    ``store_many`` at 100k: 10,812 rows/s with it, 16,148-18,495 without, with the other
+    changes of that release)."""
     db.execute("DROP TRIGGER IF EXISTS entries_ai")
     db.execute("DROP TABLE IF EXISTS bulk")
 
