@@ -783,6 +783,57 @@ def test_run_reconnects_after_the_connection_is_lost_and_stops_on_request(
 
 
 @pytest.mark.postgres
+def test_a_stop_asked_before_run_starts_is_honoured_once(
+    pg: str, schema: str, cdc_cache: SemanticCache, make_consumer: Callable[..., ChangeConsumer]
+) -> None:
+    """stop() before run() (a thread not yet started, a signal during startup) makes run()
+    return at once instead of being forgotten; the next run consumes as usual."""
+    import threading
+
+    cdc_cache.store(prompt(1), "answer 1", tags=["user:1"])
+    consumer = make_consumer(
+        cdc_cache, [Rule("users", schema=schema, tags=lambda row: [f"user:{row['id']}"])]
+    )
+    consumer.setup()
+    consumer.stop()
+    thread = threading.Thread(target=consumer.run, kwargs={"handle_signals": False}, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "a stop() asked before run() was lost"
+    run_sql(pg, f"INSERT INTO {schema}.users (id) VALUES (1)")
+    assert consumer.run_once(timeout=10, min_changes=1) == 1  # the stop was spent
+    assert cdc_cache.lookup(prompt(1)) is None
+
+
+def test_sigterm_while_the_cdc_command_starts_stops_it_cleanly(tmp_path: Path) -> None:
+    """A SIGTERM that reaches `semcache cdc` while it loads its rules (before the consumer
+    exists) ends it with exit status 0 and without touching PostgreSQL: the port given here
+    has no server, so any connection attempt would fail the command."""
+    marker = tmp_path / "loading"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SEMCACHE_TEST_CDC_MARKER": str(marker),
+           "SEMCACHE_TEST_CDC_IMPORT_DELAY": "2"}  # fmt: skip
+    no_server = "host=127.0.0.1 port=9 dbname=none connect_timeout=2"
+    rules = "tests.cdc_rules_slow:RULES"
+    command = [sys.executable, "-m", "semcache.cdc", "--dsn", no_server, "--rules", rules,
+               "--data", str(tmp_path / "cache")]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), "the command never started loading its rules"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, out.decode()
+    assert b"stopping the CDC consumer" in out and b"stopped before the cache was opened" in out
+
+
+@pytest.mark.postgres
 def test_the_consumer_invalidates_a_shared_store_for_every_replica(
     pg: str, schema: str, tmp_path: Path, make_consumer: Callable[..., ChangeConsumer]
 ) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sqlite3
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,42 @@ def cdc(
     )
     if on_slot_lost not in ("raise", "flush"):
         raise typer.BadParameter("--on-slot-lost must be 'raise' or 'flush'")
+    log = logging.getLogger("semcache.cdc")
+    # SIGTERM/SIGINT stop the command cleanly from here on, not only once the consumer runs:
+    # one that arrives while the rules load or the cache opens is remembered and honoured.
+    stop = _StopOnSignal(log)
+    try:
+        _cdc(
+            stop,
+            dsn=dsn,
+            rules=rules,
+            data=data,
+            schema=schema,
+            index_dir=index_dir,
+            slot=slot,
+            publication=publication,
+            setup=setup,
+            on_slot_lost=on_slot_lost,
+            embedder=embedder,
+        )
+    finally:
+        stop.restore()
+
+
+def _cdc(
+    stop: _StopOnSignal,
+    *,
+    dsn: str,
+    rules: str,
+    data: str,
+    schema: str,
+    index_dir: Path | None,
+    slot: str,
+    publication: str,
+    setup: bool,
+    on_slot_lost: str,
+    embedder: str | None,
+) -> None:
     from ..errors import SemcacheError
     from .consumer import ChangeConsumer
     from .rules import Rule
@@ -177,6 +215,9 @@ def cdc(
     except TypeError:
         raise typer.BadParameter(f"{rules} is not a list of Rule") from None
     log = logging.getLogger("semcache.cdc")
+    if stop.requested:
+        log.info("stopped before the cache was opened")
+        return
     try:
         cache = open_cache(data, embedder, schema=schema, index_dir=index_dir)
         try:
@@ -188,8 +229,9 @@ def cdc(
                 publication=publication,
                 on_slot_lost=on_slot_lost,  # type: ignore[arg-type]
             )
+            stop.forward_to(consumer)
             try:
-                if setup:
+                if setup and not stop.requested:
                     consumer.setup()
                 log.info(
                     "consuming slot %s (publication %s) into %s; position file %s",
@@ -198,7 +240,7 @@ def cdc(
                     cache.location,
                     consumer.state_file,
                 )
-                consumer.run()
+                consumer.run(handle_signals=False)
                 log.info("stopped; %s", consumer.stats)
             finally:
                 consumer.close()
@@ -207,3 +249,37 @@ def cdc(
     except SemcacheError as exc:
         typer.echo(f"semcache cdc: {exc}", err=True)
         raise typer.Exit(code=1) from None
+
+
+class _StopOnSignal:
+    """SIGTERM and SIGINT handlers for the command's whole life (main thread only): a signal
+    is recorded, and passed on to the consumer once there is one."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+        self._requested = threading.Event()
+        self._consumer: Any = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    @property
+    def requested(self) -> bool:
+        return self._requested.is_set()
+
+    def forward_to(self, consumer: Any) -> None:
+        """From now on a signal stops ``consumer``; one that came before stops it at once."""
+        self._consumer = consumer
+        if self._requested.is_set():
+            consumer.stop()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._log.info("signal %d: stopping the CDC consumer", signum)
+        self._requested.set()
+        if self._consumer is not None:
+            self._consumer.stop()

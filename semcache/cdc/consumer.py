@@ -249,17 +249,21 @@ class ChangeConsumer:
         on first use and keeps the connection for the next call. Errors propagate.
         """
         deadline = time.monotonic() + max(0.0, timeout)
-        self._stop.clear()
-        self._ensure_stream()
-        return self._pump(deadline, min_changes)
+        try:
+            self._ensure_stream()
+            return self._pump(deadline, min_changes)
+        finally:
+            self._stopped()
 
     def run(self, *, handle_signals: bool = True) -> None:
         """Consume until :meth:`stop` is called (or SIGTERM/SIGINT arrive, when running in the
         main thread with ``handle_signals``). A lost connection or a slot busy with another
         consumer is retried with exponential backoff; a lost slot, a broken rule or a cache
         failure raise.
+
+        A :meth:`stop` that comes before ``run`` starts is not lost: ``run`` then returns at
+        once. Each return leaves the consumer ready to run again.
         """
-        self._stop.clear()
         previous: dict[int, Any] = {}
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -281,9 +285,11 @@ class ChangeConsumer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._close_stream()
+            self._stopped()
 
     def stop(self) -> None:
-        """Ask :meth:`run` to return (safe from another thread or a signal handler)."""
+        """Ask the running (or else the next) :meth:`run` or :meth:`run_once` to return; safe
+        from another thread or a signal handler."""
         self._stop.set()
         if not self._closed:
             with contextlib.suppress(OSError):
@@ -694,10 +700,19 @@ class ChangeConsumer:
             except InterruptedError:
                 continue
             if self._wake_r in ready:
-                with contextlib.suppress(OSError):
-                    while os.read(self._wake_r, 64):
-                        pass
+                self._drain_wake()
         return applied
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self._wake_r, 64):
+                pass
+
+    def _stopped(self) -> None:
+        """A run has returned: the stop it honoured is spent."""
+        self._stop.clear()
+        if not self._closed:
+            self._drain_wake()
 
     def _handle(self, msg: Any) -> int:
         """Handle one replication message; returns the changes applied (at a Commit)."""
