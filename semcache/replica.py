@@ -218,10 +218,20 @@ class Replica:
         if self.store.data_version() != self.data_version:
             self.catch_up()
 
-    def catch_up(self) -> None:
-        """Apply every change after this replica's position (after this process's own writes)."""
+    def catch_up(self, *, after_write: bool = False) -> None:
+        """Apply every change after this replica's position (after this process's own writes).
+
+        ``after_write``: called right after this process's write transaction, whose start the
+        store may have noted its data version at (``write_data_version``); that value, read
+        before the log scan as every caught-up version must be, spares the scan a read of it.
+        """
         with self.lock:
-            self._follow(allow_rebuild=True)
+            self._follow(
+                allow_rebuild=True,
+                data_version=getattr(self.store, "write_data_version", None)
+                if after_write
+                else None,
+            )
             self._hold(self.shards.seq)
             since = self.shards.seq - self._checkpoint_seq
             due = since >= self._checkpoint_retry and self._checkpoint_due(since)
@@ -244,8 +254,9 @@ class Replica:
         self._checkpoint_next = min(CHECKPOINT_MAX, max(CHECKPOINT_MIN, len(self.shards) // 4))
         return since >= self._checkpoint_next
 
-    def _follow(self, *, allow_rebuild: bool) -> None:
-        dv = self.store.data_version()  # before the scan: a later commit changes it again
+    def _follow(self, *, allow_rebuild: bool, data_version: int | None = None) -> None:
+        # before the scan: a later commit changes it again
+        dv = self.store.data_version() if data_version is None else data_version
         limit = 10_000
         while True:
             changes = self.store.changes_since(self.shards.seq, limit)

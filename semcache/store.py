@@ -232,6 +232,8 @@ class Store(MetaLog):
             self._lock = threading.RLock()
             self._depth = 0
             self.commits = 0  # since the WAL was last checkpointed
+            #: ``PRAGMA data_version`` as of the last write transaction's start
+            self.write_data_version: int | None = None
             self._page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
             self._migrate()
             self.store_id = self._identity()
@@ -262,8 +264,13 @@ class Store(MetaLog):
                 return
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
+                # as of the transaction's start: read inside it, this costs no snapshot
+                version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
             except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
                 raise StoreError(f"cannot start a write transaction: {exc}") from exc
+            self.write_data_version = version
             self._depth = 1
             try:
                 yield self._conn
@@ -331,7 +338,9 @@ class Store(MetaLog):
                     self._conn.execute("COMMIT")
 
     def data_version(self) -> int:
-        """Changes when another connection commits (``PRAGMA data_version``)."""
+        """Changes when another connection commits (``PRAGMA data_version``). Each call
+        outside a transaction starts a read snapshot; the value as of the last write
+        transaction's start is kept in ``write_data_version`` for free."""
         return int(self.execute("PRAGMA data_version")[0][0])
 
     def close(self) -> None:

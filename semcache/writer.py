@@ -126,7 +126,7 @@ class Writer:
         groups = [[one] for one in ready] if self._evictor.bounded else [ready] if ready else []
         for group in groups:
             self._commit_group(group, now)
-        self._replica.catch_up()
+        self._replica.catch_up(after_write=True)
         # L1 fills on the first exact repeat (from the store), never here
 
     def _commit_group(
@@ -182,7 +182,7 @@ class Writer:
                 first = min(rowid for rowid, _ in written)
                 self._stats["evictions"] += self._evictor.enforce(first, self._flush_access)
             self._stats["stores"] += len(rows)
-            self._replica.catch_up()
+            self._replica.catch_up(after_write=True)
             return [uid for _, uid in written]
 
     # -- shared -----------------------------------------------------------------------------

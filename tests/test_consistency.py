@@ -487,6 +487,43 @@ def test_an_empty_scan_behind_the_head_twice_is_a_trimmed_log_and_rebuilds(
         assert cache.lookup("kept words").response == "1" and cache.verify() == []
 
 
+def test_a_write_catches_up_without_reading_the_version_again_and_misses_no_later_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write's catch-up takes the store's data version from the write transaction's start
+    (no second read of it). Another connection committing after the log scan is then still
+    caught up on by the next lookup: the version kept is from before the scan, never after."""
+    with (
+        SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as cache,
+        SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as other,
+    ):
+        cache.store("warm words", "0")
+        reads: list[int] = []
+        real_version = cache._db.data_version
+
+        def counted_version() -> int:
+            reads.append(1)
+            return int(real_version())
+
+        monkeypatch.setattr(cache._db, "data_version", counted_version)
+        real_scan = cache._db.changes_since
+        landed: list[str] = []
+
+        def racing_scan(seq: int, limit: int = 10_000) -> list[Any]:
+            found = real_scan(seq, limit)
+            if not landed:  # another connection commits right after the write's scan
+                landed.append(other.store("landed after the scan", "2") or "")
+            return found
+
+        monkeypatch.setattr(cache._db, "changes_since", racing_scan)
+        cache.store("written words", "1")
+        assert landed and len(reads) == 1  # the sync before the write; none after it
+        monkeypatch.setattr(cache._db, "changes_since", real_scan)
+        hit = cache.lookup("the scan landed after")  # through the index, not an exact read
+        assert hit is not None and hit.response == "2" and hit.tier == "semantic"
+        assert cache.verify() == []
+
+
 def test_a_follower_keeps_serving_while_the_owner_trims_during_its_rebuild(
     tmp_path: Path,
 ) -> None:
