@@ -62,7 +62,7 @@ from .progress import Progress
 from .replica import Replica
 from .shards import IndexFactory, ShardSet
 from .singleflight import HANDOVER, Flight, SingleFlight
-from .store import Row, entry_size
+from .store import Row
 from .stores import SYNCHRONOUS, default_index_dir, is_store_url, open_store, replica_id
 from .sweeper import Sweeper
 from .threshold import HitPolicy, as_policy, check_threshold
@@ -1096,15 +1096,7 @@ class SemanticCache:
                 values["l1_key"] = exact_key(row["shard"], values["prompt"])
             if not values and tag_list is None:
                 return
-            values["updated_at"] = now
-            merged = {**row, **values}
-            size = entry_size(merged, self._db.tags_of(row["id"]) if tag_list is None else tag_list)
-            self.evictor.check_size(size)
-            if size != row["size"]:
-                values["size"] = size
-            self._db.update(row["id"], values, tag_list, now)
-            self._stats["updates"] += 1
-            self.replica.catch_up()
+            self.writer.update(row, values, tag_list, now)
 
     def feedback(self, entry_id: str, correct: bool, *, similarity: float | None = None) -> None:
         """Tell the cache whether an answer it served was right; wrong ones tighten that entry.

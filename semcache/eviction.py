@@ -2,7 +2,8 @@
 
 The policy is data (:data:`~semcache.store.EVICTION_POLICIES`: the ORDER BY that picks the first
 entries to go, each backed by an index). The entry whose write caused the eviction is never its
-victim, so a write always leaves the entry it returned in the store.
+victim, so a write always leaves the entry it returned in the store, and an update that makes an
+entry larger evicts others, never the entry it updated.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ class Evictor:
                 f"the entry takes {size} bytes, more than max_bytes={self.max_bytes}"
             )
 
-    def enforce(self, keep_from: int | None, flush: Callable[[], None]) -> int:
+    def enforce(
+        self, keep_from: int | None, flush: Callable[[], None], *, spare: int | None = None
+    ) -> int:
         """Evict until within bounds, never a row with id ``keep_from`` or later (the write or
-        batch that caused it); returns how many went.
+        batch that caused it), nor the row ``spare`` (an update that grew it); returns how
+        many went.
 
         ``flush`` writes buffered hits first, so LRU and LFU order include them.
         """
@@ -61,7 +65,7 @@ class Evictor:
             if not over:
                 break
             flush()
-            n = self.store.evict(self.policy, min(over, 1000), keep_from)
+            n = self.store.evict(self.policy, min(over, 1000), keep_from, spare)
             evicted += n
             if n == 0:
                 break

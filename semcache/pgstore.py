@@ -812,16 +812,18 @@ class PostgresStore(MetaLog):
                 (limit,),
             ).rowcount
 
-    def evict(self, order: str, count: int, keep_from: int | None) -> int:
+    def evict(
+        self, order: str, count: int, keep_from: int | None, spare: int | None = None
+    ) -> int:
         """Delete the first ``count`` entries in eviction ``order`` (a key of
         :data:`~semcache.store.EVICTION_POLICIES`), never a row whose id is ``keep_from`` or
-        later (the writes that caused it)."""
+        later (the writes that caused it), nor the row ``spare`` (an entry being updated)."""
         by = EVICTION_POLICIES[order]
         with self.transaction() as conn:
             return conn.execute(
                 "DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id < %s "  # type: ignore[arg-type]
-                f"ORDER BY {by} LIMIT %s)",
-                (2**62 if keep_from is None else keep_from, count),
+                f"AND id != %s ORDER BY {by} LIMIT %s)",
+                (2**62 if keep_from is None else keep_from, -1 if spare is None else spare, count),
             ).rowcount
 
     # -- access and feedback ------------------------------------------------------------------

@@ -820,16 +820,18 @@ class Store(MetaLog):
                 f"DELETE FROM entries WHERE id IN ({_DEAD_VERSIONS} LIMIT ?)", (limit,)
             ).rowcount
 
-    def evict(self, order: str, count: int, keep_from: int | None) -> int:
+    def evict(
+        self, order: str, count: int, keep_from: int | None, spare: int | None = None
+    ) -> int:
         """Delete the first ``count`` entries in eviction ``order`` (a key of
         :data:`EVICTION_POLICIES`), never a row whose id is ``keep_from`` or later (the writes
-        that caused it)."""
+        that caused it), nor the row ``spare`` (an entry being updated)."""
         sql = EVICTION_POLICIES[order]
         with self.transaction() as conn:
             return conn.execute(
                 "DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id < ? "
-                f"ORDER BY {sql} LIMIT ?)",
-                (2**62 if keep_from is None else keep_from, count),
+                f"AND id != ? ORDER BY {sql} LIMIT ?)",
+                (2**62 if keep_from is None else keep_from, -1 if spare is None else spare, count),
             ).rowcount
 
     # -- access and feedback ------------------------------------------------------------------

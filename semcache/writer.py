@@ -6,7 +6,8 @@ while another holds the writers' turn share its next transaction, each fenced on
 transaction, unfenced. Either way a write is acknowledged only once it has committed, and the
 replica then catches up on it, so the next lookup sees it. On the way, writes cull expired and
 version-dead entries in bounded batches, and a bounded cache evicts, never the write's own
-entries.
+entries. An update of a stored entry is a write too: it is checked against ``max_bytes`` and
+evicts other entries when it grows the cache past its bounds.
 
 :class:`~semcache.cache.SemanticCache` validates the caller's input (``_prepare``) and hands the
 prepared items here; nothing in this module is public API.
@@ -159,6 +160,26 @@ class Writer:
         self._stats["evictions"] += evicted
         self._stats["stores"] += len(written)
         self._stats["fenced"] += len(group) - len(written)
+
+    # -- updates ----------------------------------------------------------------------------
+    def update(
+        self, row: dict[str, Any], values: dict[str, Any], tags: list[str] | None, now: float
+    ) -> None:
+        """Change the stored entry ``row`` to ``values`` (and ``tags``) in one transaction. Its
+        new size is checked against ``max_bytes`` first; a bounded cache then evicts other
+        entries until it is within its bounds again, never this one. Runs under the lock."""
+        values["updated_at"] = now
+        merged = {**row, **values}
+        size = entry_size(merged, self._store.tags_of(row["id"]) if tags is None else tags)
+        self._evictor.check_size(size)
+        if size != row["size"]:
+            values["size"] = size
+        with self._store.transaction():
+            self._store.update(row["id"], values, tags, now)
+            evicted = self._evictor.enforce(None, self._flush_access, spare=row["id"])
+        self._stats["evictions"] += evicted
+        self._stats["updates"] += 1
+        self._replica.catch_up(after_write=True)
 
     # -- bulk -------------------------------------------------------------------------------
     def write_many(self, items: list[dict[str, Any]], vectors: np.ndarray) -> list[str]:

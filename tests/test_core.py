@@ -261,6 +261,32 @@ def test_max_bytes(tmp_path: Path, clock: FakeClock) -> None:
     c.close()
 
 
+def test_an_update_that_grows_an_entry_keeps_max_bytes_and_never_evicts_that_entry(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """max_bytes is enforced on every write, updates included: the oldest entries go (LRU),
+    the one updated stays, and one too large on its own is refused with nothing changed."""
+    c = SemanticCache(tmp_path, embedder=HashEmbedder(dim=16), clock=clock, max_bytes=4000)
+    ids = []
+    for i in range(6):
+        ids.append(c.store(f"prompt number {i}", "x" * 200))
+        clock.advance(1)
+    assert c.stats()["evictions"] == 0
+    c.update(ids[0], response="y" * 2500)  # the oldest entry, the first LRU would pick
+    stats = c.stats()
+    assert stats["bytes"] <= 4000 and stats["evictions"] > 0
+    assert c.get(ids[0]).response == "y" * 2500
+    with pytest.raises(EntryNotFoundError):
+        c.get(ids[1])  # the least recently used went
+    assert c.get(ids[5]).response == "x" * 200
+    before = c.stats()
+    with pytest.raises(InvalidInputError, match="max_bytes"):
+        c.update(ids[5], response="z" * 5000)
+    assert c.get(ids[5]).response == "x" * 200 and c.stats()["bytes"] == before["bytes"]
+    assert c.verify() == []
+    c.close()
+
+
 def test_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError):
         SemanticCache(tmp_path, embedder=HashEmbedder(), eviction="random")

@@ -244,6 +244,12 @@ def test_eviction_never_takes_the_writes_that_caused_it(store: Store) -> None:
     assert [store.rowid_of(uid) is None for _, uid in ids] == [True] * 3 + [False] * 2  # type: ignore[misc]
 
 
+def test_eviction_spares_the_entry_an_update_grew(store: Store) -> None:
+    ids = [store.insert(row(f"p{i}"), ()) for i in range(4)]
+    assert store.evict("fifo", 2, None, spare=ids[0][0]) == 2  # type: ignore[index]
+    assert [store.rowid_of(uid) is None for _, uid in ids] == [False, True, True, False]  # type: ignore[misc]
+
+
 def test_insert_many_replaces_repeats_and_returns_each_rows_id(store: Store) -> None:
     rows = [row("x"), row("y"), row("x")]
     written = store.insert_many(rows, [(), ("t",), ("u",)])
