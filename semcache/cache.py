@@ -1130,8 +1130,8 @@ class SemanticCache:
         computed for such entries when this is called are not cached afterwards."""
         self._check_open()
         tag_list = check_tags(tags)
-        if namespace is not None and (not isinstance(namespace, str) or not namespace):
-            raise InvalidInputError("namespace must be a non-empty string or None")
+        if namespace is not None:
+            check_namespace(namespace)
         if not tag_list:
             return 0
         self._db.fence_tags(tag_list, namespace, self.clock.now())

@@ -316,6 +316,9 @@ def test_bad_input_is_typed_and_harmless(fast_cache: SemanticCache) -> None:
         fast_cache.store("ok prompt", "x", metadata={"x": object()})
     with pytest.raises(InvalidInputError):
         fast_cache.store("ok prompt", "x", scope="acme")  # type: ignore[arg-type]
+    for namespace in ("", 3, "\ud800"):  # a lone surrogate used to escape as UnicodeEncodeError
+        with pytest.raises(InvalidInputError):
+            fast_cache.invalidate_tags("t", namespace=namespace)  # type: ignore[arg-type]
     assert all(issubclass(e, SemcacheError) for e in (InvalidPromptError, InvalidVectorError))
     assert fast_cache.stats()["entries"] == 1
     assert fast_cache.get(eid).response == "safe"
