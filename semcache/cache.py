@@ -140,8 +140,9 @@ class SemanticCache:
         max_ttl: an upper bound on any entry's life (the maximum staleness); None: unbounded.
         max_entries, max_bytes: size bounds enforced on every write by evicting per ``eviction``
             (``"lru"``, ``"lfu"`` or ``"fifo"``). None: unbounded (nothing is evicted silently).
-            An entry is never evicted by its own write; one larger than ``max_bytes`` on its own
-            is refused.
+            An entry is never evicted by its own write (nor by a later batch of its own
+            ``store_many``); one larger than ``max_bytes`` on its own, or a ``store_many``
+            that alone exceeds a bound, is refused before anything is written.
         clock: the time source for TTLs and LRU order (tests pass a ``FakeClock``).
         k: live neighbours considered per semantic lookup before the policy decides.
         index_factory: builds an empty index for a new shard; default FAISS, exact below
@@ -731,7 +732,9 @@ class SemanticCache:
         given = None if vectors is None else as_unit_matrix(vectors, self.dim)
         if given is not None and len(given) != len(prepared):
             raise InvalidInputError(f"{len(given)} vectors for {len(prepared)} items")
+        self.writer.check_many(prepared, self.dim)
         ids: list[str] = []
+        first: int | None = None  # the call's first row: no batch of it evicts another's
         step = 256 if given is None else 5000
         for start in range(0, len(prepared), step):
             batch = prepared[start : start + step]
@@ -739,7 +742,10 @@ class SemanticCache:
                 batch_vectors = self.embed([p["norm"] for p in batch])
             else:
                 batch_vectors = given[start : start + step]
-            ids += self.writer.write_many(batch, batch_vectors)
+            written = self.writer.write_many(batch, batch_vectors, keep_from=first)
+            if first is None:
+                first = min(rowid for rowid, _ in written)
+            ids += [uid for _, uid in written]
         return ids
 
     def _prepare(

@@ -43,6 +43,19 @@ class Evictor:
                 f"the entry takes {size} bytes, more than max_bytes={self.max_bytes}"
             )
 
+    def check_batch(self, entries: int, size: int) -> None:
+        """Refuse, before anything is written, a bulk write that alone exceeds the bounds: it
+        never evicts its own entries, so it could not end within them."""
+        if self.max_entries is not None and entries > self.max_entries:
+            raise InvalidInputError(
+                f"the write holds {entries} distinct entries, more than "
+                f"max_entries={self.max_entries}; store them in smaller calls"
+            )
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise InvalidInputError(
+                f"the write's entries take {size} bytes, more than max_bytes={self.max_bytes}"
+            )
+
     def enforce(
         self, keep_from: int | None, flush: Callable[[], None], *, spare: int | None = None
     ) -> int:

@@ -182,8 +182,31 @@ class Writer:
         self._replica.catch_up(after_write=True)
 
     # -- bulk -------------------------------------------------------------------------------
-    def write_many(self, items: list[dict[str, Any]], vectors: np.ndarray) -> list[str]:
-        """Commit a batch of entries in one transaction (unfenced), then catch up."""
+    def check_many(self, items: list[dict[str, Any]], dim: int) -> None:
+        """Refuse, before anything is written, a bulk write a bounded cache cannot hold: an
+        entry larger than ``max_bytes``, or more distinct entries or bytes in the whole write
+        than ``max_entries`` / ``max_bytes`` allow (the write never evicts its own entries,
+        so it must fit by evicting older ones). Sizes are the ones the write will store."""
+        if not self._evictor.bounded:
+            return
+        blob = encode(np.ones(dim, dtype=np.float32))  # every vector's encoding has this length
+        uid = new_uids(1)[0]
+        now = self._clock.now()
+        sizes: dict[str, int] = {}  # exact key -> size (a repeat replaces the earlier item)
+        with self._lock:
+            for item in items:
+                scope = item["scope"]
+                shard = self._replica.shard(scope)
+                values = self._row(item, blob, uid, shard, scope.to_json(), now, now)
+                sizes[values["l1_key"]] = values["size"]
+        self._evictor.check_batch(len(sizes), sum(sizes.values()))
+
+    def write_many(
+        self, items: list[dict[str, Any]], vectors: np.ndarray, *, keep_from: int | None = None
+    ) -> list[tuple[int, str]]:
+        """Commit a batch of entries in one transaction (unfenced), then catch up; returns
+        each entry's (row id, id). A bounded cache evicts neither this batch's entries nor
+        any from ``keep_from`` on (earlier batches of the same bulk write)."""
         with self._lock:
             self._check_open()
             now = self._clock.now()
@@ -201,10 +224,12 @@ class Writer:
                 self.cull(now)  # before the insert: no entry is culled by its own write
                 written = self._store.insert_many(rows, [item["tags"] for item in items])
                 first = min(rowid for rowid, _ in written)
+                if keep_from is not None:
+                    first = min(first, keep_from)
                 self._stats["evictions"] += self._evictor.enforce(first, self._flush_access)
             self._stats["stores"] += len(rows)
             self._replica.catch_up(after_write=True)
-            return [uid for _, uid in written]
+            return written
 
     # -- shared -----------------------------------------------------------------------------
     def _row(

@@ -287,6 +287,41 @@ def test_an_update_that_grows_an_entry_keeps_max_bytes_and_never_evicts_that_ent
     c.close()
 
 
+def test_store_many_that_cannot_fit_the_bounds_is_refused_whole(tmp_path: Path) -> None:
+    """A bulk write never evicts its own entries, so one larger than max_entries or max_bytes
+    is refused before anything is written, as is one with a single oversize item anywhere
+    (after the first batch of 256 too)."""
+    with SemanticCache(tmp_path / "n", embedder=HashEmbedder(), max_entries=5) as c:
+        c.store("kept before", "0")
+        with pytest.raises(InvalidInputError, match="max_entries=5"):
+            c.store_many([(f"question number {i}", f"a{i}") for i in range(10)])
+        # repeats of one prompt are one entry: this fits
+        c.store_many([("same question", f"a{i}") for i in range(10)])
+        assert c.stats()["entries"] == 2 and c.verify() == []
+    with SemanticCache(tmp_path / "b", embedder=HashEmbedder(), max_bytes=5000) as c:
+        with pytest.raises(InvalidInputError, match="max_bytes=5000"):
+            c.store_many([(f"question number {i}", "x" * 400) for i in range(12)])
+        items = [(f"small question {i}", "y") for i in range(300)] + [("big one", "z" * 9000)]
+        with pytest.raises(InvalidInputError, match="max_bytes"):
+            c.store_many(items)
+        assert c.stats()["entries"] == 0 and c.verify() == []
+
+
+def test_a_bulk_write_in_many_batches_never_evicts_its_own_entries(tmp_path: Path) -> None:
+    """store_many commits in batches; a later batch of the same call evicts older entries,
+    never an earlier batch's, so every id it returns exists when it returns (LFU would
+    otherwise pick the new, never-hit entries first)."""
+    with SemanticCache(
+        tmp_path, embedder=HashEmbedder(), max_entries=700, eviction="lfu", threshold=0.99
+    ) as c:
+        c.store_many([(f"older question {i}", "old") for i in range(400)])
+        for i in range(400):
+            assert c.lookup(f"older question {i}") is not None  # hits: LFU keeps these longer
+        ids = c.store_many([(f"bulk question {i}", "new") for i in range(600)])  # 3 batches
+        assert all(c.get(entry_id).response == "new" for entry_id in ids)
+        assert c.stats()["entries"] == 700 and c.verify() == []
+
+
 def test_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError):
         SemanticCache(tmp_path, embedder=HashEmbedder(), eviction="random")
