@@ -1116,6 +1116,8 @@ class SemanticCache:
         self._check_open()
         if not isinstance(correct, bool):
             raise InvalidInputError("correct must be True or False")
+        if similarity is not None:  # checked before anything is counted or learned
+            similarity = self._feedback.check_similarity(similarity)
         with self._lock:
             rowid = self._db.rowid_of(entry_id) if may_be_id(entry_id) else None
             if rowid is None:

@@ -9,7 +9,9 @@ and the entry is deleted.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
+from .errors import InvalidInputError
 from .store import Store
 from .threshold import check_threshold
 
@@ -39,12 +41,22 @@ class Feedback:
         _, score, namespace = self._served.get(uid, (1.0, None, ""))
         return score, namespace
 
+    @staticmethod
+    def check_similarity(sim: Any) -> float:
+        """A similarity a verdict may carry (a cosine in [-1, 1]); InvalidInputError if not."""
+        if isinstance(sim, float) and 1.0 < sim < 1.0 + 1e-5:
+            sim = 1.0  # float32 rounding of a unit vector's self-similarity
+        try:
+            return check_threshold(sim)
+        except InvalidInputError:
+            raise InvalidInputError(
+                f"similarity must be a cosine similarity in [-1, 1], not {sim!r}"
+            ) from None
+
     def apply(self, rowid: int, uid: str, correct: bool, similarity: float | None) -> bool:
         """Record a verdict; True when the entry was deleted (a wrong exact answer)."""
         sim = self._served.get(uid, (1.0, None, ""))[0] if similarity is None else similarity
-        if isinstance(sim, float) and 1.0 < sim < 1.0 + 1e-5:
-            sim = 1.0  # float32 rounding of a unit vector's self-similarity
-        sim = check_threshold(sim)
+        sim = self.check_similarity(sim)
         if correct:
             self.store.feedback_good(rowid)
             return False

@@ -71,6 +71,20 @@ def test_feedback_labels_and_the_state_survives_a_restart(tmp_path: Path) -> Non
         assert c.stats()["policy_state"]["default"]["labels"] == 1
 
 
+def test_feedback_refused_for_its_similarity_counts_and_teaches_nothing(tmp_path: Path) -> None:
+    """The similarity is checked before the verdict is counted or given to the policy: a
+    refused call changes nothing (it used to count a wrong answer and a label first)."""
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=budget(prior=0.5)) as c:
+        eid = c.store("alpha beta gamma delta epsilon", "answer")
+        assert c.lookup("alpha beta gamma delta zeta") is not None
+        for bad in (float("nan"), 5.0, "0.9"):
+            with pytest.raises(InvalidInputError, match="similarity"):
+                c.feedback(eid, False, similarity=bad)  # type: ignore[arg-type]
+        assert c.stats()["feedback_wrong"] == 0
+        assert c.stats()["policy_state"]["default"]["labels"] == 0
+        assert c.get(eid).response == "answer"
+
+
 def test_target_error_with_the_real_model(
     tmp_path: Path, embedder: SentenceTransformerEmbedder
 ) -> None:
