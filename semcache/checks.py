@@ -53,11 +53,16 @@ def check_metadata(metadata: Mapping[str, Any] | None) -> str | None:
     if not isinstance(metadata, Mapping):
         raise InvalidInputError("metadata must be a mapping")
     try:
-        return json.dumps(dict(metadata), separators=(",", ":"), allow_nan=False)
+        # not escaped to ASCII, so a lone surrogate anywhere in it is seen (and refused) here,
+        # as in every other text, instead of coming back out of the store unencodable
+        text = json.dumps(
+            dict(metadata), separators=(",", ":"), allow_nan=False, ensure_ascii=False
+        )
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"metadata must be JSON-serialisable: {exc}") from None
     except RecursionError:
         raise InvalidInputError("metadata is nested too deeply") from None
+    return check_text(text, "the metadata")
 
 
 def check_response(response: Any) -> str:

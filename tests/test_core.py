@@ -155,9 +155,10 @@ def test_default_and_max_ttl(tmp_path: Path, clock: FakeClock) -> None:
 def test_delete_and_update(fast_cache: SemanticCache) -> None:
     eid = fast_cache.store("red green blue", "colours", tags=["t1"], metadata={"k": 1})
     assert fast_cache.lookup("red green blue").response == "colours"
-    fast_cache.update(eid, response="new colours", tags=["t2"], metadata={"k": 2})
+    fast_cache.update(eid, response="new colours", tags=["t2"], metadata={"k": 2, "café": "é"})
     entry = fast_cache.get(eid)
-    assert (entry.response, entry.tags, dict(entry.metadata)) == ("new colours", ("t2",), {"k": 2})
+    assert (entry.response, entry.tags) == ("new colours", ("t2",))
+    assert dict(entry.metadata) == {"k": 2, "café": "é"}  # non-ASCII metadata round-trips
     assert fast_cache.lookup("red green blue").response == "new colours"  # L1 refreshed
     fast_cache.update(eid, prompt="cyan magenta yellow")
     assert fast_cache.lookup("red green blue") is None
@@ -351,6 +352,11 @@ def test_bad_input_is_typed_and_harmless(fast_cache: SemanticCache) -> None:
         fast_cache.store("ok prompt", "x", metadata={"x": object()})
     with pytest.raises(InvalidInputError):
         fast_cache.store("ok prompt", "x", scope="acme")  # type: ignore[arg-type]
+    for meta in ({"note": "\ud800"}, {"\udcff": 1}, {"deep": [{"x": "a\ud800"}]}):
+        with pytest.raises(InvalidInputError, match="metadata"):  # stored, then unservable
+            fast_cache.store("ok prompt", "x", metadata=meta)
+        with pytest.raises(InvalidInputError, match="metadata"):
+            fast_cache.update(eid, metadata=meta)
     for namespace in ("", 3, "\ud800"):  # a lone surrogate used to escape as UnicodeEncodeError
         with pytest.raises(InvalidInputError):
             fast_cache.invalidate_tags("t", namespace=namespace)  # type: ignore[arg-type]
