@@ -683,7 +683,9 @@ class SemanticCache:
         happens.
         """
         self._check_open()
-        if fence is not None and (isinstance(fence, bool) or not isinstance(fence, int)):
+        if fence is not None and (
+            isinstance(fence, bool) or not isinstance(fence, int) or not 0 <= fence < 2**63
+        ):
             raise InvalidInputError(f"fence must be an int from position(), not {fence!r}")
         norm = normalise(prompt)
         item = self._prepare(norm, response, as_scope(scope), ttl, tags, metadata)

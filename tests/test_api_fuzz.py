@@ -467,7 +467,7 @@ class APIMachine(RuleBasedStateMachine):
         ttl=any_ttl,
         tags=any_tags,
         metadata=any_metadata,
-        fence=st.sampled_from([MISSING, MISSING, MISSING, "1", 1.5, True]),
+        fence=st.sampled_from([MISSING, MISSING, MISSING, "1", 1.5, True, -1, 2**63, 10**30]),
     )
     def store(
         self, prompt: Any, response: Any, scope: Any, ttl: Any, tags: Any, metadata: Any, fence: Any
