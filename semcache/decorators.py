@@ -31,6 +31,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .checks import check_tags
 from .errors import InvalidInputError
 from .types import Scope
 
@@ -95,7 +96,11 @@ def cached(
     """
     if scope is not None and not isinstance(scope, Scope):
         raise InvalidInputError(f"scope must be a semcache.Scope, not {type(scope).__name__}")
-    options: dict[str, Any] = {"tags": tuple(tags), "threshold": threshold, **store_options}
+    options: dict[str, Any] = {
+        "tags": check_tags(tags),  # checked now: a str would be stored letter by letter
+        "threshold": threshold,
+        **store_options,
+    }
     if ttl is not _UNSET and type(ttl).__name__ != "_Missing":  # cache.MISSING means unset too
         options["ttl"] = ttl
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from semcache import FakeClock, Scope, SemanticCache
+from semcache import FakeClock, InvalidInputError, Scope, SemanticCache
 
 from .fakes import HashEmbedder
 
@@ -42,6 +42,27 @@ def test_invalidate_tags_counts_and_is_idempotent(fast_cache: SemanticCache) -> 
     assert fast_cache.invalidate_tags("user:1", "user:2") == 20
     assert fast_cache.lookup("untagged prompt") is not None
     assert fast_cache.stats()["entries"] == 1
+
+
+def test_the_cached_decorator_checks_its_tags_like_get_or_compute(
+    fast_cache: SemanticCache,
+) -> None:
+    """A str would otherwise be stored as its letters (invalidate_tags("faq") finding nothing);
+    None means no tags, as in get_or_compute."""
+    for bad in ("faq", 5, ["ok", ""]):
+        with pytest.raises(InvalidInputError, match="tag"):
+            fast_cache.cached(tags=bad)
+
+    @fast_cache.cached(tags=None)
+    def untagged(prompt: str) -> str:
+        return "untagged"
+
+    @fast_cache.cached(tags=["faq"])
+    def tagged(prompt: str) -> str:
+        return "tagged"
+
+    assert untagged("one question here") == "untagged" and tagged("another one") == "tagged"
+    assert fast_cache.invalidate_tags("faq") == 1
 
 
 def test_invalidates_decorator(fast_cache: SemanticCache) -> None:
