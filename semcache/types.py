@@ -76,6 +76,8 @@ class Scope:
             raise InvalidScopeError(
                 f"the scope holds text that is not valid Unicode (a lone surrogate: {exc.reason})"
             ) from None
+        except ValueError as exc:  # an int past Python's digit limit for str()
+            raise InvalidScopeError(f"the scope cannot be serialised: {exc}") from None
         object.__setattr__(self, "_digest", hashlib.sha256(blob).hexdigest())
         object.__setattr__(self, "_json", text)
 

@@ -103,6 +103,8 @@ def test_scope_equivalences() -> None:
         Scope(namespace="")
     with pytest.raises(InvalidScopeError):
         Scope(context="a string, not a list of turns")
+    with pytest.raises(InvalidScopeError, match="serialised"):  # was a raw ValueError
+        Scope(params={"n": 10**5000})
 
 
 # -- TTL --------------------------------------------------------------------------------------
