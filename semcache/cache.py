@@ -41,7 +41,7 @@ from .checks import (
     may_be_id,
 )
 from .clock import Clock, SystemClock
-from .embed import Embedder, SentenceTransformerEmbedder, as_unit_matrix
+from .embed import Embedder, SentenceTransformerEmbedder, as_unit_matrix, as_unit_vector
 from .errors import (
     CacheClosedError,
     EmbedderMismatchError,
@@ -454,7 +454,7 @@ class SemanticCache:
     def _vector(self, text: str, vector: Any) -> np.ndarray:
         if vector is None:
             return self.embed([text])[0]
-        return as_unit_matrix(vector, self.dim)[0]
+        return as_unit_vector(vector, self.dim)
 
     # ------------------------------------------------------------------------------- lookup
     def lookup(
@@ -471,7 +471,7 @@ class SemanticCache:
         of the same scope that the policy accepts (tier ``"semantic"``, its cosine similarity).
         ``vector`` is the prompt's embedding when the caller already has it.
         """
-        query = None if vector is None else as_unit_matrix(vector, self.dim)[0]
+        query = None if vector is None else as_unit_vector(vector, self.dim)
         return self._lookup(prompt, as_scope(scope), self._policy(threshold), query).hit
 
     def probe(
@@ -488,7 +488,7 @@ class SemanticCache:
         extra cost: it is the same search. It is None for exact repeats, which need no search,
         and for an empty scope.
         """
-        query = None if vector is None else as_unit_matrix(vector, self.dim)[0]
+        query = None if vector is None else as_unit_vector(vector, self.dim)
         looked = self._lookup(prompt, as_scope(scope), self._policy(threshold), query)
         return looked.hit, looked.nearest
 
@@ -1192,7 +1192,7 @@ class SemanticCache:
         if isinstance(text_or_vector, str):
             query = self.embed([normalise(text_or_vector)])[0]
         else:
-            query = as_unit_matrix(text_or_vector, self.dim)[0]
+            query = as_unit_vector(text_or_vector, self.dim)
         scope_ = None if scope is None else as_scope(scope)
         with self._lock:
             self.replica.sync()

@@ -82,6 +82,15 @@ def as_unit_matrix(vectors: Any, dim: int) -> np.ndarray:
     return np.ascontiguousarray(arr / norms, dtype=np.float32)
 
 
+def as_unit_vector(vector: Any, dim: int) -> np.ndarray:
+    """One caller-given vector, validated and L2-normalised: shape (dim,) or (1, dim). A
+    matrix of several rows is refused, never silently cut to its first row."""
+    rows = as_unit_matrix(vector, dim)
+    if len(rows) != 1:
+        raise InvalidVectorError(f"expected one vector of dimension {dim}, got {len(rows)}")
+    return rows[0]
+
+
 _MODELS: dict[tuple[str, str], Any] = {}
 _MODELS_LOCK = threading.Lock()
 

@@ -348,6 +348,14 @@ def test_bad_input_is_typed_and_harmless(fast_cache: SemanticCache) -> None:
         fast_cache.store("ok prompt", "x", vector=np.full(64, np.nan))
     with pytest.raises(InvalidVectorError):
         fast_cache.invalidate_similar(np.zeros(64), 0.5)
+    two = np.eye(2, 64, dtype=np.float32)  # two vectors where one is asked: was cut to one
+    for call in (
+        lambda: fast_cache.store("ok prompt", "x", vector=two),
+        lambda: fast_cache.lookup("ok prompt", vector=two),
+        lambda: fast_cache.invalidate_similar(two, 0.5),
+    ):
+        with pytest.raises(InvalidVectorError, match="one vector"):
+            call()
     with pytest.raises(InvalidInputError):
         fast_cache.store("ok prompt", "x", tags="one-string")
     with pytest.raises(InvalidInputError):
