@@ -46,6 +46,7 @@ from .errors import (
     CacheClosedError,
     EmbedderMismatchError,
     EntryNotFoundError,
+    EntryTooLargeError,
     InvalidInputError,
     SemcacheError,
     StoreError,
@@ -844,7 +845,11 @@ class SemanticCache:
         result = check_response(result)
         self._stats["computes"] += 1
         assert looked.vector is not None and looked.observed is not None
-        self.writer.write({**item, "response": result}, looked.vector, looked.observed)
+        try:
+            self.writer.write({**item, "response": result}, looked.vector, looked.observed)
+        except EntryTooLargeError as exc:  # the caller paid for this answer: it still gets it
+            self._stats["too_large"] += 1
+            log.info("answer returned but not cached: %s", exc)
         refused = None if looked.choice is None else looked.choice.refused
         if refused is not None:
             self._label(policy, refused[0].response, result, refused[1], item, "free")
@@ -892,7 +897,8 @@ class SemanticCache:
 
         The store is fenced: if an invalidation covering the answer (its tags, its namespace's
         version, its prompt, a semantic radius around it) commits while ``fn`` runs, the answer
-        is returned but not cached.
+        is returned but not cached. So is an answer too large for ``max_bytes`` on its own
+        (counted in ``stats()["too_large"]``).
         """
         check_fn(fn)
         policy = self._policy(threshold)
@@ -1299,6 +1305,7 @@ class SemanticCache:
                 "stores": s.get("stores", 0),
                 "fenced": s.get("fenced", 0),
                 "computes": s.get("computes", 0),
+                "too_large": s.get("too_large", 0),
                 "singleflight_waits": s.get("singleflight_waits", 0),
                 "evictions": s.get("evictions", 0),
                 "feedback_wrong": s.get("feedback_wrong", 0),

@@ -45,6 +45,10 @@ class InvalidScopeError(InvalidInputError):
     """A scope field cannot be turned into a stable digest."""
 
 
+class EntryTooLargeError(InvalidInputError):
+    """An entry is larger than ``max_bytes`` on its own, so no eviction could make room."""
+
+
 class EntryNotFoundError(SemcacheError, KeyError):
     """No live entry has the given id."""
 

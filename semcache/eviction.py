@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .errors import InvalidInputError
+from .errors import EntryTooLargeError, InvalidInputError
 from .store import EVICTION_POLICIES, Store
 
 
@@ -39,7 +39,7 @@ class Evictor:
     def check_size(self, size: int) -> None:
         """Refuse, before anything is written, an entry that alone exceeds ``max_bytes``."""
         if self.max_bytes is not None and size > self.max_bytes:
-            raise InvalidInputError(
+            raise EntryTooLargeError(
                 f"the entry takes {size} bytes, more than max_bytes={self.max_bytes}"
             )
 

@@ -12,6 +12,7 @@ from semcache import (
     CacheClosedError,
     EmbedderMismatchError,
     EntryNotFoundError,
+    EntryTooLargeError,
     FakeClock,
     InvalidInputError,
     InvalidPromptError,
@@ -288,6 +289,32 @@ def test_an_update_that_grows_an_entry_keeps_max_bytes_and_never_evicts_that_ent
     assert c.get(ids[5]).response == "x" * 200 and c.stats()["bytes"] == before["bytes"]
     assert c.verify() == []
     c.close()
+
+
+def test_an_answer_too_large_to_cache_is_still_returned(tmp_path: Path) -> None:
+    """get_or_compute (and so @cached) returns the answer it paid for when it is larger than
+    max_bytes on its own, without caching it; store() refuses it with EntryTooLargeError."""
+    import asyncio
+
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), max_bytes=2000) as c:
+        big = "z" * 5000
+        calls: list[str] = []
+
+        def llm(prompt: str) -> str:
+            calls.append(prompt)
+            return big
+
+        assert c.get_or_compute("a long answer please", llm) == big
+        assert c.get_or_compute("a long answer please", llm) == big  # not cached: asked again
+        assert len(calls) == 2
+        assert asyncio.run(c.aget_or_compute("another long one", llm)) == big
+        assert c.cached()(llm)("a third long one") == big
+        stats = c.stats()
+        assert stats["too_large"] == 4 and stats["entries"] == 0 and stats["computes"] == 4
+        with pytest.raises(EntryTooLargeError, match="max_bytes=2000"):
+            c.store("stored directly", big)
+        assert issubclass(EntryTooLargeError, InvalidInputError)
+        assert c.verify() == []
 
 
 def test_store_many_that_cannot_fit_the_bounds_is_refused_whole(tmp_path: Path) -> None:
