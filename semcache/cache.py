@@ -18,6 +18,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import threading
 from collections import Counter
@@ -214,8 +215,22 @@ class SemanticCache:
         poll_interval: float = 1.0,
         flight_timeout: float = 60.0,
     ) -> None:
-        if not isinstance(k, int) or k < 1:
+        if not isinstance(path, str | os.PathLike):
+            raise InvalidInputError(
+                f"path must be a folder or a postgresql:// URL, not {type(path).__name__}"
+            )
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidInputError("k must be a positive int")
+        check_count(l1_size, "l1_size")
+        Evictor.check(eviction, max_entries, max_bytes)
+        if check_count(hnsw_threshold, "hnsw_threshold") < 1:
+            raise InvalidInputError("hnsw_threshold must be a positive int")
+        if sweep_interval is not None and (
+            isinstance(sweep_interval, bool)
+            or not isinstance(sweep_interval, int | float)
+            or not 0 < sweep_interval < math.inf
+        ):
+            raise InvalidInputError("sweep_interval must be a positive number of seconds or None")
         if not isinstance(synchronous, str) or synchronous.upper() not in SYNCHRONOUS:
             raise InvalidInputError(f"unknown synchronous setting {synchronous!r}")
         if consistency not in CONSISTENCY:

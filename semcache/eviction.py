@@ -20,17 +20,25 @@ class Evictor:
     def __init__(
         self, store: Store, policy: str, max_entries: int | None, max_bytes: int | None
     ) -> None:
-        if policy not in EVICTION_POLICIES:
-            raise InvalidInputError(
-                f"unknown eviction policy {policy!r}; choose from {sorted(EVICTION_POLICIES)}"
-            )
-        for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise InvalidInputError(f"{name} must be a positive int or None")
+        self.check(policy, max_entries, max_bytes)
         self.store = store
         self.policy = policy
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+
+    @staticmethod
+    def check(policy: object, max_entries: object, max_bytes: object) -> None:
+        """InvalidInputError unless these are settings an Evictor takes (checked by the cache
+        before it opens anything)."""
+        if not isinstance(policy, str) or policy not in EVICTION_POLICIES:
+            raise InvalidInputError(
+                f"unknown eviction policy {policy!r}; choose from {sorted(EVICTION_POLICIES)}"
+            )
+        for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise InvalidInputError(f"{name} must be a positive int or None")
 
     @property
     def bounded(self) -> bool:

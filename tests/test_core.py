@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -357,6 +358,39 @@ def test_bad_settings(tmp_path: Path) -> None:
         SemanticCache(tmp_path, embedder=HashEmbedder(), eviction="random")
     with pytest.raises(InvalidInputError):
         SemanticCache(tmp_path, embedder=HashEmbedder(), max_entries=0)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"eviction": ["lru"]},
+        {"max_entries": True},
+        {"max_bytes": 1.5},
+        {"sweep_interval": "x"},
+        {"sweep_interval": -1},
+        {"sweep_interval": 0},
+        {"sweep_interval": float("inf")},
+        {"hnsw_threshold": "x"},
+        {"hnsw_threshold": 0},
+        {"l1_size": "x"},
+        {"l1_size": -1},
+        {"k": True},
+    ],
+)
+def test_bad_constructor_arguments_are_refused_before_anything_is_created(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    """Each was a raw TypeError/ValueError, or accepted and failing later (a store, a lookup,
+    close(); sweep_interval=-1 busy-looped its thread)."""
+    folder = tmp_path / "never"
+    with pytest.raises(InvalidInputError):
+        SemanticCache(folder, embedder=HashEmbedder(), **settings)
+    assert not folder.exists()
+
+
+def test_a_path_that_is_not_a_path_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match="path"):
+        SemanticCache(5, embedder=HashEmbedder())  # type: ignore[arg-type]
 
 
 # -- errors and bad input ---------------------------------------------------------------------
