@@ -1235,7 +1235,9 @@ class SemanticCache:
         return removed
 
     def expire(self) -> int:
-        """Delete every expired and version-dead entry now, in batches; returns the count."""
+        """Delete every version-dead entry and every entry expired for longer than
+        ``max_stale`` (the stale-while-revalidate window; 0 by default) now, in batches;
+        returns the count."""
         self._check_open()
         total = 0
         before = self.clock.now() - self.max_stale

@@ -275,4 +275,10 @@ def test_stale_while_revalidate(tmp_path: Path, clock: FakeClock) -> None:
     clock.advance(100)  # now expired 40 s ago: beyond the window, never served
     assert cache.get_or_compute("exchange rate today", lambda p: "1.20") == "1.20"
     assert cache.verify() == []
+    # expire() keeps what may still be served stale, and deletes what is past the window
+    cache.store("inside the window", "a", ttl=10)
+    cache.store("beyond the window", "b", ttl=1)
+    clock.advance(35)  # expired 25 s and 34 s ago
+    assert cache.expire() == 1
+    assert cache.stats()["entries"] == 2  # the refreshed rate and the one inside the window
     cache.close()
