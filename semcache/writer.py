@@ -125,9 +125,13 @@ class Writer:
                 )
             ready.append((request, values, candidate))
         groups = [[one] for one in ready] if self._evictor.bounded else [ready] if ready else []
-        for group in groups:
-            self._commit_group(group, now)
-        self._replica.catch_up(after_write=True)
+        try:
+            for group in groups:
+                self._commit_group(group, now)
+        finally:
+            # also when a later transaction failed: the writes before it are acknowledged, so
+            # the next lookup must see them (the data version is a transaction's only if one ran)
+            self._replica.catch_up(after_write=bool(groups))
         # L1 fills on the first exact repeat (from the store), never here
 
     def _commit_group(
@@ -192,13 +196,17 @@ class Writer:
         blob = encode(np.ones(dim, dtype=np.float32))  # every vector's encoding has this length
         uid = new_uids(1)[0]
         now = self._clock.now()
-        sizes: dict[str, int] = {}  # exact key -> size (a repeat replaces the earlier item)
-        with self._lock:
+        scopes: dict[str, tuple[str, str]] = {}  # digest -> (shard, scope JSON)
+        with self._lock:  # only for the shards: sizing a large call must not block lookups
             for item in items:
                 scope = item["scope"]
-                shard = self._replica.shard(scope)
-                values = self._row(item, blob, uid, shard, scope.to_json(), now, now)
-                sizes[values["l1_key"]] = values["size"]
+                if scope.digest not in scopes:
+                    scopes[scope.digest] = (self._replica.shard(scope), scope.to_json())
+        sizes: dict[str, int] = {}  # exact key -> size (a repeat replaces the earlier item)
+        for item in items:
+            shard, scope_json = scopes[item["scope"].digest]
+            values = self._row(item, blob, uid, shard, scope_json, now, now)
+            sizes[values["l1_key"]] = values["size"]
         self._evictor.check_batch(len(sizes), sum(sizes.values()))
 
     def write_many(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from semcache import SemanticCache
-from semcache.errors import EntryNotFoundError
+from semcache.errors import EntryNotFoundError, StoreError
 from semcache.groupcommit import GroupCommit, Request
 
 from .fakes import HashEmbedder
@@ -159,6 +159,38 @@ def test_a_bounded_cache_commits_concurrent_writes_one_by_one(tmp_path: Path) ->
         assert cache.verify() == []
     finally:
         cache.close()
+
+
+def test_writes_acknowledged_before_a_failed_transaction_are_seen_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bounded cache commits a queue one transaction per write; when a later one fails, the
+    earlier ones are acknowledged, and the replica catches up on them before the turn ends (the
+    next semantic lookup finds them without waiting for another write)."""
+    from semcache.checks import as_scope
+
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), max_entries=100, threshold=0.8) as c:
+        c.store("warm up entry", "w")
+        prompts = [("alpha beta gamma delta", "A"), ("zeta eta theta iota", "Z")]
+        items = [c._prepare(p, r, as_scope(None), None, (), None) for p, r in prompts]
+        requests = [Request((item, c.embed([item["norm"]])[0], None)) for item in items]
+        real = c._db.insert
+        calls: list[int] = []
+
+        def failing_second(*args: object, **kwargs: object) -> object:
+            calls.append(1)
+            if len(calls) == 2:
+                raise sqlite3.OperationalError("disk I/O error (injected)")
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(c._db, "insert", failing_second)
+        with pytest.raises(StoreError, match="injected"):
+            c.writer._commit(requests)  # type: ignore[arg-type]
+        monkeypatch.setattr(c._db, "insert", real)
+        assert requests[0].committed and requests[0].result is not None
+        hit = c.lookup("alpha beta gamma delta epsilon")  # a semantic hit, through the index
+        assert hit is not None and hit.entry_id == requests[0].result
+        assert c.verify() == []
 
 
 def test_sixteen_threads_of_stores_lose_nothing(tmp_path: Path) -> None:
