@@ -721,7 +721,9 @@ class SemanticCache:
 
         Items may be dicts with ``prompt``, ``response`` and optional ``scope``, ``ttl``,
         ``tags``, ``metadata`` overriding the call's defaults. ``vectors`` (one row per item)
-        skips embedding. Every item is checked before anything is written.
+        skips embedding. Every item is checked before anything is written, the bounds
+        included. A prompt repeated in the call (same scope) is stored once: each of its
+        positions gets the id of the last one.
         """
         self._check_open()
         if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
@@ -752,7 +754,7 @@ class SemanticCache:
             raise InvalidInputError(f"{len(given)} vectors for {len(prepared)} items")
         self.writer.check_many(prepared, self.dim)
         ids: list[str] = []
-        first: int | None = None  # the call's first row: no batch of it evicts another's
+        own: list[tuple[int, int]] = []  # the call's rows so far: no later batch evicts them
         step = 256 if given is None else 5000
         for start in range(0, len(prepared), step):
             batch = prepared[start : start + step]
@@ -760,11 +762,16 @@ class SemanticCache:
                 batch_vectors = self.embed([p["norm"] for p in batch])
             else:
                 batch_vectors = given[start : start + step]
-            written = self.writer.write_many(batch, batch_vectors, keep_from=first)
-            if first is None:
-                first = min(rowid for rowid, _ in written)
+            written = self.writer.write_many(batch, batch_vectors, spare=own)
+            low, high = min(r for r, _ in written), max(r for r, _ in written)
+            if own and own[-1][1] + 1 >= low:  # consecutive batches: one range
+                own[-1] = (own[-1][0], high)
+            else:
+                own.append((low, high))
             ids += [uid for _, uid in written]
-        return ids
+        # a prompt repeated in a later batch replaced the earlier row: both get the survivor
+        last = {(p["scope"].digest, p["norm"]): i for i, p in enumerate(prepared)}
+        return [ids[last[(p["scope"].digest, p["norm"])]] for p in prepared]
 
     def _prepare(
         self,

@@ -8,7 +8,7 @@ entry larger evicts others, never the entry it updated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .errors import EntryTooLargeError, InvalidInputError
 from .store import EVICTION_POLICIES, Store
@@ -65,11 +65,15 @@ class Evictor:
             )
 
     def enforce(
-        self, keep_from: int | None, flush: Callable[[], None], *, spare: int | None = None
+        self,
+        keep_from: int | None,
+        flush: Callable[[], None],
+        *,
+        spare: Sequence[tuple[int, int]] = (),
     ) -> int:
         """Evict until within bounds, never a row with id ``keep_from`` or later (the write or
-        batch that caused it), nor the row ``spare`` (an update that grew it); returns how
-        many went.
+        batch that caused it), nor one in the id ranges ``spare`` (an update that grew its
+        entry, the earlier batches of a bulk write); returns how many went.
 
         ``flush`` writes buffered hits first, so LRU and LFU order include them.
         """

@@ -813,17 +813,27 @@ class PostgresStore(MetaLog):
             ).rowcount
 
     def evict(
-        self, order: str, count: int, keep_from: int | None, spare: int | None = None
+        self,
+        order: str,
+        count: int,
+        keep_from: int | None,
+        spare: Sequence[tuple[int, int]] = (),
     ) -> int:
         """Delete the first ``count`` entries in eviction ``order`` (a key of
         :data:`~semcache.store.EVICTION_POLICIES`), never a row whose id is ``keep_from`` or
-        later (the writes that caused it), nor the row ``spare`` (an entry being updated)."""
+        later (the writes that caused it), nor one in the id ranges ``spare`` (an entry being
+        updated, earlier batches of the same bulk write)."""
         by = EVICTION_POLICIES[order]
+        kept = "".join(" AND id NOT BETWEEN %s AND %s" for _ in spare)
         with self.transaction() as conn:
             return conn.execute(
-                "DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id < %s "  # type: ignore[arg-type]
-                f"AND id != %s ORDER BY {by} LIMIT %s)",
-                (2**62 if keep_from is None else keep_from, -1 if spare is None else spare, count),
+                f"DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id < %s{kept} "  # type: ignore[arg-type]
+                f"ORDER BY {by} LIMIT %s)",
+                (
+                    2**62 if keep_from is None else keep_from,
+                    *(bound for pair in spare for bound in pair),
+                    count,
+                ),
             ).rowcount
 
     # -- access and feedback ------------------------------------------------------------------

@@ -821,17 +821,27 @@ class Store(MetaLog):
             ).rowcount
 
     def evict(
-        self, order: str, count: int, keep_from: int | None, spare: int | None = None
+        self,
+        order: str,
+        count: int,
+        keep_from: int | None,
+        spare: Sequence[tuple[int, int]] = (),
     ) -> int:
         """Delete the first ``count`` entries in eviction ``order`` (a key of
         :data:`EVICTION_POLICIES`), never a row whose id is ``keep_from`` or later (the writes
-        that caused it), nor the row ``spare`` (an entry being updated)."""
+        that caused it), nor one in the id ranges ``spare`` (an entry being updated, earlier
+        batches of the same bulk write)."""
         sql = EVICTION_POLICIES[order]
+        kept = "".join(" AND id NOT BETWEEN ? AND ?" for _ in spare)
         with self.transaction() as conn:
             return conn.execute(
-                "DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id < ? "
-                f"AND id != ? ORDER BY {sql} LIMIT ?)",
-                (2**62 if keep_from is None else keep_from, -1 if spare is None else spare, count),
+                f"DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id < ?{kept} "
+                f"ORDER BY {sql} LIMIT ?)",
+                (
+                    2**62 if keep_from is None else keep_from,
+                    *(bound for pair in spare for bound in pair),
+                    count,
+                ),
             ).rowcount
 
     # -- access and feedback ------------------------------------------------------------------

@@ -16,7 +16,7 @@ prepared items here; nothing in this module is public API.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,7 +180,9 @@ class Writer:
             values["size"] = size
         with self._store.transaction():
             self._store.update(row["id"], values, tags, now)
-            evicted = self._evictor.enforce(None, self._flush_access, spare=row["id"])
+            evicted = self._evictor.enforce(
+                None, self._flush_access, spare=[(row["id"], row["id"])]
+            )
         self._stats["evictions"] += evicted
         self._stats["updates"] += 1
         self._replica.catch_up(after_write=True)
@@ -210,11 +212,15 @@ class Writer:
         self._evictor.check_batch(len(sizes), sum(sizes.values()))
 
     def write_many(
-        self, items: list[dict[str, Any]], vectors: np.ndarray, *, keep_from: int | None = None
+        self,
+        items: list[dict[str, Any]],
+        vectors: np.ndarray,
+        *,
+        spare: Sequence[tuple[int, int]] = (),
     ) -> list[tuple[int, str]]:
         """Commit a batch of entries in one transaction (unfenced), then catch up; returns
         each entry's (row id, id). A bounded cache evicts neither this batch's entries nor
-        any from ``keep_from`` on (earlier batches of the same bulk write)."""
+        those in the id ranges ``spare`` (earlier batches of the same bulk write)."""
         with self._lock:
             self._check_open()
             now = self._clock.now()
@@ -232,9 +238,9 @@ class Writer:
                 self.cull(now)  # before the insert: no entry is culled by its own write
                 written = self._store.insert_many(rows, [item["tags"] for item in items])
                 first = min(rowid for rowid, _ in written)
-                if keep_from is not None:
-                    first = min(first, keep_from)
-                self._stats["evictions"] += self._evictor.enforce(first, self._flush_access)
+                self._stats["evictions"] += self._evictor.enforce(
+                    first, self._flush_access, spare=spare
+                )
             self._stats["stores"] += len(rows)
             self._replica.catch_up(after_write=True)
             return written

@@ -292,6 +292,41 @@ def test_an_update_that_grows_an_entry_keeps_max_bytes_and_never_evicts_that_ent
     c.close()
 
 
+def test_a_bulk_write_spares_only_its_own_batches_and_others_keep_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes that land between two batches of a store_many are evicted like any other (the
+    bound holds when the call returns), and the call's own earlier batches stay."""
+    with SemanticCache(
+        tmp_path, embedder=HashEmbedder(), max_entries=300, eviction="fifo", threshold=0.99
+    ) as c:
+        c.store_many([(f"older question {i}", "old") for i in range(200)])
+        real = c.writer.write_many
+        batches: list[int] = []
+
+        def interleaved(*args: Any, **kwargs: Any) -> Any:
+            if batches:  # another writer between two batches of the call
+                for i in range(20):  # fewer than the older entries left: only those go
+                    c.store(f"interleaved question {len(batches)} {i}", "other")
+            batches.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(c.writer, "write_many", interleaved)
+        ids = c.store_many([(f"bulk question {i}", "new") for i in range(300)])  # 256 + 44
+        assert len(batches) == 2
+        assert all(c.get(entry_id).response == "new" for entry_id in ids)
+        assert c.stats()["entries"] == 300 and c.verify() == []
+
+
+def test_a_prompt_repeated_in_a_later_batch_gets_the_surviving_id(tmp_path: Path) -> None:
+    with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.99) as c:
+        items = [(f"question number {i}", f"a{i}") for i in range(300)]
+        items[280] = ("question number 0", "the later answer")  # batches of 256: another batch
+        ids = c.store_many(items)
+        assert ids[0] == ids[280] and c.get(ids[0]).response == "the later answer"
+        assert len(set(ids)) == 299 == c.stats()["entries"]
+
+
 def test_an_answer_too_large_to_cache_is_still_returned(tmp_path: Path) -> None:
     """get_or_compute (and so @cached) returns the answer it paid for when it is larger than
     max_bytes on its own, without caching it; store() refuses it with EntryTooLargeError."""

@@ -244,10 +244,13 @@ def test_eviction_never_takes_the_writes_that_caused_it(store: Store) -> None:
     assert [store.rowid_of(uid) is None for _, uid in ids] == [True] * 3 + [False] * 2  # type: ignore[misc]
 
 
-def test_eviction_spares_the_entry_an_update_grew(store: Store) -> None:
-    ids = [store.insert(row(f"p{i}"), ()) for i in range(4)]
-    assert store.evict("fifo", 2, None, spare=ids[0][0]) == 2  # type: ignore[index]
-    assert [store.rowid_of(uid) is None for _, uid in ids] == [False, True, True, False]  # type: ignore[misc]
+def test_eviction_spares_the_id_ranges_it_is_given(store: Store) -> None:
+    ids = [store.insert(row(f"p{i}"), ()) for i in range(6)]
+    first = ids[0][0]  # type: ignore[index]
+    spare = [(first, first), (first + 2, first + 3)]
+    assert store.evict("fifo", 2, None, spare=spare) == 2
+    gone = [store.rowid_of(uid) is None for _, uid in ids]  # type: ignore[misc]
+    assert gone == [False, True, False, False, True, False]
 
 
 def test_insert_many_replaces_repeats_and_returns_each_rows_id(store: Store) -> None:
