@@ -128,6 +128,21 @@ class _Looked:
     choice: _Choice | None = None
 
 
+def _seconds(value: Any, name: str) -> float:
+    """A positive, finite number of seconds a thread can wait, or InvalidInputError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInputError(f"{name} must be a positive number of seconds")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not 0 < seconds <= threading.TIMEOUT_MAX:
+        raise InvalidInputError(
+            f"{name} must be a positive number of seconds, at most {threading.TIMEOUT_MAX:.0f}"
+        )
+    return seconds
+
+
 class SemanticCache:
     """A semantic cache of LLM answers: a store of record (SQLite in a data folder, or a
     PostgreSQL schema shared by replicas) and this process's FAISS index, L1 and version cache.
@@ -225,21 +240,26 @@ class SemanticCache:
         Evictor.check(eviction, max_entries, max_bytes)
         if check_count(hnsw_threshold, "hnsw_threshold") < 1:
             raise InvalidInputError("hnsw_threshold must be a positive int")
-        if sweep_interval is not None and (
-            isinstance(sweep_interval, bool)
-            or not isinstance(sweep_interval, int | float)
-            or not 0 < sweep_interval < math.inf
+        if sweep_interval is not None:
+            sweep_interval = _seconds(sweep_interval, "sweep_interval")
+        check_count(log_keep, "log_keep")
+        if checkpoint_every is not None and (
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, int)
+            or checkpoint_every < 1
         ):
-            raise InvalidInputError("sweep_interval must be a positive number of seconds or None")
+            raise InvalidInputError("checkpoint_every must be a positive int or None")
+        check_count(cull_limit, "cull_limit")
+        if clock is not None and not callable(getattr(clock, "now", None)):
+            raise InvalidInputError("clock must have a now() method (see semcache.clock)")
         if not isinstance(synchronous, str) or synchronous.upper() not in SYNCHRONOUS:
             raise InvalidInputError(f"unknown synchronous setting {synchronous!r}")
         if consistency not in CONSISTENCY:
             raise InvalidInputError(
                 f"consistency must be one of {', '.join(CONSISTENCY)}, got {consistency!r}"
             )
-        for name, value in (("poll_interval", poll_interval), ("flight_timeout", flight_timeout)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise InvalidInputError(f"{name} must be a positive number of seconds")
+        poll_interval = _seconds(poll_interval, "poll_interval")
+        flight_timeout = _seconds(flight_timeout, "flight_timeout")
         self.consistency = consistency
         self.flight_timeout = float(flight_timeout)
         self.shared = is_store_url(path)
@@ -297,19 +317,7 @@ class SemanticCache:
         except OSError as exc:  # a file in the way, no permission, a read-only disk
             self._db.close()
             raise StoreError(f"cannot use {exc.filename} as an index folder: {exc}") from exc
-        try:
-            self.evictor = Evictor(self._db, eviction, max_entries, max_bytes)
-            check_count(log_keep, "log_keep")
-            if checkpoint_every is not None and (
-                isinstance(checkpoint_every, bool)
-                or not isinstance(checkpoint_every, int)
-                or checkpoint_every < 1
-            ):
-                raise InvalidInputError("checkpoint_every must be a positive int or None")
-            check_count(cull_limit, "cull_limit")
-        except BaseException:
-            self._db.close()  # a refused argument leaves nothing open
-            raise
+        self.evictor = Evictor(self._db, eviction, max_entries, max_bytes)  # checked above
         self.shards = ShardSet(
             self.path / INDEX_DIR, self.dim, self.embedder.model_id, index_factory
         )

@@ -405,6 +405,14 @@ def test_bad_settings(tmp_path: Path) -> None:
         {"sweep_interval": -1},
         {"sweep_interval": 0},
         {"sweep_interval": float("inf")},
+        {"sweep_interval": 10**400},  # an int no float holds
+        {"sweep_interval": 1e10},  # longer than a thread can wait
+        {"poll_interval": 10**400},
+        {"flight_timeout": float("nan")},
+        {"checkpoint_every": 0},
+        {"log_keep": -1},
+        {"cull_limit": "x"},
+        {"clock": 5},
         {"hnsw_threshold": "x"},
         {"hnsw_threshold": 0},
         {"l1_size": "x"},
