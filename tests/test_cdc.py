@@ -803,6 +803,21 @@ def test_a_stop_asked_before_run_starts_is_honoured_once(
     run_sql(pg, f"INSERT INTO {schema}.users (id) VALUES (1)")
     assert consumer.run_once(timeout=10, min_changes=1) == 1  # the stop was spent
     assert cdc_cache.lookup(prompt(1)) is None
+    # a stop that arrives as run_once returns for another reason (its timeout) is kept
+    real_pump = consumer._pump
+
+    def pump_then_stop(*args: Any) -> int:
+        applied = real_pump(*args)
+        consumer.stop()  # from "another thread", just after the timeout ended the pump
+        return applied
+
+    consumer._pump = pump_then_stop  # type: ignore[method-assign]
+    assert consumer.run_once(timeout=0.1) == 0
+    consumer._pump = real_pump  # type: ignore[method-assign]
+    thread = threading.Thread(target=consumer.run, kwargs={"handle_signals": False}, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "a stop that came as run_once returned was lost"
 
 
 def test_sigterm_while_the_cdc_command_starts_stops_it_cleanly(tmp_path: Path) -> None:

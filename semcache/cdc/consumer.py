@@ -185,6 +185,8 @@ class ChangeConsumer:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._closed = False
+        # re-entrant: stop() may run in a signal handler that interrupts close() in this thread
+        self._wake_lock = threading.RLock()
 
     # ------------------------------------------------------------------ public API
 
@@ -249,11 +251,8 @@ class ChangeConsumer:
         on first use and keeps the connection for the next call. Errors propagate.
         """
         deadline = time.monotonic() + max(0.0, timeout)
-        try:
-            self._ensure_stream()
-            return self._pump(deadline, min_changes)
-        finally:
-            self._stopped()
+        self._ensure_stream()
+        return self._pump(deadline, min_changes)
 
     def run(self, *, handle_signals: bool = True) -> None:
         """Consume until :meth:`stop` is called (or SIGTERM/SIGINT arrive, when running in the
@@ -261,8 +260,9 @@ class ChangeConsumer:
         consumer is retried with exponential backoff; a lost slot, a broken rule or a cache
         failure raise.
 
-        A :meth:`stop` that comes before ``run`` starts is not lost: ``run`` then returns at
-        once. Each return leaves the consumer ready to run again.
+        A :meth:`stop` is kept until a run returns because of it: one that comes before
+        ``run`` starts makes it return at once, and one that comes while :meth:`run_once`
+        returns for another reason (its timeout) stops the next run.
         """
         previous: dict[int, Any] = {}
         if handle_signals and threading.current_thread() is threading.main_thread():
@@ -270,11 +270,15 @@ class ChangeConsumer:
                 previous[sig] = signal.signal(sig, self._on_signal)
         delay = self.reconnect_initial
         try:
-            while not self._stop.is_set():
+            while True:
+                if self._stop.is_set():
+                    self._stopped()
+                    return
                 try:
                     self._ensure_stream()
                     delay = self.reconnect_initial
-                    self._pump(None, None)
+                    self._pump(None, None)  # returns only once it honoured a stop
+                    return
                 except StreamInterruptedError as exc:
                     self._close_stream()
                     self.stats.reconnects += 1
@@ -285,15 +289,15 @@ class ChangeConsumer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._close_stream()
-            self._stopped()
 
     def stop(self) -> None:
         """Ask the running (or else the next) :meth:`run` or :meth:`run_once` to return; safe
         from another thread or a signal handler."""
         self._stop.set()
-        if not self._closed:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
+        with self._wake_lock:  # never a write to a pipe close() has just closed (and reused)
+            if not self._closed:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"x")
 
     def lag_bytes(self) -> int | None:
         """How far the slot's confirmed position is behind the server's current WAL position,
@@ -331,15 +335,17 @@ class ChangeConsumer:
         """Close the connections (the slot and the recorded position stay)."""
         if self._closed:
             return
-        self._closed = True
+        with self._wake_lock:
+            self._closed = True
         self._close_stream()
         if self._sql_conn is not None:
             with contextlib.suppress(Exception):
                 self._sql_conn.close()
             self._sql_conn = None
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     @_sql_errors
     def drop(self) -> None:
@@ -669,7 +675,10 @@ class ChangeConsumer:
     def _pump_open(self, deadline: float | None, min_changes: int | None) -> int:
         applied = 0
         cursor = self._cursor
-        while not self._stop.is_set():
+        while True:
+            if self._stop.is_set():
+                self._stopped()
+                return applied
             try:
                 msg = cursor.read_message()
             except psycopg2.errors.UndefinedObject as exc:
@@ -701,7 +710,6 @@ class ChangeConsumer:
                 continue
             if self._wake_r in ready:
                 self._drain_wake()
-        return applied
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -709,10 +717,11 @@ class ChangeConsumer:
                 pass
 
     def _stopped(self) -> None:
-        """A run has returned: the stop it honoured is spent."""
+        """A run returns because of a stop: that stop is spent."""
         self._stop.clear()
-        if not self._closed:
-            self._drain_wake()
+        with self._wake_lock:
+            if not self._closed:
+                self._drain_wake()
 
     def _handle(self, msg: Any) -> int:
         """Handle one replication message; returns the changes applied (at a Commit)."""
