@@ -283,3 +283,14 @@ def test_semcache_target_error_runs_the_error_budget_policy(
         _close_all(closers)
     with pytest.raises(ValueError):
         Settings(target_error=1.5)
+
+
+def test_library_errors_map_to_http_statuses() -> None:
+    """An entry too large for the cache's max_bytes is a 413 like an oversize request; other
+    refused input is a 422."""
+    from semcache import EntryNotFoundError, EntryTooLargeError, InvalidInputError
+    from semcache.server.errors import status_of
+
+    assert status_of(EntryTooLargeError("the entry takes 9 bytes")) == (413, "too_large")
+    assert status_of(InvalidInputError("bad"))[0] == 422
+    assert status_of(EntryNotFoundError("no entry"))[0] == 404

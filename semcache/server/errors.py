@@ -25,6 +25,7 @@ from ..errors import (
     CacheClosedError,
     EmbedderError,
     EntryNotFoundError,
+    EntryTooLargeError,
     InvalidInputError,
     SemcacheError,
     UpstreamError,
@@ -109,6 +110,8 @@ def internal_response(request_id: str, status: int = 500) -> JSONResponse:
 
 def status_of(exc: SemcacheError) -> tuple[int, str]:
     """The HTTP status and error type of a library error."""
+    if isinstance(exc, EntryTooLargeError):  # too large for the cache's max_bytes
+        return 413, "too_large"
     if isinstance(exc, InvalidInputError):
         return 422, "invalid_request_error"
     if isinstance(exc, EntryNotFoundError):
