@@ -69,6 +69,7 @@ import numpy as np
 from .errors import InvalidInputError, InvalidVectorError
 
 _U32 = 2.0**-24  # unit roundoff of float32
+PQ_CENTROIDS = 16  # per sub-quantiser: 4-bit codes (FastScan); k-means needs as many points
 _FAISS_SLACK = 2e-4  # absolute slack for float32 rounding inside FAISS (tables, sums, biases)
 _EXACT_CHUNK = 4096  # rows per float64 block in exact_similarities (bounds temporary memory)
 
@@ -514,8 +515,10 @@ class RadiusIndex:
     def _encode(self, seg: _Segment, start: int, stop: int) -> None:
         """Give rows [start, stop) codes; train the segment's quantiser when it is big enough."""
         if seg.index is None:
-            if seg.used < self._train_size:
-                return  # still small: searched by a direct scan
+            # still small, or too few live rows for the quantiser's 16 centroids (rows replaced
+            # or removed since): searched by a direct scan until it has enough
+            if seg.used < self._train_size or seg.live < PQ_CENTROIDS:
+                return
             start = 0
             small = False
             with _faiss_single_threaded():
@@ -550,5 +553,7 @@ class RadiusIndex:
         index.train(np.ascontiguousarray(seg.vecs[sample]))
         index.nprobe = 1
         seg.index = index
-        seg.centroids = faiss.vector_to_array(index.pq.centroids).reshape(self._m, 16, -1)
+        seg.centroids = faiss.vector_to_array(index.pq.centroids).reshape(
+            self._m, PQ_CENTROIDS, -1
+        )
         seg.max_err = 0.0
