@@ -442,7 +442,9 @@ def export(
 ) -> None:
     """Write every live entry as JSONL that `semcache import` reads back.
 
-    "ttl" is the time an entry has left (null: never expires).
+    "ttl" is the time an entry has left (null: never expires; at most 1e12 seconds, what
+    import takes). Expired entries and entries of an older namespace version (invalidated by
+    a bump) are not live: they are left out, so an import never brings them back.
     """
     cache = _open(data, "export", embed=False)
     count = 0
@@ -450,8 +452,16 @@ def export(
         sink = out.open("w", encoding="utf-8") if out is not None else sys.stdout
         try:
             now = time.time()
+            versions: dict[str, int] = {}
             for entry in cache.iter_entries(namespace=namespace):
-                ttl = None if entry.expires_at is None else max(0.0, entry.expires_at - now)
+                name = entry.scope.namespace
+                if name not in versions:
+                    versions[name] = cache.version(name)
+                if entry.version != versions[name]:
+                    continue  # dead since a bump
+                if entry.expires_at is not None and entry.expires_at <= now:
+                    continue  # expired, not yet removed
+                ttl = None if entry.expires_at is None else min(entry.expires_at - now, MAX_TTL)
                 row: dict[str, Any] = {
                     "prompt": entry.prompt,
                     "response": entry.response,

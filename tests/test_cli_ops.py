@@ -215,6 +215,33 @@ def test_export_writes_what_import_reads(
         assert hit is not None and other.get(hit.entry_id).tags == ("account",)
 
 
+def test_export_leaves_out_what_is_not_live_and_import_reads_every_ttl(tmp_path: Path) -> None:
+    """Entries dead since a bump or expired are not exported (an export | import used to bring
+    a bumped answer back); a TTL longer than import takes is written as import's maximum."""
+    from semcache.cli_ops import MAX_TTL, parse_line
+
+    from .fakes import HashEmbedder
+
+    data = tmp_path / "src"
+    acme = Scope(namespace="acme")
+    with SemanticCache(data, embedder=HashEmbedder()) as c:
+        c.store("What is the refund policy?", "30 days (stale)", scope=acme)
+        c.store("an expired answer", "gone", scope=acme, ttl=0)
+        c.bump("acme")
+        c.store("What is the refund policy?", "14 days", scope=acme)
+        c.store("a very long lived answer", "kept", ttl=1e300)
+    done = semcache_cli("export", "--data", str(data))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted(row["response"] for row in rows) == ["14 days", "kept"]
+    assert max(row["ttl"] for row in rows if row["ttl"] is not None) == MAX_TTL
+    items = [parse_line(line) for line in done.stdout.splitlines()]  # import takes every line
+    with SemanticCache(data, embedder=HashEmbedder()) as c:
+        c.store_many(items)
+        hit = c.lookup("What is the refund policy?", scope=acme)
+        assert hit is not None and hit.response == "14 days"
+
+
 def test_invalidate_by_tag_namespace_and_meaning(
     imported: tuple[Path, subprocess.CompletedProcess],  # type: ignore[type-arg]
     tmp_path: Path,
