@@ -47,11 +47,37 @@ def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+#: Deepest nesting of lists and dicts that metadata may have: every reader can serialise it
+#: (pydantic, and so the sidecar, stops at a few hundred levels).
+MAX_METADATA_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and dicts nest in ``value`` (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, Mapping):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_METADATA_DEPTH:
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def check_metadata(metadata: Mapping[str, Any] | None) -> str | None:
     if metadata is None:
         return None
     if not isinstance(metadata, Mapping):
         raise InvalidInputError("metadata must be a mapping")
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        raise InvalidInputError(
+            f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep"
+        )
     try:
         # not escaped to ASCII, so a lone surrogate anywhere in it is seen (and refused) here,
         # as in every other text, instead of coming back out of the store unencodable

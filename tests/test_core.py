@@ -466,6 +466,11 @@ def test_bad_input_is_typed_and_harmless(fast_cache: SemanticCache) -> None:
         fast_cache.store("ok prompt", "x", metadata={"x": object()})
     with pytest.raises(InvalidInputError):
         fast_cache.store("ok prompt", "x", scope="acme")  # type: ignore[arg-type]
+    deep: Any = "leaf"
+    for _ in range(300):  # stored, then unreadable by the sidecar (500 on every read)
+        deep = [deep]
+    with pytest.raises(InvalidInputError, match="nested"):
+        fast_cache.store("ok prompt", "x", metadata={"deep": deep})
     for meta in ({"note": "\ud800"}, {"\udcff": 1}, {"deep": [{"x": "a\ud800"}]}):
         with pytest.raises(InvalidInputError, match="metadata"):  # stored, then unservable
             fast_cache.store("ok prompt", "x", metadata=meta)
