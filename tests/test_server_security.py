@@ -311,6 +311,29 @@ async def test_malformed_messages_are_refused_not_forwarded(
     assert fake_upstream.STATE["total"] == before  # the upstream never saw it
 
 
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ('{"model":"m","messages":[{"role":"user","content":"hi\\ud800"}]}', "Unicode"),
+        ('{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"x":'
+         + "[" * 300 + "]" * 300 + "}}", "nested"),
+        ('{"model":"m","messages":[{"role":"user","content":"a","x":' + "[" * 300 + "]" * 300
+         + '},{"role":"user","content":"b"}]}', "nested"),
+    ],
+)  # fmt: skip
+async def test_chat_input_that_cannot_be_forwarded_as_json_is_a_422(
+    sidecar: Sidecar, raw: str, needle: str
+) -> None:
+    """A lone surrogate, or nesting deeper than the serialiser goes, was a 500."""
+    before = fake_upstream.STATE["total"]
+    r = await sidecar.as_(ADMIN).post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["error"]["message"]
+    assert fake_upstream.STATE["total"] == before
+
+
 # -- bounded work ----------------------------------------------------------------------------
 
 

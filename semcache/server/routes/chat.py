@@ -125,8 +125,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     principal = principal_of(request)
     started = time.perf_counter()
 
-    payload = body.model_dump(mode="json", exclude_unset=True)
-    payload.pop("semcache", None)
+    payload = _payload(body)
     options = body.semcache or CallOptions()
     if settings.strict_params:
         unknown = sorted(set(body.model_extra or {}) - state.known_params)
@@ -245,6 +244,20 @@ async def _release(state: ServerState, lead: Lead[Hit] | None) -> None:
     if lead is not None and lead.led:
         with contextlib.suppress(SemcacheError):
             await state.run(lead.release)
+
+
+def _payload(body: ChatCompletionRequest) -> dict[str, Any]:
+    """The request as plain JSON to forward upstream; 422 for what cannot be sent as JSON text
+    (nesting deeper than the serialiser goes, a lone surrogate anywhere)."""
+    try:
+        payload: dict[str, Any] = body.model_dump(mode="json", exclude_unset=True)
+        payload.pop("semcache", None)
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(422, "the request holds text that is not valid Unicode") from None
+    except (ValueError, RecursionError):  # pydantic's serialisation depth, json's recursion
+        raise ApiError(422, "the request is nested too deeply") from None
+    return payload
 
 
 def _check_size(state: ServerState, body: ChatCompletionRequest, options: CallOptions) -> None:
