@@ -372,6 +372,14 @@ async def test_size_limits(sidecar: Sidecar) -> None:
         "model": "m", "messages": [{"role": "user", "content": "hello"}],
         "semcache": {"tags": ["x" * (MAX_TAG_CHARS + 1)]}})
     assert r.status_code == 422 and "semcache.tags" in r.text
+    # chat params over SEMCACHE_MAX_SCOPE_BYTES (here tools): relayed, never cached
+    tools = [{"type": "function", "function": {"name": f"f{i}", "description": "x" * 200}}
+             for i in range(20)]  # fmt: skip
+    for _ in range(2):
+        r = await c.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "hello"}], "tools": tools})
+        assert r.status_code == 200 and r.headers["x-semcache"] == "bypass"
+        assert "SEMCACHE_MAX_SCOPE_BYTES" in r.headers["x-semcache-reason"]
     assert sidecar.cache.stats()["entries"] == 0  # nothing refused was stored
     ok = await store(metadata={"blob": "x" * 900}, tags=["t"] * MAX_TAGS)
     assert ok.status_code == 201

@@ -143,7 +143,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         key, reason = None, "skip requested"
     else:
         decision = derive(payload, namespace=namespace, policy=state.policy)
-        key, reason = decision.key, decision.reason
+        key, reason = decision.key, _scope_limit(state, decision.key) or decision.reason
+        if reason is not None:
+            key = None
     loop = asyncio.get_running_loop()
     outcome = "bypass"
     try:
@@ -244,6 +246,18 @@ async def _release(state: ServerState, lead: Lead[Hit] | None) -> None:
     if lead is not None and lead.led:
         with contextlib.suppress(SemcacheError):
             await state.run(lead.release)
+
+
+def _scope_limit(state: ServerState, key: ChatKey | None) -> str | None:
+    """Why a request is relayed uncached when its scope's params and context (tools, earlier
+    turns) take more than SEMCACHE_MAX_SCOPE_BYTES as JSON; None when they fit."""
+    if key is None:
+        return None
+    limit = state.settings.max_scope_bytes
+    size = len(json.dumps([key.scope.params, key.scope.context], ensure_ascii=False).encode())
+    if size <= limit:
+        return None
+    return f"scope params and context take {size} bytes, over SEMCACHE_MAX_SCOPE_BYTES ({limit})"
 
 
 def _payload(body: ChatCompletionRequest) -> dict[str, Any]:
