@@ -56,13 +56,13 @@ from psycopg_pool import ConnectionPool
 
 from .errors import InvalidInputError, StoreError
 from .store import (
-    EVICTION_POLICIES,
     HOLD_TTL,
     Change,
     Fence,
     MetaLog,
     Row,
     changes_of_rows,
+    eviction_statement,
     gather_vectors,
 )
 from .vectorcodec import decode_many
@@ -819,22 +819,11 @@ class PostgresStore(MetaLog):
         keep_from: int | None,
         spare: Sequence[tuple[int, int]] = (),
     ) -> int:
-        """Delete the first ``count`` entries in eviction ``order`` (a key of
-        :data:`~semcache.store.EVICTION_POLICIES`), never a row whose id is ``keep_from`` or
-        later (the writes that caused it), nor one in the id ranges ``spare`` (an entry being
-        updated, earlier batches of the same bulk write)."""
-        by = EVICTION_POLICIES[order]
-        kept = "".join(" AND id NOT BETWEEN %s AND %s" for _ in spare)
+        """As :meth:`semcache.store.Store.evict`: the first ``count`` entries in eviction
+        ``order`` go, never one from ``keep_from`` on or in the id ranges ``spare``."""
+        sql, params = eviction_statement(order, count, keep_from, spare, "%s")
         with self.transaction() as conn:
-            return conn.execute(
-                f"DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id < %s{kept} "  # type: ignore[arg-type]
-                f"ORDER BY {by} LIMIT %s)",
-                (
-                    2**62 if keep_from is None else keep_from,
-                    *(bound for pair in spare for bound in pair),
-                    count,
-                ),
-            ).rowcount
+            return conn.execute(sql, params).rowcount  # type: ignore[arg-type]
 
     # -- access and feedback ------------------------------------------------------------------
     def record_access(self, accesses: dict[int, tuple[int, float]]) -> None:

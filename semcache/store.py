@@ -175,6 +175,20 @@ def entry_size(values: dict[str, Any], tags: Iterable[str]) -> int:
     return size + 64  # the numeric columns and the row's own overhead
 
 
+def eviction_statement(
+    order: str, count: int, keep_from: int | None, spare: Sequence[tuple[int, int]], mark: str
+) -> tuple[str, tuple[int, ...]]:
+    """The DELETE of :meth:`Store.evict` (either store; ``mark`` is the driver's placeholder)
+    and its parameters."""
+    kept = "".join(f" AND id NOT BETWEEN {mark} AND {mark}" for _ in spare)
+    sql = (
+        f"DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id < {mark}{kept} "
+        f"ORDER BY {EVICTION_POLICIES[order]} LIMIT {mark})"
+    )
+    first_kept = 2**62 if keep_from is None else keep_from
+    return sql, (first_kept, *(bound for pair in spare for bound in pair), count)
+
+
 class MetaLog:
     """What both stores keep in their ``meta`` table about the log and replicas' checkpoints,
     written once over ``get_meta``/``set_meta``."""
@@ -831,18 +845,9 @@ class Store(MetaLog):
         :data:`EVICTION_POLICIES`), never a row whose id is ``keep_from`` or later (the writes
         that caused it), nor one in the id ranges ``spare`` (an entry being updated, earlier
         batches of the same bulk write)."""
-        sql = EVICTION_POLICIES[order]
-        kept = "".join(" AND id NOT BETWEEN ? AND ?" for _ in spare)
+        sql, params = eviction_statement(order, count, keep_from, spare, "?")
         with self.transaction() as conn:
-            return conn.execute(
-                f"DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id < ?{kept} "
-                f"ORDER BY {sql} LIMIT ?)",
-                (
-                    2**62 if keep_from is None else keep_from,
-                    *(bound for pair in spare for bound in pair),
-                    count,
-                ),
-            ).rowcount
+            return conn.execute(sql, params).rowcount
 
     # -- access and feedback ------------------------------------------------------------------
     def record_access(self, accesses: dict[int, tuple[int, float]]) -> None:

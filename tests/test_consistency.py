@@ -450,6 +450,19 @@ def test_a_commit_between_an_empty_scan_and_the_head_read_is_applied_not_taken_f
         assert hit is not None and hit.response == "2" and follower.verify() == []
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, obj: Any, name: str) -> list[int]:
+    """Wrap ``obj.name`` so each call appends to the returned list (the call goes through)."""
+    calls: list[int] = []
+    real = getattr(obj, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
 def test_an_empty_scan_behind_the_head_twice_is_a_trimmed_log_and_rebuilds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -458,14 +471,8 @@ def test_an_empty_scan_behind_the_head_twice_is_a_trimmed_log_and_rebuilds(
     (and serves what the store holds) instead of going on without them. A write's own
     catch-up reads only the log: the head is not read after a scan that found the write."""
     with SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as cache:
-        heads: list[int] = []
         real_head = cache._db.last_seq
-
-        def counted_head() -> int:
-            heads.append(1)
-            return int(real_head())
-
-        monkeypatch.setattr(cache._db, "last_seq", counted_head)
+        heads = _count_calls(monkeypatch, cache._db, "last_seq")
         cache.store("kept words", "1")
         assert heads == []  # the write's catch-up found its change: no head read
         # the log after this replica's position is gone, the head is past it
@@ -498,14 +505,7 @@ def test_a_write_catches_up_without_reading_the_version_again_and_misses_no_late
         SemanticCache(tmp_path, embedder=HashEmbedder(), threshold=0.9) as other,
     ):
         cache.store("warm words", "0")
-        reads: list[int] = []
-        real_version = cache._db.data_version
-
-        def counted_version() -> int:
-            reads.append(1)
-            return int(real_version())
-
-        monkeypatch.setattr(cache._db, "data_version", counted_version)
+        reads = _count_calls(monkeypatch, cache._db, "data_version")
         real_scan = cache._db.changes_since
         landed: list[str] = []
 
