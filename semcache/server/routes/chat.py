@@ -254,7 +254,8 @@ def _scope_limit(state: ServerState, key: ChatKey | None) -> str | None:
     if key is None:
         return None
     limit = state.settings.max_scope_bytes
-    size = len(json.dumps([key.scope.params, key.scope.context], ensure_ascii=False).encode())
+    canonical = key.scope.canonical()  # plain JSON types, whatever mappings the scope holds
+    size = len(json.dumps([canonical["params"], canonical["context"]], ensure_ascii=False).encode())
     if size <= limit:
         return None
     return f"scope params and context take {size} bytes, over SEMCACHE_MAX_SCOPE_BYTES ({limit})"
