@@ -373,16 +373,18 @@ class SemanticCache:
                 return False
         if model_id == self.embedder.model_id and int(dim or 0) == self.dim:
             return False
+        if self.shared:  # other replicas would go on searching with the old model's vectors
+            raise EmbedderMismatchError(
+                f"{self.location} was built with {model_id!r} (dim {dim}); this cache uses "
+                f"{self.embedder.model_id!r} (dim {self.dim}). Open it with the same embedder; "
+                "a shared store is not re-embedded in place (rebuild=True does not apply): give "
+                "the new model a schema of its own (schema=...) and fill it"
+            )
         if not rebuild:
             raise EmbedderMismatchError(
                 f"{self.location} was built with {model_id!r} (dim {dim}); this cache uses "
                 f"{self.embedder.model_id!r} (dim {self.dim}). Open it with the same embedder, "
                 "or pass rebuild=True to re-embed every stored prompt with the new one."
-            )
-        if self.shared:  # other replicas would go on searching with the old model's vectors
-            raise EmbedderMismatchError(
-                f"{self.location} was built with {model_id!r}; a shared store is not re-embedded "
-                "in place: give the new model a schema of its own (schema=...) and fill it"
             )
         assert self._folder is not None
         with self._folder.exclusive(f"re-embed {self.path} with {self.embedder.model_id}"):

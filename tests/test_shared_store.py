@@ -343,16 +343,19 @@ def test_a_shared_store_is_opened_only_as_asked(tmp_path: Path, schema: str) -> 
         assert stats["path"] == str(tmp_path / "a")
     finally:
         cache.close()
-    # another model may not re-embed a store other replicas search
-    with pytest.raises(EmbedderMismatchError, match="schema"):
-        SemanticCache(
-            URL,
-            embedder=HashEmbedder(model_id="test:other"),
-            schema=schema,
-            index_dir=tmp_path / "b",
-            rebuild=True,
-            **OPTIONS,
-        )
+    # another model may not re-embed a store other replicas search, and the error never
+    # suggests rebuild=True, which does not apply to a shared store
+    for rebuild in (False, True):
+        with pytest.raises(EmbedderMismatchError, match="schema of its own") as refused:
+            SemanticCache(
+                URL,
+                embedder=HashEmbedder(model_id="test:other"),
+                schema=schema,
+                index_dir=tmp_path / "b",
+                rebuild=rebuild,
+                **OPTIONS,
+            )
+        assert "pass rebuild=True" not in str(refused.value)
 
 
 def test_without_index_dir_a_replica_keeps_its_files_under_the_user_cache(
