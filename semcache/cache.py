@@ -128,6 +128,14 @@ class _Looked:
     choice: _Choice | None = None
 
 
+def _answer(result: Any) -> str:
+    """A compute function's answer, which must be text (whether it can be stored is the
+    write's business: an answer that cannot is still returned)."""
+    if not isinstance(result, str):
+        raise InvalidInputError(f"the function must return a str, not {type(result).__name__}")
+    return result
+
+
 def _seconds(value: Any, name: str) -> float:
     """A positive, finite number of seconds a thread can wait, or InvalidInputError."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -874,12 +882,19 @@ class SemanticCache:
     def _land(self, item: dict[str, Any], looked: _Looked, result: Any, policy: HitPolicy) -> str:
         """A leader's answer: checked, counted and written behind the lookup's fence; a
         candidate the policy refused gets its free label (did the LLM answer the same?)."""
-        result = check_response(result)
+        result = _answer(result)
         self._stats["computes"] += 1
         assert looked.vector is not None and looked.observed is not None
+        # the caller paid for this answer: it gets it even when it cannot be cached
+        try:
+            check_response(result)
+        except InvalidInputError as exc:  # text no store keeps (a NUL, a lone surrogate)
+            self._stats["unstorable"] += 1
+            log.info("answer returned but not cached: %s", exc)
+            return result
         try:
             self.writer.write({**item, "response": result}, looked.vector, looked.observed)
-        except EntryTooLargeError as exc:  # the caller paid for this answer: it still gets it
+        except EntryTooLargeError as exc:
             self._stats["too_large"] += 1
             log.info("answer returned but not cached: %s", exc)
         refused = None if looked.choice is None else looked.choice.refused
@@ -891,7 +906,7 @@ class SemanticCache:
         self, item: dict[str, Any], looked: _Looked, fresh: Any, policy: HitPolicy
     ) -> str:
         """An explored hit: the LLM's answer is returned, and labels the cached one."""
-        fresh = check_response(fresh)
+        fresh = _answer(fresh)
         assert looked.hit is not None and looked.choice is not None
         self._stats["explored"] += 1
         self._label(policy, looked.hit.response, fresh, looked.choice.decision, item, "explore")
@@ -930,7 +945,8 @@ class SemanticCache:
         The store is fenced: if an invalidation covering the answer (its tags, its namespace's
         version, its prompt, a semantic radius around it) commits while ``fn`` runs, the answer
         is returned but not cached. So is an answer too large for ``max_bytes`` on its own
-        (counted in ``stats()["too_large"]``).
+        (counted in ``stats()["too_large"]``), and one holding text no store keeps: a NUL
+        character or a lone surrogate (``stats()["unstorable"]``).
         """
         check_fn(fn)
         policy = self._policy(threshold)
@@ -1340,6 +1356,7 @@ class SemanticCache:
                 "fenced": s.get("fenced", 0),
                 "computes": s.get("computes", 0),
                 "too_large": s.get("too_large", 0),
+                "unstorable": s.get("unstorable", 0),
                 "singleflight_waits": s.get("singleflight_waits", 0),
                 "evictions": s.get("evictions", 0),
                 "feedback_wrong": s.get("feedback_wrong", 0),

@@ -106,7 +106,7 @@ def check_namespace(namespace: Any) -> None:
 def may_be_id(value: Any) -> bool:
     """Whether ``value`` can be an entry id at all (ids are hex strings); anything else is
     simply not found, never sent to the store."""
-    return isinstance(value, str) and value.isascii()
+    return isinstance(value, str) and value.isascii() and value.isalnum()
 
 
 def check_fn(fn: Any) -> None:

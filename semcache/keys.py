@@ -13,14 +13,20 @@ _WS = re.compile(r"\s+")
 
 
 def check_text(value: str, what: str, error: type[InvalidInputError] = InvalidInputError) -> str:
-    """``value`` if it is text that can be stored (UTF-8 encodable: no lone surrogates, which
-    a decoder that allows them may produce), else ``error`` naming ``what``."""
+    """``value`` if it is text that every store can keep: UTF-8 encodable (no lone surrogates,
+    which a decoder that allows them may produce) and without NUL characters (PostgreSQL's
+    text cannot hold them, so SQLite refuses them too), else ``error`` naming ``what``."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise error(
             f"{what} is not valid Unicode text (a lone surrogate at position {exc.start})"
         ) from None
+    if "\x00" in value:
+        raise error(
+            f"{what} holds a NUL character (at position {value.index(chr(0))}), which no "
+            "store keeps as text"
+        )
     return value
 
 

@@ -58,6 +58,8 @@ class Scope:
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, str) or not self.namespace:
             raise InvalidScopeError("Scope.namespace must be a non-empty string")
+        if "\x00" in self.namespace:  # kept as a text column, which PostgreSQL's cannot hold
+            raise InvalidScopeError("Scope.namespace must not hold a NUL character")
         if not isinstance(self.model, str):
             raise InvalidScopeError("Scope.model must be a string")
         if not isinstance(self.system, str):

@@ -107,6 +107,9 @@ def test_scope_equivalences() -> None:
         Scope(context="a string, not a list of turns")
     with pytest.raises(InvalidScopeError, match="serialised"):  # was a raw ValueError
         Scope(params={"n": 10**5000})
+    with pytest.raises(InvalidScopeError, match="NUL"):  # a text column on every store
+        Scope(namespace="a\x00b")
+    assert Scope(system="a\x00b", params={"p": "\x00"}).digest  # kept inside escaped JSON
 
 
 # -- TTL --------------------------------------------------------------------------------------
@@ -290,6 +293,44 @@ def test_an_update_that_grows_an_entry_keeps_max_bytes_and_never_evicts_that_ent
     assert c.get(ids[5]).response == "x" * 200 and c.stats()["bytes"] == before["bytes"]
     assert c.verify() == []
     c.close()
+
+
+def test_text_no_store_keeps_is_refused_and_a_computed_one_is_returned_uncached(
+    tmp_path: Path,
+) -> None:
+    """A NUL character (PostgreSQL's text cannot hold it) is refused in every text field on
+    every store, as a lone surrogate is; an id holding one is simply not found. An answer a
+    compute function paid for is returned even when it holds one, and not cached."""
+    with SemanticCache(tmp_path, embedder=HashEmbedder()) as c:
+        eid = c.store("a stored prompt", "answer", tags=["t"])
+        with pytest.raises(InvalidPromptError, match="NUL"):
+            c.store("a\x00prompt", "x")
+        for call in (
+            lambda: c.store("ok prompt", "an\x00swer"),
+            lambda: c.store("ok prompt", "x", tags=["t\x00"]),
+            lambda: c.store_many([("ok prompt", "x"), ("other prompt", "y\x00")]),
+            lambda: c.update(eid, response="\x00"),
+            lambda: c.invalidate_tags("t\x00"),
+            lambda: c.bump("a\x00"),
+            lambda: c.version("a\x00"),
+        ):
+            with pytest.raises(InvalidInputError, match="NUL"):
+                call()
+        with pytest.raises(EntryNotFoundError):
+            c.get("ab\x00")
+        assert c.delete("ab\x00") is False
+        for answer in ("bad\x00answer", "bad\ud800answer"):
+            calls: list[str] = []
+
+            def llm(prompt: str, answer: str = answer, calls: list[str] = calls) -> str:
+                calls.append(prompt)
+                return answer
+
+            assert c.get_or_compute("a question to compute", llm) == answer
+            assert c.get_or_compute("a question to compute", llm) == answer
+            assert len(calls) == 2  # not cached
+        assert c.stats()["unstorable"] == 4 and c.stats()["entries"] == 1
+        assert c.get(eid).response == "answer" and c.verify() == []
 
 
 def test_a_bulk_write_spares_only_its_own_batches_and_others_keep_the_bound(

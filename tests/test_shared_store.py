@@ -415,3 +415,26 @@ def test_a_replica_following_a_busy_writer_never_mistakes_it_for_a_trimmed_log(
         assert reader.verify() == []
     finally:
         reader.close()
+
+
+def test_text_with_a_nul_is_refused_on_a_shared_store_as_on_sqlite(
+    tmp_path: Path, schema: str
+) -> None:
+    """PostgreSQL's text cannot hold a NUL: it is refused up front with the same typed error
+    as on SQLite (it was a StoreError after get_or_compute had paid for the answer, which was
+    then lost)."""
+    from semcache.errors import EntryNotFoundError, InvalidPromptError
+
+    cache = local(tmp_path, schema, "a")
+    try:
+        with pytest.raises(InvalidPromptError, match="NUL"):
+            cache.store("a\x00prompt", "x")
+        with pytest.raises(InvalidInputError, match="NUL"):
+            cache.bump("a\x00")
+        with pytest.raises(EntryNotFoundError):
+            cache.get("ab\x00")
+        assert cache.delete("ab\x00") is False
+        assert cache.get_or_compute(PROMPT, lambda p: "bad\x00answer") == "bad\x00answer"
+        assert cache.stats()["unstorable"] == 1 and cache.stats()["entries"] == 0
+    finally:
+        cache.close()
