@@ -380,6 +380,12 @@ async def test_size_limits(sidecar: Sidecar) -> None:
             "model": "m", "messages": [{"role": "user", "content": "hello"}], "tools": tools})
         assert r.status_code == 200 and r.headers["x-semcache"] == "bypass"
         assert "SEMCACHE_MAX_SCOPE_BYTES" in r.headers["x-semcache-reason"]
+    # a prompt with a NUL (no store keeps it as text): relayed, never cached, not an error
+    for _ in range(2):
+        r = await c.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "hi\u0000there"}]})
+        assert r.status_code == 200 and r.headers["x-semcache"] == "bypass"
+        assert "NUL" in r.headers["x-semcache-reason"]
     assert sidecar.cache.stats()["entries"] == 0  # nothing refused was stored
     ok = await store(metadata={"blob": "x" * 900}, tags=["t"] * MAX_TAGS)
     assert ok.status_code == 201

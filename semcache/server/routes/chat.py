@@ -54,7 +54,7 @@ from ...chat import (
     wants_usage,
 )
 from ...errors import SemcacheError
-from ...keys import normalise
+from ...keys import check_text, normalise
 from ...leases import Lead, poll_lead
 from ...types import Hit
 from ..app import ServerState, principal_of, state_of
@@ -143,7 +143,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
         key, reason = None, "skip requested"
     else:
         decision = derive(payload, namespace=namespace, policy=state.policy)
-        key, reason = decision.key, _scope_limit(state, decision.key) or decision.reason
+        key, reason = decision.key, _uncacheable(state, decision.key) or decision.reason
         if reason is not None:
             key = None
     loop = asyncio.get_running_loop()
@@ -248,11 +248,16 @@ async def _release(state: ServerState, lead: Lead[Hit] | None) -> None:
             await state.run(lead.release)
 
 
-def _scope_limit(state: ServerState, key: ChatKey | None) -> str | None:
-    """Why a request is relayed uncached when its scope's params and context (tools, earlier
-    turns) take more than SEMCACHE_MAX_SCOPE_BYTES as JSON; None when they fit."""
+def _uncacheable(state: ServerState, key: ChatKey | None) -> str | None:
+    """Why a request is relayed uncached though the cache could take it: a prompt no store
+    keeps as text (a NUL), or a scope whose params and context (tools, earlier turns) take
+    more than SEMCACHE_MAX_SCOPE_BYTES as JSON; None when it can be cached."""
     if key is None:
         return None
+    try:
+        check_text(key.prompt, "the prompt")
+    except SemcacheError as exc:
+        return str(exc)
     limit = state.settings.max_scope_bytes
     canonical = key.scope.canonical()  # plain JSON types, whatever mappings the scope holds
     size = len(json.dumps([canonical["params"], canonical["context"]], ensure_ascii=False).encode())
