@@ -26,10 +26,14 @@ def test_load_pairs_round_trip_and_validation(tmp_path: Path) -> None:
     save_pairs(pairs, tmp_path / "p.jsonl")
     assert load_pairs(tmp_path / "p.jsonl") == pairs
     assert load_pairs(tmp_path / "p.jsonl", limit=1) == pairs[:1]
+    assert load_pairs(tmp_path / "p.jsonl", limit=0) == []  # it read one pair
+    with pytest.raises(InvalidInputError, match="limit"):
+        load_pairs(tmp_path / "p.jsonl", limit=-1)
     (tmp_path / "nosrc.jsonl").write_text('{"a": "x", "b": "y", "label": 1}\n\n')
     assert load_pairs(tmp_path / "nosrc.jsonl")[0].source == "unknown"
     for bad in ('{"a": "x", "b": "y"}', '{"a": "", "b": "y", "label": 1}',
-                '{"a": "x", "b": "y", "label": 2}', "not json"):  # fmt: skip
+                '{"a": "x", "b": "y", "label": 2}', "not json",
+                '{"a": "x", "b": "y", "label": true}'):  # fmt: skip
         (tmp_path / "bad.jsonl").write_text(bad + "\n")
         with pytest.raises(InvalidInputError):
             load_pairs(tmp_path / "bad.jsonl")
@@ -47,9 +51,17 @@ def test_intent_groups_to_pairs(tmp_path: Path) -> None:
     assert [g.intent for g in groups] == ["fr", "de"] and groups[1].near_miss_of == "fr"
     pairs = groups_to_pairs(groups)
     assert sum(p.label for p in pairs) == 1 and len(pairs) == 3
-    (tmp_path / "bad.jsonl").write_text('{"intent": "x", "prompts": []}\n')
-    with pytest.raises(InvalidInputError):
-        load_intent_groups(tmp_path / "bad.jsonl")
+    bad_lines = [
+        '{"intent": "x", "prompts": []}',
+        "not json",
+        "[1, 2]",
+        '{"intent": "x", "prompts": [1, null]}',
+        '{"intent": "x", "prompts": [""]}',
+    ]
+    for bad in bad_lines:
+        (tmp_path / "bad.jsonl").write_text(bad + "\n")
+        with pytest.raises(InvalidInputError):  # raw JSON and attribute errors before
+            load_intent_groups(tmp_path / "bad.jsonl")
 
 
 def test_groups_and_split_do_not_leak() -> None:

@@ -46,20 +46,25 @@ def _parse_pair(obj: object, where: str) -> Pair:
         raise InvalidInputError(f"{where}: missing field {exc.args[0]!r}") from None
     if not isinstance(a, str) or not isinstance(b, str) or not a.strip() or not b.strip():
         raise InvalidInputError(f"{where}: 'a' and 'b' must be non-empty strings")
-    if label not in (0, 1) or isinstance(label, float):
+    if label not in (0, 1) or isinstance(label, float | bool):
         raise InvalidInputError(f"{where}: 'label' must be 0 or 1, not {label!r}")
     source = obj.get("source") or "unknown"
     return Pair(a, b, int(label), str(source))
 
 
 def load_pairs(path: str | Path, *, limit: int | None = None) -> list[Pair]:
-    """Read a labelled-pairs JSONL file; blank lines are skipped, bad rows raise."""
+    """Read a labelled-pairs JSONL file; blank lines are skipped, bad rows raise. ``limit``
+    keeps the first that many pairs (0: none)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise InvalidInputError(f"limit must be a non-negative int or None, not {limit!r}")
     p = Path(path)
     if not p.is_file():
         raise InvalidInputError(f"no such pairs file: {p}")
     pairs: list[Pair] = []
     with p.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
+            if limit is not None and len(pairs) >= limit:
+                break
             if not line.strip():
                 continue
             try:
@@ -67,8 +72,6 @@ def load_pairs(path: str | Path, *, limit: int | None = None) -> list[Pair]:
             except json.JSONDecodeError as exc:
                 raise InvalidInputError(f"{p}:{lineno}: not JSON ({exc.msg})") from None
             pairs.append(_parse_pair(obj, f"{p}:{lineno}"))
-            if limit is not None and len(pairs) >= limit:
-                break
     return pairs
 
 
@@ -95,15 +98,18 @@ def load_intent_groups(path: str | Path) -> list[IntentGroup]:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
-            prompts = obj.get("prompts")
-            if not isinstance(obj.get("intent"), str) or not isinstance(prompts, list):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{p}:{lineno}: not JSON ({exc.msg})") from None
+            prompts = obj.get("prompts") if isinstance(obj, dict) else None
+            if not isinstance(obj, dict) or not isinstance(obj.get("intent"), str):
                 prompts = None
-            if not prompts:
+            if not isinstance(prompts, list) or not prompts:
                 raise InvalidInputError(f"{p}:{lineno}: need 'intent' and a non-empty 'prompts'")
-            groups.append(
-                IntentGroup(str(obj["intent"]), tuple(map(str, prompts)), obj.get("near_miss_of"))
-            )
+            if not all(isinstance(x, str) and x.strip() for x in prompts):
+                raise InvalidInputError(f"{p}:{lineno}: 'prompts' must be non-empty strings")
+            groups.append(IntentGroup(obj["intent"], tuple(prompts), obj.get("near_miss_of")))
     return groups
 
 
