@@ -65,3 +65,6 @@ def test_eval_with_chosen_policies_and_errors(sample: Path, tmp_path: Path) -> N
     assert bad.exit_code == 2 and "error" in bad.output
     bad = runner.invoke(app, ["eval", "--data", str(sample), "--policy", "nonsense"])
     assert bad.exit_code != 0
+    for limit in ("0", "-1"):  # no pairs, or a count that is not one: a clear error
+        bad = runner.invoke(app, ["eval", "--data", str(sample), "--limit", limit])
+        assert bad.exit_code == 2 and "error" in bad.output, bad.output

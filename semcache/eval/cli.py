@@ -80,7 +80,7 @@ def eval_command(
     from rich.table import Table
 
     from ..embed import SentenceTransformerEmbedder
-    from ..errors import SemcacheError
+    from ..errors import InvalidInputError, SemcacheError
     from ..progress import Progress, bars
     from ..threshold import save_policy
     from .compare import compare
@@ -93,6 +93,8 @@ def eval_command(
     console = Console()
     try:
         pairs = load_pairs(data, limit=limit)
+        if not pairs:
+            raise InvalidInputError(f"{data} gives no pairs to evaluate (--limit {limit})")
         calib = load_pairs(calibrate_on) if calibrate_on else None
         named = _resolve(policy or [])
     except SemcacheError as exc:
