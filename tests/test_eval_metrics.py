@@ -62,6 +62,8 @@ def test_confusion_hand_computed() -> None:
     assert Confusion.from_decisions([0, 0], [0, 0]).precision.fmt() == "n/a"
     with pytest.raises(InvalidInputError):
         Confusion.from_decisions([1], [1, 0])
+    with pytest.raises(InvalidInputError, match="0 or 1"):  # it counted nothing for a 2
+        Confusion.from_decisions([1, 0], [2, 1])
 
 
 def test_sweep_and_per_source() -> None:

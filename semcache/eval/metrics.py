@@ -114,6 +114,8 @@ class Confusion:
         lab = np.asarray(labels).astype(int)
         if acc.shape != lab.shape:
             raise InvalidInputError("accepted and labels must have the same length")
+        if lab.size and not np.isin(lab, (0, 1)).all():  # another value would count nowhere
+            raise InvalidInputError("labels must be 0 or 1")
         tp = int(np.sum(acc & (lab == 1)))
         fp = int(np.sum(acc & (lab == 0)))
         fn = int(np.sum(~acc & (lab == 1)))
