@@ -242,12 +242,13 @@ def snapshot(cache: SemanticCache) -> dict[str, View]:
 
 
 def _text_ok(text: str) -> bool:
-    """Whether ``text`` is valid Unicode (no lone surrogate), so the test may embed it."""
+    """Whether ``text`` is a prompt the cache takes (valid Unicode, no NUL), so the test may
+    embed it."""
     try:
         text.encode()
     except UnicodeEncodeError:
         return False
-    return True
+    return "\x00" not in text
 
 
 def json_form(metadata: Any) -> str:

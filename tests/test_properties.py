@@ -23,7 +23,11 @@ json_scalars = (
 params = st.dictionaries(st.text(min_size=1, max_size=8), json_scalars, max_size=4)
 scopes = st.builds(
     Scope,
-    namespace=st.text(alphabet=st.characters(exclude_characters="\x00"), min_size=1, max_size=8),
+    namespace=st.text(
+        alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
+        min_size=1,
+        max_size=8,
+    ),
     model=st.text(max_size=8),
     params=params,
     system=st.text(max_size=20),
@@ -50,7 +54,8 @@ def test_different_scopes_have_different_digests(a: Scope, b: Scope) -> None:
     assert (a.canonical() == b.canonical()) == (a.digest == b.digest)
 
 
-storable = st.characters(exclude_characters="\x00")  # NUL is refused (no store keeps it)
+#: what every store keeps as text: no lone surrogates, no NUL (both are refused)
+storable = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 
 
 @given(st.text(alphabet=storable, min_size=1).filter(lambda s: s.strip()))
