@@ -18,7 +18,6 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import os
 import threading
 from collections import Counter
@@ -32,11 +31,13 @@ import numpy as np
 
 from .checks import (
     as_scope,
+    check_answer,
     check_count,
     check_fn,
     check_metadata,
     check_namespace,
     check_response,
+    check_seconds,
     check_tags,
     check_ttl,
     may_be_id,
@@ -126,29 +127,6 @@ class _Looked:
     nearest: float | None
     observed: Observed | None  # taken only for a lookup a fenced write may follow
     choice: _Choice | None = None
-
-
-def _answer(result: Any) -> str:
-    """A compute function's answer, which must be text (whether it can be stored is the
-    write's business: an answer that cannot is still returned)."""
-    if not isinstance(result, str):
-        raise InvalidInputError(f"the function must return a str, not {type(result).__name__}")
-    return result
-
-
-def _seconds(value: Any, name: str) -> float:
-    """A positive, finite number of seconds a thread can wait, or InvalidInputError."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInputError(f"{name} must be a positive number of seconds")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        seconds = math.inf
-    if not 0 < seconds <= threading.TIMEOUT_MAX:
-        raise InvalidInputError(
-            f"{name} must be a positive number of seconds, at most {threading.TIMEOUT_MAX:.0f}"
-        )
-    return seconds
 
 
 class SemanticCache:
@@ -249,7 +227,7 @@ class SemanticCache:
         if check_count(hnsw_threshold, "hnsw_threshold") < 1:
             raise InvalidInputError("hnsw_threshold must be a positive int")
         if sweep_interval is not None:
-            sweep_interval = _seconds(sweep_interval, "sweep_interval")
+            sweep_interval = check_seconds(sweep_interval, "sweep_interval")
         check_count(log_keep, "log_keep")
         if checkpoint_every is not None and (
             isinstance(checkpoint_every, bool)
@@ -266,8 +244,8 @@ class SemanticCache:
             raise InvalidInputError(
                 f"consistency must be one of {', '.join(CONSISTENCY)}, got {consistency!r}"
             )
-        poll_interval = _seconds(poll_interval, "poll_interval")
-        flight_timeout = _seconds(flight_timeout, "flight_timeout")
+        poll_interval = check_seconds(poll_interval, "poll_interval")
+        flight_timeout = check_seconds(flight_timeout, "flight_timeout")
         self.consistency = consistency
         self.flight_timeout = float(flight_timeout)
         self.shared = is_store_url(path)
@@ -882,7 +860,7 @@ class SemanticCache:
     def _land(self, item: dict[str, Any], looked: _Looked, result: Any, policy: HitPolicy) -> str:
         """A leader's answer: checked, counted and written behind the lookup's fence; a
         candidate the policy refused gets its free label (did the LLM answer the same?)."""
-        result = _answer(result)
+        result = check_answer(result)
         self._stats["computes"] += 1
         assert looked.vector is not None and looked.observed is not None
         # the caller paid for this answer: it gets it even when it cannot be cached
@@ -906,7 +884,7 @@ class SemanticCache:
         self, item: dict[str, Any], looked: _Looked, fresh: Any, policy: HitPolicy
     ) -> str:
         """An explored hit: the LLM's answer is returned, and labels the cached one."""
-        fresh = _answer(fresh)
+        fresh = check_answer(fresh)
         assert looked.hit is not None and looked.choice is not None
         self._stats["explored"] += 1
         self._label(policy, looked.hit.response, fresh, looked.choice.decision, item, "explore")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -120,3 +121,26 @@ def as_scope(scope: Scope | None) -> Scope:
     if not isinstance(scope, Scope):
         raise InvalidInputError(f"scope must be a semcache.Scope, not {type(scope).__name__}")
     return scope
+
+
+def check_answer(result: Any) -> str:
+    """A compute function's answer, which must be text (whether it can be stored is the
+    write's business: an answer that cannot is still returned)."""
+    if not isinstance(result, str):
+        raise InvalidInputError(f"the function must return a str, not {type(result).__name__}")
+    return result
+
+
+def check_seconds(value: Any, name: str) -> float:
+    """A positive, finite number of seconds a thread can wait, or InvalidInputError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInputError(f"{name} must be a positive number of seconds")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not 0 < seconds <= threading.TIMEOUT_MAX:
+        raise InvalidInputError(
+            f"{name} must be a positive number of seconds, at most {threading.TIMEOUT_MAX:.0f}"
+        )
+    return seconds

@@ -198,12 +198,8 @@ class Writer:
         blob = encode(np.ones(dim, dtype=np.float32))  # every vector's encoding has this length
         uid = new_uids(1)[0]
         now = self._clock.now()
-        scopes: dict[str, tuple[str, str]] = {}  # digest -> (shard, scope JSON)
         with self._lock:  # only for the shards: sizing a large call must not block lookups
-            for item in items:
-                scope = item["scope"]
-                if scope.digest not in scopes:
-                    scopes[scope.digest] = (self._replica.shard(scope), scope.to_json())
+            scopes = self._shards_of(items)
         sizes: dict[str, int] = {}  # exact key -> size (a repeat replaces the earlier item)
         for item in items:
             shard, scope_json = scopes[item["scope"].digest]
@@ -226,13 +222,10 @@ class Writer:
             now = self._clock.now()
             self._replica.sync(fresh=True)  # written under the namespace's version now
             rows: list[dict[str, Any]] = []
-            scopes: dict[str, tuple[str, str]] = {}  # digest -> (shard, scope JSON)
+            scopes = self._shards_of(items)
             blobs = encode_many(vectors)
             for item, blob, uid in zip(items, blobs, new_uids(len(items)), strict=True):
-                scope = item["scope"]
-                if scope.digest not in scopes:
-                    scopes[scope.digest] = (self._replica.shard(scope), scope.to_json())
-                shard, scope_json = scopes[scope.digest]
+                shard, scope_json = scopes[item["scope"].digest]
                 rows.append(self._row(item, blob, uid, shard, scope_json, now, now))
             with self._store.transaction():
                 self.cull(now)  # before the insert: no entry is culled by its own write
@@ -246,6 +239,16 @@ class Writer:
             return written
 
     # -- shared -----------------------------------------------------------------------------
+    def _shards_of(self, items: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+        """Each distinct scope's (shard, scope JSON) by digest, looked up once; under the
+        lock, so the shards are the namespaces' current versions."""
+        scopes: dict[str, tuple[str, str]] = {}
+        for item in items:
+            scope = item["scope"]
+            if scope.digest not in scopes:
+                scopes[scope.digest] = (self._replica.shard(scope), scope.to_json())
+        return scopes
+
     def _row(
         self,
         item: dict[str, Any],
