@@ -134,6 +134,10 @@ class PostgresStore(MetaLog):
     turn (another process may hold it, or be stuck holding it), then gets a ``StoreError``.
     """
 
+    #: SQLite's store keeps the data version its last write transaction began with; here the
+    #: data version is the log head, read by a round trip, so a write's catch-up reads it.
+    write_data_version: int | None = None
+
     def __init__(
         self,
         url: str,

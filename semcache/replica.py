@@ -228,9 +228,7 @@ class Replica:
         with self.lock:
             self._follow(
                 allow_rebuild=True,
-                data_version=getattr(self.store, "write_data_version", None)
-                if after_write
-                else None,
+                data_version=self.store.write_data_version if after_write else None,
             )
             self._hold(self.shards.seq)
             since = self.shards.seq - self._checkpoint_seq
